@@ -1,0 +1,175 @@
+"""Build the three networks from an official model directory and load its weights strictly.
+
+A CosyVoice-300M(-SFT) directory holds ``cosyvoice.yaml`` (sizes and class names), ``llm.pt``, ``flow.pt``,
+``hift.pt`` (state dicts) and ``spk2info.pt`` (speaker embeddings). Every size comes from the yaml, so the
+full-size model and the tiny test models go through the same code.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, Name, New, read_config
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = ("cosyvoice.yaml", "llm.pt", "flow.pt", "hift.pt", "spk2info.pt")
+
+# Official class path -> our implementation (module in this package, class name).
+CLASSES = {
+    "cosyvoice.llm.llm.TransformerLM": ("llm", "TransformerLM"),
+    "cosyvoice.transformer.encoder.ConformerEncoder": ("transformer", "ConformerEncoder"),
+    "cosyvoice.transformer.encoder.TransformerEncoder": ("transformer", "TransformerEncoder"),
+    "cosyvoice.flow.flow.MaskedDiffWithXvec": ("flow", "MaskedDiffWithXvec"),
+    "cosyvoice.flow.length_regulator.InterpolateRegulator": ("flow", "InterpolateRegulator"),
+    "cosyvoice.flow.flow_matching.ConditionalCFM": ("flow_matching", "ConditionalCFM"),
+    "cosyvoice.flow.decoder.ConditionalDecoder": ("estimator", "ConditionalDecoder"),
+    "cosyvoice.hifigan.generator.HiFTGenerator": ("hift", "HiFTGenerator"),
+    "cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor": ("hift", "ConvRNNF0Predictor"),
+}
+SAMPLERS = {"cosyvoice.utils.common.ras_sampling"}
+
+# Classes of the later CosyVoice generations: recognised only to say clearly what the directory is.
+OTHER_GENERATIONS = {
+    "cosyvoice.llm.llm.Qwen2LM": "CosyVoice2",
+    "cosyvoice.flow.flow.CausalMaskedDiffWithXvec": "CosyVoice2",
+    "cosyvoice.llm.llm.CosyVoice3LM": "CosyVoice3",
+    "cosyvoice.flow.flow.CausalMaskedDiffWithDiT": "CosyVoice3",
+    "cosyvoice.hifigan.generator.CausalHiFTGenerator": "CosyVoice3",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory is missing, incomplete, corrupt or holds a different model."""
+
+
+def _class_for(target: str):
+    if target in OTHER_GENERATIONS:
+        raise ModelLoadError(
+            f"this is a {OTHER_GENERATIONS[target]} model ({target}); cosyvoice-lite runs CosyVoice-300M-SFT (v1) only")
+    if target not in CLASSES:
+        raise ModelLoadError(f"cosyvoice.yaml names an unsupported class {target!r}")
+    module, name = CLASSES[target]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def build(node, where: str = "config"):
+    """Instantiate a resolved config node with our classes; ``!name:`` nodes become plain kwargs dicts."""
+    if isinstance(node, New):
+        if node.target == "omegaconf.DictConfig":
+            return dict(node.kwargs.get("content", node.args[0] if node.args else {}))
+        cls = _class_for(node.target)
+        parameters = inspect.signature(cls.__init__).parameters
+        kwargs = {key: build(value, f"{where}.{key}") for key, value in node.kwargs.items() if key in parameters}
+        missing = [key for key, p in parameters.items()
+                   if key != "self" and p.default is inspect.Parameter.empty
+                   and p.kind is p.POSITIONAL_OR_KEYWORD and key not in kwargs]
+        if missing:
+            raise ModelLoadError(f"cosyvoice.yaml: {where} ({node.target}) lacks {', '.join(missing)}")
+        return cls(**kwargs)
+    if isinstance(node, Name):
+        if node.target not in SAMPLERS:
+            raise ModelLoadError(f"cosyvoice.yaml: {where} uses unsupported function {node.target!r}")
+        return dict(node.kwargs)
+    if isinstance(node, dict):
+        return {key: build(value, f"{where}.{key}") for key, value in node.items()}
+    if isinstance(node, list):
+        return [build(value, where) for value in node]
+    return node
+
+
+def _read_checkpoint(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for truncated/corrupt archives
+        raise ModelLoadError(f"{path.name} cannot be read as a torch checkpoint (truncated or corrupt download?): "
+                             f"{type(error).__name__}: {error}") from error
+
+
+def load_state(module: torch.nn.Module, state: dict, filename: str) -> None:
+    """Strict load with an error that names the file and the first offending keys."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{filename} is not a state dict of tensors")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                   if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shape mismatches (e.g. {'; '.join(wrong_shape[:3])}, file vs yaml)")
+    if problems:
+        raise ModelLoadError(f"{filename} does not match cosyvoice.yaml: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+
+
+def read_speakers(path: Path, embed_dim: int) -> dict[str, torch.Tensor]:
+    """spk2info.pt maps speaker id -> {'embedding': (1, embed_dim)}; return id -> float32 (1, embed_dim)."""
+    info = _read_checkpoint(path)
+    if not isinstance(info, dict) or not info:
+        raise ModelLoadError(f"{path.name} holds no speakers")
+    speakers = {}
+    for name, entry in info.items():
+        embedding = entry.get("embedding") if isinstance(entry, dict) else None
+        if not isinstance(embedding, torch.Tensor) or embedding.numel() != embed_dim:
+            raise ModelLoadError(f"{path.name}: speaker {name!r} has no {embed_dim}-dim 'embedding'")
+        speakers[str(name)] = embedding.detach().float().reshape(1, embed_dim)
+    return speakers
+
+
+def check_model_dir(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+    if "cosyvoice.yaml" in missing:
+        for other, generation in (("cosyvoice2.yaml", "CosyVoice2"), ("cosyvoice3.yaml", "CosyVoice3")):
+            if (model_dir / other).is_file():
+                raise ModelLoadError(f"{model_dir} is a {generation} model directory ({other}); "
+                                     "cosyvoice-lite runs CosyVoice-300M-SFT (v1) only")
+    if missing:
+        raise ModelLoadError(f"model directory {model_dir} is incomplete: missing {', '.join(missing)} "
+                             "(fetch the model with scripts/download_model.py)")
+
+
+def load_model(model_dir: str | Path):
+    """Load an official CosyVoice-300M-SFT directory into our networks; see ``CosyVoiceSFT``."""
+    from .cosyvoice import CosyVoiceSFT
+    from .hift import normalize_hift_state_dict
+
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    try:
+        config = read_config(model_dir / "cosyvoice.yaml")
+        for section in ("llm", "flow", "hift"):
+            if section not in config:
+                raise ModelLoadError(f"cosyvoice.yaml has no '{section}' section")
+        llm = build(config["llm"], "llm")
+        flow = build(config["flow"], "flow")
+        hift = build(config["hift"], "hift")
+        sample_rate = int(config.get("sample_rate", 22050))
+    except ConfigError as error:
+        raise ModelLoadError(str(error)) from error
+    except (TypeError, ValueError, NotImplementedError) as error:
+        raise ModelLoadError(f"cosyvoice.yaml describes a model this code cannot build: {error}") from error
+
+    load_state(llm, _read_checkpoint(model_dir / "llm.pt"), "llm.pt")
+    load_state(flow, _read_checkpoint(model_dir / "flow.pt"), "flow.pt")
+    try:
+        hift_state = normalize_hift_state_dict(_read_checkpoint(model_dir / "hift.pt"))
+    except ValueError as error:
+        raise ModelLoadError(f"hift.pt: {error}") from error
+    load_state(hift, hift_state, "hift.pt")
+    speakers = read_speakers(model_dir / "spk2info.pt", flow.spk_embed_affine_layer.in_features)
+    for module in (llm, flow, hift):
+        module.eval().requires_grad_(False)
+    log.info("loaded %s: %d speakers, llm %.1fM, flow %.1fM, hift %.1fM parameters", model_dir, len(speakers),
+             *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (llm, flow, hift)))
+    return CosyVoiceSFT(llm, flow, hift, speakers, sample_rate=sample_rate, model_dir=model_dir)
