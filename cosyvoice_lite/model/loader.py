@@ -139,15 +139,9 @@ def check_model_dir(model_dir: Path) -> None:
                              "(fetch the model with scripts/download_model.py)")
 
 
-def load_model(model_dir: str | Path):
-    """Load an official CosyVoice-300M-SFT directory into our networks; see ``CosyVoiceSFT``."""
-    from .cosyvoice import CosyVoiceSFT
-    from .hift import normalize_hift_state_dict
-
-    model_dir = Path(model_dir)
-    check_model_dir(model_dir)
+def build_networks(config) -> tuple:
+    """(llm, flow, hift, sample_rate) with untrained weights, sized by the config."""
     try:
-        config = read_config(model_dir / "cosyvoice.yaml")
         for section in ("llm", "flow", "hift"):
             if section not in config:
                 raise ModelLoadError(f"cosyvoice.yaml has no '{section}' section")
@@ -159,7 +153,23 @@ def load_model(model_dir: str | Path):
         raise ModelLoadError(str(error)) from error
     except (TypeError, ValueError, NotImplementedError) as error:
         raise ModelLoadError(f"cosyvoice.yaml describes a model this code cannot build: {error}") from error
+    # The flow's mel frame rate is the vocoder's: sample_rate / (samples per mel frame).
+    flow.sample_rate, flow.hop_size = sample_rate, hift.upsample_factor
+    return llm, flow, hift, sample_rate
 
+
+def load_model(model_dir: str | Path):
+    """Load an official CosyVoice-300M-SFT directory into our networks; see ``CosyVoiceSFT``."""
+    from .cosyvoice import CosyVoiceSFT
+    from .hift import normalize_hift_state_dict
+
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    try:
+        config = read_config(model_dir / "cosyvoice.yaml")
+    except ConfigError as error:
+        raise ModelLoadError(str(error)) from error
+    llm, flow, hift, sample_rate = build_networks(config)
     load_state(llm, _read_checkpoint(model_dir / "llm.pt"), "llm.pt")
     load_state(flow, _read_checkpoint(model_dir / "flow.pt"), "flow.pt")
     try:

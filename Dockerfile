@@ -1,0 +1,42 @@
+# cosyvoice-lite: CPU-only CosyVoice-300M-SFT TTS service.
+#   docker build -t cosyvoice-lite .                                   # model mounted at run time
+#   docker build --build-arg DOWNLOAD_MODEL=1 -t cosyvoice-lite:model .  # model baked into the image
+#   docker run -p 8080:8080 -v "$PWD/models:/app/models" cosyvoice-lite
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+
+# Where pip finds the CPU build of torch (PyPI's own torch wheel is the multi-GB CUDA build).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Optional local wheel folder (used by scripts/container_test.sh on machines without the PyTorch index).
+ARG PIP_FIND_LINKS=
+ARG DOWNLOAD_MODEL=0
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MODEL_DIR=/app/models/CosyVoice-300M-SFT \
+    PORT=8080
+
+WORKDIR /app
+RUN useradd --create-home --uid 10001 app
+
+COPY requirements.txt requirements-nodeps.txt ./
+RUN if [ -n "$PIP_FIND_LINKS" ]; then pip install --find-links "$PIP_FIND_LINKS" torch==2.13.0; \
+    else pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0; fi \
+ && pip install -r requirements.txt \
+ && pip install --no-deps -r requirements-nodeps.txt \
+ && find /usr/local/lib /usr/lib -name '__pycache__' -prune -exec rm -rf {} + 2>/dev/null; true
+
+COPY app.py gunicorn.conf.py ./
+COPY cosyvoice_lite ./cosyvoice_lite
+COPY scripts ./scripts
+RUN mkdir -p /app/models \
+ && if [ "$DOWNLOAD_MODEL" = "1" ]; then python scripts/download_model.py --dir "$MODEL_DIR"; fi \
+ && chown -R app:app /app/models
+
+USER app
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=4)"
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:app"]

@@ -1,0 +1,253 @@
+"""The flow-matching vector field estimator: a 1-D U-Net whose stages are ResNet blocks followed by transformer blocks.
+
+Module and parameter names follow the official checkpoint (Matcha-TTS decoder + diffusers BasicTransformerBlock), so
+`decoder.estimator.*` keys of flow.pt load strictly. Only what CosyVoice v1 configures is implemented: self-attention
+without bias, GELU feed-forward, LayerNorm, no cross attention.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SinusoidalPosEmb(nn.Module):
+    """Timestep embedding: [sin(1000 t f), cos(1000 t f)] over `dim // 2` log-spaced frequencies."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        assert dim % 2 == 0, "SinusoidalPosEmb needs an even dim"
+        half = dim // 2
+        step = math.log(10000) / (half - 1)
+        # not persistent: the official module has no state, so flow.pt holds no key for it
+        self.register_buffer("freqs", torch.exp(torch.arange(half).float() * -step), persistent=False)
+
+    def forward(self, t: torch.Tensor, scale: float = 1000) -> torch.Tensor:
+        if t.ndim < 1:
+            t = t.unsqueeze(0)
+        emb = scale * t.unsqueeze(1) * self.freqs.unsqueeze(0)  # (B, dim/2)
+        return torch.cat((emb.sin(), emb.cos()), dim=-1)  # (B, dim)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_channels: int, time_embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(t)))
+
+
+class Block1D(nn.Module):
+    def __init__(self, dim: int, dim_out: int, groups: int = 8):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv1d(dim, dim_out, 3, padding=1), nn.GroupNorm(groups, dim_out), nn.Mish())
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.block(x * mask) * mask
+
+
+class ResnetBlock1D(nn.Module):
+    """Two conv blocks with the timestep embedding added in between, plus a 1x1 residual projection."""
+
+    def __init__(self, dim: int, dim_out: int, time_emb_dim: int, groups: int = 8):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_emb_dim, dim_out))
+        self.block1 = Block1D(dim, dim_out, groups=groups)
+        self.block2 = Block1D(dim_out, dim_out, groups=groups)
+        self.res_conv = nn.Conv1d(dim, dim_out, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        h = self.block1(x, mask)  # (B, C_out, T)
+        h += self.mlp(t_emb).unsqueeze(-1)
+        h = self.block2(h, mask)
+        return h + self.res_conv(x * mask)
+
+
+class Downsample1D(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample1D(nn.Module):
+    """x2 upsampling by transposed convolution (the only variant the estimator uses)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose1d(channels, channels, 4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with bias-free q/k/v projections (diffusers layout: to_q, to_k, to_v, to_out.0)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.to_q(x).view(B, T, self.heads, -1).transpose(1, 2)  # (B, H, T, D)
+        k = self.to_k(x).view(B, T, self.heads, -1).transpose(1, 2)
+        v = self.to_v(x).view(B, T, self.heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
+        return self.to_out[0](out)
+
+
+class GELU(nn.Module):
+    """Linear projection followed by exact (erf) GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, activation_fn: str = "gelu"):
+        super().__init__()
+        if activation_fn != "gelu":
+            raise ValueError(f"unsupported estimator act_fn {activation_fn!r} (only 'gelu' is implemented)")
+        inner = dim * mult
+        # index 1 is the official dropout slot; kept as Identity so that the output layer stays `net.2`
+        self.net = nn.ModuleList([GELU(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention and feed-forward, each with a residual connection."""
+
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, activation_fn: str = "gelu"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, num_attention_heads, attention_head_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, activation_fn=activation_fn)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x), bias) + x  # (B, T, C)
+        x = self.ff(self.norm3(x)) + x
+        return x
+
+
+def attention_bias(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T) float frame mask -> (B, 1, 1, T) additive key bias: 0 where a frame is valid, -1e10 where padded.
+
+    The official code materialises this per head and query row (B, H, T, T); broadcasting gives the same sums.
+    """
+    keep = mask.bool().to(mask.dtype)
+    return ((1.0 - keep) * -1.0e10).unsqueeze(1)
+
+
+class ConditionalDecoder(nn.Module):
+    """U-Net over time: down stages (x2 decimation between them), mid stages, up stages with skip connections.
+
+    Input channels are [x, mu, spks broadcast over time, cond] concatenated (= in_channels); output is the velocity.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, channels=(256, 256), dropout: float = 0.0,
+                 attention_head_dim: int = 64, n_blocks: int = 1, num_mid_blocks: int = 2, num_heads: int = 4,
+                 act_fn: str = "gelu"):
+        super().__init__()
+        channels = tuple(channels)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_heads = num_heads
+        time_embed_dim = channels[0] * 4
+        self.time_embeddings = SinusoidalPosEmb(in_channels)
+        self.time_mlp = TimestepEmbedding(in_channels, time_embed_dim)
+
+        def transformers(dim):
+            return nn.ModuleList([BasicTransformerBlock(dim, num_heads, attention_head_dim, act_fn)
+                                  for _ in range(n_blocks)])
+
+        self.down_blocks = nn.ModuleList()
+        dim_out = in_channels
+        for i, ch in enumerate(channels):
+            dim_in, dim_out = dim_out, ch
+            last = i == len(channels) - 1
+            down = nn.Conv1d(dim_out, dim_out, 3, padding=1) if last else Downsample1D(dim_out)
+            self.down_blocks.append(nn.ModuleList([ResnetBlock1D(dim_in, dim_out, time_embed_dim),
+                                                   transformers(dim_out), down]))
+
+        self.mid_blocks = nn.ModuleList([
+            nn.ModuleList([ResnetBlock1D(channels[-1], channels[-1], time_embed_dim), transformers(channels[-1])])
+            for _ in range(num_mid_blocks)
+        ])
+
+        up_channels = channels[::-1] + (channels[0],)
+        self.up_blocks = nn.ModuleList()
+        for i in range(len(up_channels) - 1):
+            dim_in, dim_out = up_channels[i] * 2, up_channels[i + 1]  # *2: skip connection concatenated
+            last = i == len(up_channels) - 2
+            up = nn.Conv1d(dim_out, dim_out, 3, padding=1) if last else Upsample1D(dim_out)
+            self.up_blocks.append(nn.ModuleList([ResnetBlock1D(dim_in, dim_out, time_embed_dim),
+                                                 transformers(dim_out), up]))
+
+        self.final_block = Block1D(up_channels[-1], up_channels[-1])
+        self.final_proj = nn.Conv1d(up_channels[-1], out_channels, 1)
+
+    def _transformers(self, blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        bias = attention_bias(mask)
+        x = x.transpose(1, 2).contiguous()  # (B, T, C)
+        for block in blocks:
+            x = block(x, bias)
+        return x.transpose(1, 2).contiguous()  # (B, C, T)
+
+    def forward(self, x, mask, mu, t, spks=None, cond=None):
+        """x, mu, cond: (B, 80, T); mask: (B, 1, T); t: (B,); spks: (B, 80) -> velocity (B, out_channels, T)."""
+        t = self.time_mlp(self.time_embeddings(t).to(t.dtype))  # (B, 4*channels[0])
+
+        parts = [x, mu]
+        if spks is not None:
+            parts.append(spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        if cond is not None:
+            parts.append(cond)
+        x = torch.cat(parts, dim=1)  # (B, in_channels, T)
+
+        skips = []
+        masks = [mask]
+        for resnet, blocks, down in self.down_blocks:
+            mask_down = masks[-1]
+            x = resnet(x, mask_down, t)
+            x = self._transformers(blocks, x, mask_down)
+            skips.append(x)
+            x = down(x * mask_down)
+            masks.append(mask_down[:, :, ::2])
+        masks = masks[:-1]
+        mask_mid = masks[-1]
+
+        for resnet, blocks in self.mid_blocks:
+            x = resnet(x, mask_mid, t)
+            x = self._transformers(blocks, x, mask_mid)
+
+        for resnet, blocks, up in self.up_blocks:
+            mask_up = masks.pop()
+            skip = skips.pop()
+            x = torch.cat([x[:, :, :skip.shape[-1]], skip], dim=1)  # transposed conv may overshoot by one frame
+            x = resnet(x, mask_up, t)
+            x = self._transformers(blocks, x, mask_up)
+            x = up(x * mask_up)
+
+        x = self.final_block(x, mask_up)
+        return self.final_proj(x * mask_up) * mask
