@@ -1,0 +1,145 @@
+"""load_model reads official model directories strictly and explains every way a directory can be wrong."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cosyvoice_lite.model import ModelLoadError, load_model
+from cosyvoice_lite.model.config import ConfigError, read_config
+from cosyvoice_lite.model.random_model import write_random_model
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_MODEL = ROOT.parent / "shared" / "golden" / "model"
+MODEL_FILES = ["cosyvoice.yaml", "llm.pt", "flow.pt", "hift.pt", "spk2info.pt"]
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    """A writable copy of the golden model directory."""
+    assert GOLDEN_MODEL.is_dir(), f"golden model missing at {GOLDEN_MODEL}"
+    for name in MODEL_FILES:
+        shutil.copy(GOLDEN_MODEL / name, tmp_path / name)
+    return tmp_path
+
+
+def test_golden_model_loads_with_its_seven_speakers():
+    model = load_model(GOLDEN_MODEL)
+    assert list(model.speakers) == ["中文女", "中文男", "日语男", "粤语女", "英文女", "英文男", "韩语女"]
+    assert model.sample_rate == 22050 and model.samples_per_frame == 256 and model.token_rate == 50
+
+
+def test_sizes_come_from_the_yaml():
+    model = load_model(GOLDEN_MODEL)
+    assert model.llm.llm_decoder.in_features == 128          # llm_output_size of the tiny yaml
+    assert model.flow.input_embedding.embedding_dim == 64    # flow input_size
+    assert model.hift.conv_pre.out_channels == 32            # base_channels
+
+
+@pytest.mark.parametrize("missing", MODEL_FILES)
+def test_missing_file_is_named(model_copy, missing):
+    (model_copy / missing).unlink()
+    with pytest.raises(ModelLoadError, match=f"missing {missing}"):
+        load_model(model_copy)
+
+
+def test_nonexistent_directory_is_reported(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nope")
+
+
+def test_truncated_checkpoint_is_named(model_copy):
+    data = (model_copy / "flow.pt").read_bytes()
+    (model_copy / "flow.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="flow.pt cannot be read"):
+        load_model(model_copy)
+
+
+def test_random_bytes_instead_of_a_checkpoint_are_named(model_copy):
+    (model_copy / "llm.pt").write_bytes(b"not a checkpoint at all" * 100)
+    with pytest.raises(ModelLoadError, match="llm.pt cannot be read"):
+        load_model(model_copy)
+
+
+def test_missing_key_is_named(model_copy):
+    state = torch.load(model_copy / "llm.pt", weights_only=True)
+    del state["llm_decoder.bias"]
+    torch.save(state, model_copy / "llm.pt")
+    with pytest.raises(ModelLoadError, match=r"llm.pt .*missing keys \(e.g. llm_decoder.bias\)"):
+        load_model(model_copy)
+
+
+def test_unexpected_key_is_named(model_copy):
+    state = torch.load(model_copy / "flow.pt", weights_only=True)
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, model_copy / "flow.pt")
+    with pytest.raises(ModelLoadError, match=r"flow.pt .*unexpected keys \(e.g. extra.weight\)"):
+        load_model(model_copy)
+
+
+def test_checkpoint_of_another_size_reports_shape_mismatch(model_copy, tmp_path_factory):
+    other = write_random_model(tmp_path_factory.mktemp("tiny"), "tiny")
+    shutil.copy(other / "flow.pt", model_copy / "flow.pt")
+    with pytest.raises(ModelLoadError, match="flow.pt does not match cosyvoice.yaml.*shape mismatches"):
+        load_model(model_copy)
+
+
+def test_cosyvoice2_directory_is_recognised(tmp_path):
+    (tmp_path / "cosyvoice2.yaml").write_text("llm: !new:cosyvoice.llm.llm.Qwen2LM\n    llm_input_size: 896\n")
+    for name in ["llm.pt", "flow.pt", "hift.pt", "spk2info.pt"]:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="CosyVoice2"):
+        load_model(tmp_path)
+
+
+def test_cosyvoice2_classes_in_cosyvoice_yaml_are_recognised(model_copy):
+    text = (model_copy / "cosyvoice.yaml").read_text()
+    (model_copy / "cosyvoice.yaml").write_text(text.replace("cosyvoice.llm.llm.TransformerLM", "cosyvoice.llm.llm.Qwen2LM"))
+    with pytest.raises(ModelLoadError, match="CosyVoice2 model"):
+        load_model(model_copy)
+
+
+def test_invalid_yaml_is_reported(model_copy):
+    (model_copy / "cosyvoice.yaml").write_text("llm: [unclosed\n")
+    with pytest.raises(ModelLoadError, match="not valid YAML"):
+        load_model(model_copy)
+
+
+def test_bad_speaker_file_is_reported(model_copy):
+    torch.save({"x": {"no_embedding": torch.zeros(1)}}, model_copy / "spk2info.pt")
+    with pytest.raises(ModelLoadError, match="speaker 'x' has no 192-dim 'embedding'"):
+        load_model(model_copy)
+
+
+def test_config_resolves_refs_arithmetic_and_yaml12_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("a: 4\nb: !ref <a> * 3\nnest:\n  x: 1e-06\n  y: !ref <nest.x>\nc: !ref <b> // <a>\n")
+    config = read_config(path)
+    assert (config["b"], config["nest"]["y"], config["c"]) == (12, 1e-06, 3)
+
+
+def test_config_rejects_a_dangling_ref(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("a: !ref <nowhere>\n")
+    with pytest.raises(ConfigError, match="points at nothing"):
+        read_config(path)["a"]
+
+
+def test_tiny_random_model_loads_and_speaks(tmp_path):
+    model = load_model(write_random_model(tmp_path, "tiny", seed=3))
+    wav = model.synthesize([1, 2, 3], "英文女", seed=0)
+    assert wav.shape[0] == 1 and wav.shape[1] > 0 and wav.shape[1] % 256 == 0
+    assert wav.abs().max() <= 0.99 and wav.abs().max() > 0.01
+
+
+def test_same_seed_gives_the_same_waveform():
+    model = load_model(GOLDEN_MODEL)
+    a = model.synthesize([100, 200, 300], "中文女", seed=7, max_token_text_ratio=5)
+    b = model.synthesize([100, 200, 300], "中文女", seed=7, max_token_text_ratio=5)
+    assert torch.equal(a, b)
+
+
+def test_unknown_speaker_lists_the_known_ones():
+    model = load_model(GOLDEN_MODEL)
+    with pytest.raises(KeyError, match="known: 中文女, 中文男"):
+        model.embedding("nobody")
