@@ -47,7 +47,7 @@ def bench_stages(model, text_token, speaker: str, n_tokens: int, n_timesteps: in
     ratio = (n_tokens + 0.5) / len(text_token)  # forces exactly n_tokens
     seconds = n_tokens / model.token_rate
     torch.manual_seed(0)
-    start = time.perf_counter()
+    start = started = time.perf_counter()
     first_token_at = None
     tokens = []
     for token in model.text_to_tokens(text_token, speaker, min_token_text_ratio=ratio, max_token_text_ratio=ratio):
@@ -66,7 +66,7 @@ def bench_stages(model, text_token, speaker: str, n_tokens: int, n_timesteps: in
         "audio_s": audio_s,
         "tokens": len(tokens),
         "llm_s": llm_s,
-        "llm_prefix_ms": (first_token_at - (first_token_at - llm_s if False else 0)) if False else None,
+        "llm_first_token_s": first_token_at - started,
         "llm_ms_per_token": 1000 * llm_s / len(tokens),
         "flow_s": flow_s,
         "flow_s_per_audio_s": flow_s / seconds,
@@ -97,7 +97,6 @@ def main() -> int:
     n_tokens = int(args.seconds * model.token_rate)
     bench_stages(model, text_token, speaker, 25, args.steps)  # warm-up
     result = bench_stages(model, text_token, speaker, n_tokens, args.steps)
-    result.pop("llm_prefix_ms")
     figures = {
         "model": what,
         "threads": args.threads,
