@@ -1,0 +1,72 @@
+"""Service settings, read from environment variables (documented defaults below; README has the same table)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class Settings:
+    # field = default              # ENV VAR: meaning
+    model_dir: str = "models/CosyVoice-300M-SFT"  # MODEL_DIR: CosyVoice model directory; empty/missing -> Piper
+    engine: str = "auto"            # ENGINE: auto | cosyvoice | piper
+    workers: int = 1                # WORKERS: gunicorn worker processes (each holds the model once)
+    torch_threads: int = 0          # TORCH_THREADS: CPU threads per worker; 0 = cores / WORKERS
+    max_text_chars: int = 4096      # MAX_TEXT_CHARS: longer text -> 413
+    max_body_bytes: int = 262144    # MAX_BODY_BYTES: larger request bodies -> 413
+    queue_size: int = 8             # QUEUE_SIZE: requests waiting per worker besides the one synthesising; more -> 503
+    request_timeout: float = 300.0  # REQUEST_TIMEOUT: seconds from arrival to the last audio byte; exceeded -> 504
+    port: int = 8080                # PORT: listen port (gunicorn binds HOST:PORT, HOST default 0.0.0.0)
+    cors_origins: str = ""          # CORS_ORIGINS: '*' or comma-separated origins allowed to call from browsers
+    # API_KEY: when set, everything but /health, /ready, / and /static needs 'Authorization: Bearer API_KEY'
+    api_key: str = field(default="", repr=False)
+    log_level: str = "info"         # LOG_LEVEL: debug | info | warning | error
+
+    ENV = {
+        "model_dir": "MODEL_DIR", "engine": "ENGINE", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
+        "max_text_chars": "MAX_TEXT_CHARS", "max_body_bytes": "MAX_BODY_BYTES", "queue_size": "QUEUE_SIZE",
+        "request_timeout": "REQUEST_TIMEOUT", "port": "PORT", "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY",
+        "log_level": "LOG_LEVEL",
+    }
+
+    @classmethod
+    def from_env(cls, overrides: dict | None = None, environ=None) -> "Settings":
+        """Defaults, then environment variables, then ``overrides`` (keys are field names, e.g. 'queue_size')."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(cls.ENV[f.name], "").strip()
+            if raw:
+                try:
+                    values[f.name] = type(f.default)(raw)
+                except ValueError:
+                    raise ValueError(f"environment variable {cls.ENV[f.name]} must be a "
+                                     f"{type(f.default).__name__}, got {raw!r}") from None
+        for key, value in (overrides or {}).items():
+            if key in cls.ENV:
+                values[key] = value
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.engine not in ("auto", "cosyvoice", "piper"):
+            raise ValueError(f"ENGINE must be auto, cosyvoice or piper, got {self.engine!r}")
+        for name in ("workers", "max_text_chars", "max_body_bytes", "port"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{self.ENV[name]} must be at least 1")
+        if self.queue_size < 0 or self.torch_threads < 0:
+            raise ValueError("QUEUE_SIZE and TORCH_THREADS must not be negative")
+        if not self.request_timeout > 0:
+            raise ValueError("REQUEST_TIMEOUT must be positive")
+
+    @property
+    def threads(self) -> int:
+        """CPU threads for one worker's engine."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
