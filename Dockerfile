@@ -5,7 +5,7 @@
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
-# Where pip finds the CPU build of torch (PyPI's own torch wheel is the multi-GB CUDA build).
+# Where pip finds the CPU build of torch (PyPI's own Linux torch wheel is the multi-GB GPU build).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Optional local wheel folder (used by scripts/container_test.sh on machines without the PyTorch index).
 ARG PIP_FIND_LINKS=
