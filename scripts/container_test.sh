@@ -12,7 +12,7 @@ PORT=${PORT:-18080}
 NAME=cosyvoice-lite-test-$$
 
 echo "== build ($BASE_TAG)"
-podman build --build-arg BASE="$BASE_TAG" --build-arg PIP_FIND_LINKS=/wheels \
+podman build --format docker --build-arg BASE="$BASE_TAG" --build-arg PIP_FIND_LINKS=/wheels \
   --volume "${PIP_FIND_LINKS:-/opt/wheels}":/wheels:ro -t "$TAG" . 2>&1 | tail -n 5
 size=$(podman image inspect "$TAG" --format '{{.Size}}')
 echo "image size: $((size / 1000000)) MB"

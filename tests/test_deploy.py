@@ -61,9 +61,9 @@ def test_autoscaler_scales_the_deployment():
 
 
 def test_grace_period_outlasts_the_servers_graceful_timeout():
-    source = (ROOT / "gunicorn.conf.py").read_text()
+    source = (ROOT / "cosyvoice_lite" / "gunicorn_conf.py").read_text()
     match = re.search(r'graceful_timeout = int\(os.environ.get\("GRACEFUL_TIMEOUT", "(\d+)"\)\)', source)
-    assert match, "gunicorn.conf.py no longer sets graceful_timeout from GRACEFUL_TIMEOUT"
+    assert match, "gunicorn_conf.py no longer sets graceful_timeout from GRACEFUL_TIMEOUT"
     grace = manifests()["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= int(match.group(1)) + 5
 

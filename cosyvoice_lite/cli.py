@@ -1,0 +1,82 @@
+"""``cosyvoice-lite`` command: serve, say, download.
+
+    cosyvoice-lite serve                      # gunicorn with the settings from environment variables
+    cosyvoice-lite say "你好，世界。" -o hello.wav [--speaker 中文女] [--speed 1.0] [--format wav]
+    cosyvoice-lite download [--dir models/CosyVoice-300M-SFT]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def serve(args: argparse.Namespace) -> int:
+    gunicorn = shutil.which("gunicorn") or "gunicorn"
+    config = Path(__file__).with_name("gunicorn_conf.py")
+    os.execvp(gunicorn, [gunicorn, "-c", str(config), *args.gunicorn_args, "cosyvoice_lite.wsgi:app"])
+    return 1  # not reached
+
+
+def say(args: argparse.Namespace) -> int:
+    from . import audio
+    from .engine import SynthesisError
+    from .server import StartupError, load_engine
+    from .settings import Settings
+
+    try:
+        engine = load_engine(Settings.from_env())
+    except (StartupError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    speaker = engine.resolve_speaker(args.speaker) if args.speaker else engine.speakers()[0]
+    if speaker is None:
+        known = ", ".join(f"{s.id} ({s.alias})" for s in engine.speakers())
+        print(f"error: unknown speaker {args.speaker!r}; known: {known}", file=sys.stderr)
+        return 2
+    try:
+        chunks = list(engine.synthesize(args.text, speaker, speed=args.speed, normalize=not args.no_normalize))
+    except SynthesisError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    data = audio.encode(samples, args.format)
+    Path(args.output).write_bytes(data)
+    seconds = len(samples) / audio.SAMPLE_RATE
+    print(f"wrote {args.output}: {seconds:.2f} s of audio ({engine.name}, speaker {speaker.id})")
+    return 0
+
+
+def download(args: argparse.Namespace) -> int:
+    from .download import main as download_main
+
+    return download_main(args.download_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cosyvoice-lite", description="CPU text-to-speech with CosyVoice-300M-SFT.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("serve", help="start the HTTP service (gunicorn)")
+    p.add_argument("gunicorn_args", nargs=argparse.REMAINDER, help="extra gunicorn arguments")
+    p.set_defaults(run=serve)
+    p = commands.add_parser("say", help="synthesise TEXT into an audio file")
+    p.add_argument("text")
+    p.add_argument("-o", "--output", default="out.wav")
+    p.add_argument("--speaker", help="speaker id or alias (default: the first one)")
+    p.add_argument("--speed", type=float, default=1.0)
+    p.add_argument("--format", default="wav", help="wav, pcm, mp3, opus or flac")
+    p.add_argument("--no-normalize", action="store_true", help="skip text normalisation")
+    p.set_defaults(run=say)
+    p = commands.add_parser("download", help="download CosyVoice-300M-SFT (see --help)", add_help=False)
+    p.add_argument("download_args", nargs=argparse.REMAINDER)
+    p.set_defaults(run=download)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

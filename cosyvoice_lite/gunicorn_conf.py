@@ -1,0 +1,49 @@
+"""gunicorn settings for cosyvoice-lite, from the same environment variables as the app (cosyvoice_lite/settings.py).
+
+Process model: WORKERS processes, the model loaded once in the master before the fork (preload_app) so that the
+workers share the weights' memory pages. Each worker is a gthread worker: one synthesis thread behind a queue of
+QUEUE_SIZE requests, plus request threads, so /health, /ready and /metrics answer during a long synthesis and a
+full queue is answered with 503 at once.
+"""
+import os
+
+from cosyvoice_lite.settings import Settings
+
+_settings = Settings.from_env()
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_settings.port}"
+workers = _settings.workers
+worker_class = "gthread"
+# Request threads per worker: the requests the queue admits (QUEUE_SIZE waiting + 1 synthesising) plus spare
+# threads for health checks, metrics and fast 503 answers.
+threads = _settings.queue_size + 1 + 8
+preload_app = True
+timeout = 60                     # a worker silent this long (its main loop stuck) is killed and replaced
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))  # SIGTERM: in-flight requests get this long
+keepalive = 5
+max_requests = int(os.environ.get("MAX_REQUESTS", "0"))  # recycle workers after N requests (0 = never)
+max_requests_jitter = max_requests // 10
+if os.path.isdir("/dev/shm"):
+    worker_tmp_dir = "/dev/shm"  # heartbeat file off the (possibly slow, overlay) disk
+control_socket_disable = True   # gunicornc's socket is not needed (and $HOME may be read-only in a container)
+accesslog = None                 # the app writes one line per request itself
+loglevel = _settings.log_level
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+    "root": {"level": _settings.log_level.upper(), "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": _settings.log_level.upper(), "handlers": ["stderr"], "propagate": False},
+        "gunicorn.access": {"level": "WARNING", "handlers": ["stderr"], "propagate": False},
+    },
+}
+
+
+def post_worker_init(worker):
+    """Start this worker's synthesis thread and warm-up now, not at its first request (threads do not survive
+    the fork from the preloaded master)."""
+    service = getattr(worker.wsgi, "extensions", {}).get("cosyvoice_lite")
+    if service is not None:
+        service.synth.ensure_started()
