@@ -6,10 +6,15 @@ QUEUE_SIZE requests, plus request threads, so /health, /ready and /metrics answe
 full queue is answered with 503 at once.
 """
 import os
+import sys
 
 from cosyvoice_lite.settings import Settings
 
-_settings = Settings.from_env()
+try:
+    _settings = Settings.from_env()
+except ValueError as _error:  # a bad environment value: one clear line, no traceback, no server
+    sys.stderr.write(f"cosyvoice-lite: cannot start: {_error}\n")
+    sys.exit(3)
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_settings.port}"
 workers = _settings.workers

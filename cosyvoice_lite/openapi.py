@@ -25,6 +25,7 @@ def _audio_responses() -> dict:
         "400": _error("Invalid request: bad JSON, missing/empty/non-string text, unknown speaker (the error lists "
                       "the valid ones), bad speed or format, nothing to speak"),
         "401": _error("API_KEY is set and the bearer token is missing or wrong"),
+        "408": _error("The request body stopped arriving for BODY_TIMEOUT seconds"),
         "413": _error("Text longer than MAX_TEXT_CHARS or body larger than MAX_BODY_BYTES"),
         "415": _error("The body is not JSON"),
         "500": _error("Synthesis failed inside the engine (a bug; see the server log)"),

@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from flask import Flask, Response, g, jsonify, request, send_from_directory
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, current_app, g, jsonify, request, send_from_directory
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import audio
 from .engine import Engine, Speaker, SynthesisError
@@ -256,8 +256,8 @@ def _add_cors(response: Response, settings: Settings) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-                500: "server_error", 503: "overloaded_error", 504: "timeout_error"}
+                405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+                415: "invalid_request_error", 500: "server_error", 503: "overloaded_error", 504: "timeout_error"}
 
 
 def error_response(status: int, message: str, code: str, param: str | None = None, headers: dict | None = None,
@@ -308,10 +308,50 @@ class SpeechRequest:
     normalize: bool
 
 
-def read_json_object() -> dict:
+def _read_body(limit: int, timeout: float) -> bytes:
+    """The request body, read with two guards that Werkzeug does not give under gunicorn:
+
+    - size: past ``limit`` bytes -> 413. With a Content-Length Werkzeug refuses before reading, but a chunked body
+      has none, and there Werkzeug silently stopped at the limit: a valid JSON body just over it was cut and
+      answered '400 malformed JSON'. We read one byte past the limit to tell the two apart.
+    - time: gunicorn's socket has no timeout, so a client that stopped sending its body (a wrong Content-Length,
+      a dead peer, a slowloris) held a request thread for ever; QUEUE_SIZE + 9 of them froze the worker, /health
+      included. Now a body that stalls for ``timeout`` seconds is answered 408 and the thread is free again.
+    """
+    environ = request.environ
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestEntityTooLarge()
+    if not environ.get("wsgi.input_terminated"):  # not gunicorn (e.g. the test client): Werkzeug bounds the stream
+        return request.get_data(cache=False)
+    sock = environ.get("gunicorn.socket")
+    previous = sock.gettimeout() if sock is not None else None
+    try:
+        if sock is not None:
+            sock.settimeout(timeout)  # per read; restored before the response goes out
+        raw = environ["wsgi.input"].read(limit + 1)  # gunicorn stops at Content-Length or the last chunk
+    except TimeoutError:
+        if sock is not None:
+            try:  # the rest of the body will never be read: no drain after the 408, the connection closes
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        raise ApiError(408, f"the request body stopped arriving (nothing for {timeout:g} s)",
+                       code="body_timeout") from None
+    finally:
+        if sock is not None:
+            try:
+                sock.settimeout(previous)
+            except OSError:
+                pass
+    if len(raw) > limit:
+        raise RequestEntityTooLarge()
+    return raw
+
+
+def read_json_object(body_timeout: float) -> dict:
     if not request.is_json:
         raise ApiError(415, "send a JSON body with 'Content-Type: application/json'", code="unsupported_media_type")
-    raw = request.get_data(cache=False)  # raises 413 past MAX_BODY_BYTES
+    raw = _read_body(current_app.config["MAX_CONTENT_LENGTH"], body_timeout)
     try:
         body = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError:
@@ -375,7 +415,7 @@ def parse_speech_request(body: dict, service: Service, *, text_key: str, speaker
                        param="speed")
 
     fmt = body.get(format_key, default_format)
-    if fmt not in audio.FORMATS:
+    if not isinstance(fmt, str) or fmt not in audio.FORMATS:  # a list or object is not a format (nor hashable)
         raise ApiError(400, f"'{format_key}' must be one of {', '.join(audio.FORMATS)}", code="invalid_format",
                        param=format_key)
     stream = body.get("stream", False)
@@ -516,14 +556,14 @@ def _register_routes(app: Flask, service: Service) -> None:
 
     @app.post("/tts")
     def tts():
-        body = read_json_object()
+        body = read_json_object(service.settings.body_timeout)
         req = parse_speech_request(body, service, text_key="text", speaker_key="speaker", format_key="format",
                                    default_format="wav")
         return synthesize_response(service, req)
 
     @app.post("/v1/audio/speech")
     def openai_speech():
-        body = read_json_object()
+        body = read_json_object(service.settings.body_timeout)
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise ApiError(400, "'model' must be a string", code="invalid_model", param="model")

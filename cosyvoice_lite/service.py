@@ -9,6 +9,8 @@ joining a pile-up in which every client times out. Request threads only wait on 
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import logging
 import math
 import mmap
@@ -25,6 +27,29 @@ from .engine import Cancelled, Engine, Speaker, SynthesisError
 log = logging.getLogger("cosyvoice_lite")
 
 _DONE = object()
+
+
+def _find_malloc_trim():
+    """glibc's malloc_trim, or None (musl, macOS, ...)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS. Why: synthesis allocates and frees tensors of a different size for
+    every text; glibc keeps the freed memory in fragmented heaps and arenas, so without this a worker's RSS grows
+    by megabytes per request (hundreds of MB over a few hundred requests) although nothing leaks. One call after
+    each job costs a few milliseconds."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class QueueFull(Exception):
@@ -205,6 +230,8 @@ class Synthesizer:
                         self._recent.append(time.monotonic() - started)
                 job.chunks.put(_DONE)
                 self._changed()
+                job = None  # drop this thread's reference before trimming
+                release_free_memory()
 
     def _synthesize(self, job: Job) -> None:
         if job.cancel.is_set():
@@ -235,7 +262,7 @@ class Metrics:
     a slot left by a dead worker is taken over with its counters (they stay monotonic) and its gauges zeroed."""
 
     ENDPOINTS = ("tts", "speech", "voices", "speakers", "health", "ready", "metrics", "openapi", "page", "other")
-    CODES = (200, 204, 304, 400, 401, 404, 405, 413, 415, 499, 500, 503, 504, 0)  # 0 = any other
+    CODES = (200, 204, 304, 400, 401, 404, 405, 408, 413, 415, 499, 500, 503, 504, 0)  # 0 = any other
     BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
     SLOTS = 64
 

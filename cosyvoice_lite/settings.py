@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
 
 @dataclass
 class Settings:
@@ -16,6 +18,7 @@ class Settings:
     max_body_bytes: int = 262144    # MAX_BODY_BYTES: larger request bodies -> 413
     queue_size: int = 8             # QUEUE_SIZE: requests waiting per worker besides the one synthesising; more -> 503
     request_timeout: float = 300.0  # REQUEST_TIMEOUT: seconds from arrival to the last audio byte; exceeded -> 504
+    body_timeout: float = 15.0      # BODY_TIMEOUT: seconds a request body may stall before 408 (frees the thread)
     port: int = 8080                # PORT: listen port (gunicorn binds HOST:PORT, HOST default 0.0.0.0)
     cors_origins: str = ""          # CORS_ORIGINS: '*' or comma-separated origins allowed to call from browsers
     # API_KEY: when set, everything but /health, /ready, / and /static needs 'Authorization: Bearer API_KEY'
@@ -25,8 +28,8 @@ class Settings:
     ENV = {
         "model_dir": "MODEL_DIR", "engine": "ENGINE", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
         "max_text_chars": "MAX_TEXT_CHARS", "max_body_bytes": "MAX_BODY_BYTES", "queue_size": "QUEUE_SIZE",
-        "request_timeout": "REQUEST_TIMEOUT", "port": "PORT", "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY",
-        "log_level": "LOG_LEVEL",
+        "request_timeout": "REQUEST_TIMEOUT", "body_timeout": "BODY_TIMEOUT", "port": "PORT",
+        "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY", "log_level": "LOG_LEVEL",
     }
 
     @classmethod
@@ -57,8 +60,13 @@ class Settings:
                 raise ValueError(f"{self.ENV[name]} must be at least 1")
         if self.queue_size < 0 or self.torch_threads < 0:
             raise ValueError("QUEUE_SIZE and TORCH_THREADS must not be negative")
-        if not self.request_timeout > 0:
-            raise ValueError("REQUEST_TIMEOUT must be positive")
+        if not self.request_timeout > 0 or not self.body_timeout > 0:
+            raise ValueError("REQUEST_TIMEOUT and BODY_TIMEOUT must be positive")
+        if self.port > 65535:
+            raise ValueError(f"PORT must be 1..65535, got {self.port}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            # else gunicorn stops with only "Unable to configure logger 'gunicorn.error'"
+            raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 
     @property
     def threads(self) -> int:
