@@ -15,6 +15,9 @@ from typing import Iterator
 import numpy as np
 
 OUTPUT_RATE = 24000
+# Speech tokens before the first streamed chunk of a request (then 100, growing to 200): 30 tokens + the 20-token
+# overlap give ~0.4 s of first audio.
+FIRST_HOP = 30
 
 
 class SynthesisError(ValueError):
@@ -81,56 +84,66 @@ COSYVOICE_SPEAKERS = {
 
 
 class CosyVoiceEngine(Engine):
-    """CosyVoice-300M-SFT on the CPU: each text segment goes LLM -> flow -> HiFT and is yielded as soon as it is
-    done, resampled 22050 -> 24000 Hz with one continuous soxr stream per request (no seams between chunks)."""
+    """CosyVoice-300M-SFT on the CPU, streamed: each text segment goes LLM -> flow -> HiFT in chunks (official v1
+    streaming: the first audio comes after a few dozen speech tokens, not at the end of the segment), resampled
+    22050 -> 24000 Hz with one continuous soxr stream per request (no seams between chunks).
+
+    ``mode`` is a speed mode of ``cosyvoice_lite.model.speed`` ('exact', 'default', 'fast'; None -> the
+    COSYVOICE_MODE environment variable, else 'default'). Concurrent ``synthesize`` calls (from several threads)
+    share one scheduler thread that batches their LLM steps (``max_batch`` requests at a time, the rest wait).
+    """
 
     name = "cosyvoice"
 
-    def __init__(self, model_dir, n_timesteps: int = 10):
+    def __init__(self, model_dir, n_timesteps: int | None = None, mode: str | None = None, max_batch: int = 4,
+                 first_hop: int | None = FIRST_HOP, threads: int | None = None):
+        import torch
+
         from .frontend import TextFrontend
         from .model import load_model
+        from .model.scheduler import Scheduler
+        from .model.speed import settings
 
-        self.model = load_model(model_dir)
+        if threads:
+            torch.set_num_threads(threads)
+        self.mode = settings(mode)
+        self.model = load_model(model_dir, mode=self.mode.name)
         self.frontend = TextFrontend()
-        self.n_timesteps = n_timesteps
-        self.description = f"CosyVoice-300M-SFT from {model_dir}"
-        # One synthesis at a time per process: torch already spreads one synthesis over TORCH_THREADS cores,
-        # and the HTTP layer queues the rest.
-        self.lock = threading.Lock()
+        self.n_timesteps = n_timesteps or self.mode.n_timesteps
+        self.scheduler = Scheduler(self.model, max_batch=max_batch, first_hop=first_hop, n_timesteps=self.n_timesteps)
+        self.description = f"CosyVoice-300M-SFT from {model_dir} ({self.mode.name} mode)"
         self._speakers = [Speaker(sid, *COSYVOICE_SPEAKERS.get(sid, (sid, "und")), engine=self.name)
                           for sid in self.model.speakers]
 
     def speakers(self) -> list[Speaker]:
         return self._speakers
 
-    def _synthesize(self, text, speaker, speed, normalize, cancel) -> Iterator[np.ndarray]:
+    def _synthesize(self, text, speaker, speed, normalize, cancel, seed: int | None = None,
+                    **sampling) -> Iterator[np.ndarray]:
         import soxr
-        import torch
 
         from .frontend import NothingToSpeak
+        from .model.scheduler import Cancelled as SchedulerCancelled
 
         try:
             segments = self.frontend.segments_or_raise(text, normalize)
         except NothingToSpeak as error:
             raise SynthesisError(str(error)) from None
+        tokens = [self.frontend.tokenize(segment) for segment in segments]
+        tokens = [t for t in tokens if len(t)]
+        if not tokens:
+            raise SynthesisError("nothing to speak")
         resampler = soxr.ResampleStream(self.model.sample_rate, OUTPUT_RATE, 1, dtype="float32", quality="HQ")
-        for segment in segments:
-            text_token = self.frontend.tokenize(segment)
-            with self.lock:
-                tokens = []
-                for token in self.model.text_to_tokens(text_token, speaker.id):
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled()
-                    tokens.append(token)
-                if not tokens:
-                    continue
-                mel = self.model.tokens_to_mel(tokens, speaker.id, n_timesteps=self.n_timesteps)
-                if speed != 1.0:
-                    mel = torch.nn.functional.interpolate(mel, size=max(1, int(mel.shape[2] / speed)), mode="linear")
-                wav = self.model.mel_to_wav(mel)[0].numpy()
-            chunk = resampler.resample_chunk(wav)
-            if chunk.size:
-                yield chunk
+        chunks = self.scheduler.submit(tokens, speaker.id, speed=speed, cancel=cancel, seed=seed, **sampling)
+        try:
+            for wav in chunks:
+                chunk = resampler.resample_chunk(wav)
+                if chunk.size:
+                    yield chunk
+        except SchedulerCancelled:
+            raise Cancelled() from None
+        finally:
+            chunks.close()
         tail = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
         if tail.size:
             yield tail

@@ -1,121 +1,374 @@
 #!/usr/bin/env python3
-"""Speed and memory of the CosyVoice-300M-SFT path on this machine.
+"""Speed, memory and quality of the CosyVoice-300M-SFT path on this machine, per speed mode (exact, default, fast).
 
-    python scripts/bench.py                      # full-size architecture, random weights (no download)
+    python scripts/bench.py                          # full-size architecture, random weights (no download)
+    python scripts/bench.py --quick                  # ~3 s utterance, default + fast only, no quality: ~2 min
     python scripts/bench.py --model-dir models/CosyVoice-300M-SFT
-    python scripts/bench.py --seconds 10 --json  # last line: one JSON object with every figure
+    python scripts/bench.py --quality --json         # + error figures; last line: one JSON object
 
-Random weights never emit end-of-speech, so the LLM is forced to decode exactly ``seconds * 50`` tokens, the
-same work a trained model does for an utterance of that length. Times are wall-clock on ``--threads`` threads.
+Without --model-dir a full-size model with random weights is written once to the temp directory (1.7 GB) and
+loaded from there, so that load time and memory are those of a real model directory. Random weights never emit
+end-of-speech, so the LLM is forced to decode exactly ``seconds * 50`` tokens, the work a trained model does for an
+utterance of that length. Every mode runs in a fresh process (its peak RSS is that of a serving process: model,
+engine, one utterance, streaming, 4 concurrent requests). Times are wall clock on ``--threads`` threads; on a busy
+machine they vary, so compare runs made back to back.
+
+Figures: LLM ms/token (one sequence), flow and HiFT seconds per audio second (the whole utterance at once),
+RTF = synthesis seconds / audio seconds for the whole utterance; first audio = seconds from the engine call to its
+first streamed chunk for a two-sentence text; concurrent speedup = audio per second with 4 concurrent requests over
+audio per second with the same 4 requests one after another.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
 TEXT = "希望你以后能够做得比我还好哟。今天天气很好，我们一起去公园散步吧。"
+STREAM_TEXT = "Hello, and welcome to the show. Today we talk about speech synthesis on small computers."
+CONCURRENT_TEXT = "今天天气很好，我们一起去公园散步吧。"
+GOLDEN = ROOT.parent / "shared" / "golden"
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load(args):
-    from cosyvoice_lite.model import CosyVoiceSFT, load_model
-    from cosyvoice_lite.model.random_model import SPEAKERS, build_random_model
+# --- one mode, in its own process ----------------------------------------------------------------------------
 
-    if args.model_dir:
-        return load_model(args.model_dir), f"{args.model_dir}"
-    _, llm, flow, hift = build_random_model("full", seed=0)
-    for module in (llm, flow, hift):
-        module.eval().requires_grad_(False)
-    generator = torch.Generator().manual_seed(1)
-    speakers = {name: torch.randn(1, 192, generator=generator) for name in SPEAKERS}
-    return CosyVoiceSFT(llm, flow, hift, speakers), "full-size CosyVoice-300M architecture, random weights"
+def forced(n_tokens: int, text_len: int) -> dict:
+    ratio = (n_tokens + 0.5) / text_len  # min_len = max_len = n_tokens
+    return {"min_token_text_ratio": ratio, "max_token_text_ratio": ratio}
 
 
-def bench_stages(model, text_token, speaker: str, n_tokens: int, n_timesteps: int) -> dict:
-    ratio = (n_tokens + 0.5) / len(text_token)  # forces exactly n_tokens
+def bench_stages(model, text_token, speaker: str, n_tokens: int) -> dict:
+    import torch
+
     seconds = n_tokens / model.token_rate
     torch.manual_seed(0)
     start = started = time.perf_counter()
     first_token_at = None
     tokens = []
-    for token in model.text_to_tokens(text_token, speaker, min_token_text_ratio=ratio, max_token_text_ratio=ratio):
+    for token in model.text_to_tokens(text_token, speaker, **forced(n_tokens, len(text_token))):
         if first_token_at is None:
             first_token_at = time.perf_counter()
         tokens.append(token)
     llm_s = time.perf_counter() - start
     start = time.perf_counter()
-    mel = model.tokens_to_mel(tokens, speaker, n_timesteps=n_timesteps)
+    mel = model.tokens_to_mel(tokens, speaker)
     flow_s = time.perf_counter() - start
     start = time.perf_counter()
     wav = model.mel_to_wav(mel)
     hift_s = time.perf_counter() - start
     audio_s = wav.shape[1] / model.sample_rate
     return {
-        "audio_s": audio_s,
-        "tokens": len(tokens),
-        "llm_s": llm_s,
-        "llm_first_token_s": first_token_at - started,
-        "llm_ms_per_token": 1000 * llm_s / len(tokens),
-        "flow_s": flow_s,
-        "flow_s_per_audio_s": flow_s / seconds,
-        "hift_s": hift_s,
-        "hift_s_per_audio_s": hift_s / seconds,
-        "total_s": llm_s + flow_s + hift_s,
+        "audio_s": audio_s, "tokens": len(tokens), "llm_s": llm_s, "llm_first_token_s": first_token_at - started,
+        "llm_ms_per_token": 1000 * llm_s / len(tokens), "flow_s": flow_s, "flow_s_per_audio_s": flow_s / seconds,
+        "hift_s": hift_s, "hift_s_per_audio_s": hift_s / seconds, "total_s": llm_s + flow_s + hift_s,
         "rtf": (llm_s + flow_s + hift_s) / audio_s,
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", help="a real model directory (default: random full-size weights in memory)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="utterance length to synthesise")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10, help="flow Euler steps")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def bench_first_audio(engine) -> dict:
+    """Seconds from the engine call to the first chunk (and to the second) for a two-sentence text."""
+    speaker = engine.speakers()[0]
+    cancel = threading.Event()
+    started = time.perf_counter()
+    times, samples = [], 0
+    for chunk in engine.synthesize(STREAM_TEXT, speaker, cancel=cancel):
+        times.append(time.perf_counter() - started)
+        samples += chunk.size
+        if len(times) == 2:
+            cancel.set()  # random weights never end a sentence: stop after two chunks
+            break
+    return {"first_audio_s": times[0], "second_chunk_s": times[1] if len(times) > 1 else None,
+            "first_chunks_audio_s": samples / 24000}
 
-    from cosyvoice_lite.frontend import TextFrontend
+
+def bench_concurrency(engine, n_requests: int, n_tokens: int) -> dict:
+    """Audio seconds per wall second: n_requests one after another, then all at once."""
+    text = engine.frontend.tokenize(CONCURRENT_TEXT)
+    speakers = [s.id for s in engine.speakers()]
+
+    def one(i, out):
+        samples = 0
+        for wav in engine.scheduler.submit([text], speakers[i % len(speakers)], seed=i, **forced(n_tokens, len(text))):
+            samples += wav.size
+        out[i] = samples / engine.model.sample_rate
+
+    audio = {}
+    started = time.perf_counter()
+    for i in range(n_requests):
+        one(i, audio)
+    sequential_s = time.perf_counter() - started
+    sequential_audio = sum(audio.values())
+    audio = {}
+    threads = [threading.Thread(target=one, args=(i, audio)) for i in range(n_requests)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    concurrent_s = time.perf_counter() - started
+    concurrent_audio = sum(audio.values())
+    return {"sequential_s": sequential_s, "concurrent_s": concurrent_s,
+            "sequential_audio_per_s": sequential_audio / sequential_s,
+            "concurrent_audio_per_s": concurrent_audio / concurrent_s,
+            "concurrent_speedup": (concurrent_audio / concurrent_s) / (sequential_audio / sequential_s)}
+
+
+def worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from cosyvoice_lite.engine import CosyVoiceEngine
 
     started = time.perf_counter()
-    model, what = load(args)
+    engine = CosyVoiceEngine(args.model_dir, mode=args.worker, threads=args.threads)
     load_s = time.perf_counter() - started
+    rss_loaded = peak_rss_mb()
+    model = engine.model
     speaker = next(iter(model.speakers))
-    text_token = TextFrontend().tokenize(TEXT)
-    n_tokens = int(args.seconds * model.token_rate)
-    bench_stages(model, text_token, speaker, 25, args.steps)  # warm-up
-    result = bench_stages(model, text_token, speaker, n_tokens, args.steps)
-    figures = {
-        "model": what,
-        "threads": args.threads,
-        "load_s": round(load_s, 2),
-        **{k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()},
-        "rtf_fp32": round(result["rtf"], 3),
-        "llm_ms_per_token_fp32": round(result["llm_ms_per_token"], 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-    }
-    print(f"model: {what}; {args.threads} threads; {result['tokens']} tokens = {result['audio_s']:.2f} s of audio")
-    print(f"{'stage':<8} {'seconds':>9} {'per audio s':>12}")
-    print(f"{'llm':<8} {result['llm_s']:9.2f} {result['llm_s'] / result['audio_s']:12.3f}   "
-          f"({result['llm_ms_per_token']:.1f} ms/token)")
-    print(f"{'flow':<8} {result['flow_s']:9.2f} {result['flow_s_per_audio_s']:12.3f}")
-    print(f"{'hift':<8} {result['hift_s']:9.2f} {result['hift_s_per_audio_s']:12.3f}")
-    print(f"{'total':<8} {result['total_s']:9.2f} {result['rtf']:12.3f}   (real-time factor)")
-    print(f"peak RSS {figures['peak_rss_mb']:.0f} MB; model load {load_s:.1f} s")
+    text_token = engine.frontend.tokenize(TEXT)
+    bench_stages(model, text_token, speaker, 25)  # warm-up
+    result = {"mode": args.worker, "load_s": load_s, "rss_after_load_mb": rss_loaded}
+    result.update(bench_stages(model, text_token, speaker, int(args.seconds * model.token_rate)))
+    if args.stream:
+        bench_first_audio(engine)  # warm-up of the streaming path
+        result.update(bench_first_audio(engine))
+    if args.concurrency:
+        result.update(bench_concurrency(engine, args.concurrency, int(args.concurrent_seconds * model.token_rate)))
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+# --- quality: every mode against float32 ----------------------------------------------------------------------
+
+def quality(args) -> dict:
+    """Error of default and fast against exact (float32) on the golden model and on the full-size random model."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from cosyvoice_lite.model import CosyVoiceSFT, load_model
+    from cosyvoice_lite.model.random_model import SPEAKERS, build_random_model
+    from cosyvoice_lite.model.speed import apply_mode
+
+    def full_model(mode):
+        _, llm, flow, hift = build_random_model("full", seed=0)
+        for module in (llm, flow, hift):
+            module.eval().requires_grad_(False)
+        generator = torch.Generator().manual_seed(1)
+        speakers = {name: torch.randn(1, 192, generator=generator) for name in SPEAKERS}
+        return apply_mode(CosyVoiceSFT(llm, flow, hift, speakers), mode)
+
+    def cases_for(name):
+        if name == "golden":
+            manifest = json.loads((GOLDEN / "manifest.json").read_text())
+            return [(torch.from_numpy(np.load(GOLDEN / c / "text_token.npy").astype(np.int64))[None],
+                     torch.from_numpy(np.load(GOLDEN / c / "embedding.npy")), c)
+                    for c, meta in manifest["cases"].items() if meta.get("kind") == "llm"], 40
+        g = torch.Generator().manual_seed(7)
+        return [(torch.randint(0, 50000, (1, 30), generator=g), torch.randn(1, 192, generator=g), f"random{i}")
+                for i in range(2)], args.quality_tokens
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    def sampled(model, text, emb, n, seed):
+        decoder = model.decoder
+        seq = decoder.start(text, emb, min_token_text_ratio=0, max_token_text_ratio=10 ** 6,
+                            generator=torch.Generator().manual_seed(seed))
+        tokens = []
+        while len(tokens) < n and not seq.finished:
+            token = decoder.step([seq])[0]
+            if token is not None:
+                tokens.append(token)
+        return tokens
+
+    out = {}
+    models = (["golden"] if (GOLDEN / "model").is_dir() else []) + ["full"]
+    for name in models:
+        load = (lambda mode: load_model(GOLDEN / "model", mode=mode)) if name == "golden" else full_model
+        cases, n = cases_for(name)
+        exact = load("exact")
+        ref = []
+        for text, emb, case in cases:
+            greedy, logits = exact.decoder.greedy(text, emb, n)
+            tokens = sampled(exact, text, emb, n, seed=1)
+            noise = torch.randn(1, 80, exact.flow.n_frames(len(tokens)), generator=torch.Generator().manual_seed(2))
+            mel = exact.flow.inference(torch.tensor([tokens]), emb, n_timesteps=exact.n_timesteps, noise=noise)
+            wav, _ = exact.hift(mel, generator=torch.Generator().manual_seed(3))
+            ref.append((text, emb, case, greedy, logits, tokens, noise, mel, wav))
+        del exact
+        for mode in ("default", "fast"):
+            model = load(mode)
+            rows = []
+            for text, emb, case, greedy, logits, tokens, noise, mel, wav in ref:
+                g2, _ = model.decoder.greedy(text, emb, n)
+                _, forced_logits = model.decoder.greedy(text, emb, n, forced=greedy)
+                t2 = sampled(model, text, emb, n, seed=1)
+                mel2 = model.flow.inference(torch.tensor([tokens]), emb, n_timesteps=model.n_timesteps, noise=noise)
+                wav2, _ = model.hift(mel2, generator=torch.Generator().manual_seed(3))
+                first = next((i for i, (a, b) in enumerate(zip(greedy, g2)) if a != b), None)
+                rows.append({
+                    "case": case,
+                    "greedy_same": g2 == greedy, "greedy_first_diff": first,
+                    "logits_max_abs": float((forced_logits - logits).abs().max()), "logits_rel": rel(forced_logits, logits),
+                    "sampled_changed": sum(a != b for a, b in zip(tokens, t2)) / max(1, len(tokens)),
+                    "sampled_first_diff": next((i for i, (a, b) in enumerate(zip(tokens, t2)) if a != b), None),
+                    "mel_max_abs": float((mel2 - mel).abs().max()), "mel_rel": rel(mel2, mel),
+                    "wav_max_abs": float((wav2 - wav).abs().max()), "wav_rel": rel(wav2, wav),
+                })
+            out[f"{name}_{mode}"] = rows
+            del model
+    return out
+
+
+# --- parent ---------------------------------------------------------------------------------------------------
+
+def random_model_dir() -> Path:
+    from cosyvoice_lite.model.random_model import write_random_model
+
+    path = Path(tempfile.gettempdir()) / "cosyvoice_lite_bench_full"
+    if not (path / "spk2info.pt").is_file():  # written last: its presence means the directory is complete
+        print(f"writing a full-size random model to {path} (once) ...", file=sys.stderr)
+        write_random_model(path, "full", seed=0)
+    return path
+
+
+def run_child(argv: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"bench child {' '.join(argv)} failed (exit {proc.returncode})")
+    return json.loads(lines[-1])
+
+
+def table(results: dict, args) -> None:
+    modes = list(results)
+    print(f"{args.threads} threads; {args.seconds:g} s utterance ({int(args.seconds * 50)} tokens); model: "
+          f"{args.model_dir or 'full-size architecture, random weights'}")
+    rows = [
+        ("LLM ms/token", "llm_ms_per_token", "{:.1f}"),
+        ("LLM s/audio s", None, None),
+        ("flow s/audio s", "flow_s_per_audio_s", "{:.3f}"),
+        ("HiFT s/audio s", "hift_s_per_audio_s", "{:.3f}"),
+        ("RTF (whole utterance)", "rtf", "{:.3f}"),
+        ("first audio s (stream)", "first_audio_s", "{:.2f}"),
+        ("2nd chunk at s", "second_chunk_s", "{:.2f}"),
+        (f"{args.concurrency} sequential audio s/s", "sequential_audio_per_s", "{:.3f}"),
+        (f"{args.concurrency} concurrent audio s/s", "concurrent_audio_per_s", "{:.3f}"),
+        ("concurrent speedup", "concurrent_speedup", "{:.2f}x"),
+        ("load s", "load_s", "{:.1f}"),
+        ("RSS after load MB", "rss_after_load_mb", "{:.0f}"),
+        ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+    ]
+    print(f"{'':<26}" + "".join(f"{m:>12}" for m in modes))
+    for label, key, fmt in rows:
+        cells = []
+        for m in modes:
+            r = results[m]
+            if key is None:
+                value = r.get("llm_ms_per_token")
+                cells.append(f"{value * 50 / 1000:.3f}" if value is not None else "-")
+            else:
+                value = r.get(key)
+                cells.append(fmt.format(value) if value is not None else "-")
+        print(f"{label:<26}" + "".join(f"{c:>12}" for c in cells))
+
+
+def quality_table(q: dict) -> None:
+    print("\nquality vs float32 (exact): logits teacher-forced along exact's greedy path; mel/wav from the same "
+          "tokens, noise and source seed")
+    print(f"{'model/mode':<16}{'case':<12}{'greedy':>8}{'logit abs':>10}{'logit rel':>10}{'sampled chg':>12}"
+          f"{'mel abs':>9}{'mel rel':>9}{'wav abs':>9}{'wav rel':>9}")
+    for key, rows in q.items():
+        for r in rows:
+            greedy = "same" if r["greedy_same"] else f"@{r['greedy_first_diff']}"
+            print(f"{key:<16}{r['case']:<12}{greedy:>8}{r['logits_max_abs']:>10.3g}{r['logits_rel']:>10.2e}"
+                  f"{r['sampled_changed']:>12.2f}{r['mel_max_abs']:>9.3f}{r['mel_rel']:>9.3f}"
+                  f"{r['wav_max_abs']:>9.3f}{r['wav_rel']:>9.3f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", help="a real model directory (default: random full-size weights)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="utterance length for stage times and RTF")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", default="exact,default,fast", help="comma-separated speed modes")
+    parser.add_argument("--concurrency", type=int, default=4, help="concurrent requests (0: skip)")
+    parser.add_argument("--concurrent-seconds", type=float, default=4.0, help="audio length per concurrent request")
+    parser.add_argument("--no-stream", dest="stream", action="store_false", help="skip the first-audio test")
+    parser.add_argument("--stream-modes", default="default,fast",
+                        help="modes that run the streaming and concurrency tests")
+    parser.add_argument("--quality", action="store_true", help="also measure errors against float32")
+    parser.add_argument("--quality-tokens", type=int, default=100, help="tokens per case on the full-size model")
+    parser.add_argument("--quick", action="store_true", help="3 s utterance, 2 s concurrent requests, default+fast")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-quality", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.concurrent_seconds = 3.0, 2.0
+        if args.modes == parser.get_default("modes"):
+            args.modes = "default,fast"
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    if args.worker_quality:
+        print(json.dumps(quality(args)))
+        return 0
+
+    model_dir = str(args.model_dir or random_model_dir())
+    results = {}
+    stream_modes = set(args.stream_modes.split(","))
+    for mode in args.modes.split(","):
+        argv = ["--worker", mode, "--model-dir", model_dir, "--seconds", str(args.seconds),
+                "--threads", str(args.threads), "--concurrent-seconds", str(args.concurrent_seconds),
+                "--concurrency", str(args.concurrency if mode in stream_modes else 0)]
+        if not args.stream or mode not in stream_modes:
+            argv.append("--no-stream")
+        print(f"[{mode}] ...", file=sys.stderr, flush=True)
+        results[mode] = run_child(argv)
+    table(results, args)
+    q = None
+    if args.quality:
+        print("[quality] ...", file=sys.stderr, flush=True)
+        q = run_child(["--worker-quality", "--threads", str(args.threads),
+                       "--quality-tokens", str(args.quality_tokens)])
+        quality_table(q)
     if args.json:
-        print(json.dumps(figures, ensure_ascii=False))
+        def get(mode, key):
+            value = results.get(mode, {}).get(key)
+            return round(value, 4) if isinstance(value, float) else value
+
+        summary = {
+            "threads": args.threads, "seconds": args.seconds,
+            "rtf_fp32": get("exact", "rtf"), "rtf_default": get("default", "rtf"), "rtf_fast": get("fast", "rtf"),
+            "first_audio_s": get("default", "first_audio_s"), "first_audio_s_fast": get("fast", "first_audio_s"),
+            "peak_rss_mb": get("default", "peak_rss_mb"), "peak_rss_mb_fp32": get("exact", "peak_rss_mb"),
+            "concurrent_speedup_4": get("default", "concurrent_speedup"),
+            "concurrent_speedup_4_fast": get("fast", "concurrent_speedup"),
+            "llm_ms_per_token_fp32": get("exact", "llm_ms_per_token"),
+            "llm_ms_per_token_default": get("default", "llm_ms_per_token"),
+            "llm_ms_per_token_fast": get("fast", "llm_ms_per_token"),
+            "modes": results,
+        }
+        if q is not None:
+            summary["quality"] = q
+        print(json.dumps(summary, ensure_ascii=False))
     return 0
 
 

@@ -28,6 +28,33 @@ class CosyVoiceSFT:
         self.model_dir = model_dir
         self.token_rate = flow.input_frame_rate          # speech tokens per second (50)
         self.samples_per_frame = hift.upsample_factor     # waveform samples per mel frame (256)
+        self._mode = None
+        self._decoder = None
+
+    @property
+    def mode(self):
+        """Speed mode settings (speed.ModeSettings); 'exact' unless converted by speed.apply_mode."""
+        from .speed import SETTINGS
+
+        return self._mode or SETTINGS["exact"]
+
+    @mode.setter
+    def mode(self, value):
+        self._mode = value
+        self._decoder = None
+
+    @property
+    def n_timesteps(self) -> int:
+        return self.mode.n_timesteps
+
+    @property
+    def decoder(self):
+        """The LMDecoder for this mode (batched LM steps in the non-exact modes)."""
+        if self._decoder is None:
+            from .lm_decoder import LMDecoder
+
+            self._decoder = LMDecoder(self.llm, batched=self.mode.batched_lm)
+        return self._decoder
 
     def embedding(self, speaker: str) -> torch.Tensor:
         """(1, spk_embed_dim) raw embedding of a speaker id from spk2info.pt."""
@@ -41,14 +68,22 @@ class CosyVoiceSFT:
         """Yield speech token ids one by one (KV-cached decoding); ``sampling`` overrides the LLM's length
         ratios (min_token_text_ratio, max_token_text_ratio)."""
         text = torch.as_tensor(text_token, dtype=torch.int64).reshape(1, -1)
-        yield from self.llm.generate(text, self.embedding(speaker), **sampling)
+        if self.mode.name == "exact":
+            yield from self.llm.generate(text, self.embedding(speaker), **sampling)
+            return
+        seq = self.decoder.start(text, self.embedding(speaker), **sampling)
+        while not seq.finished:
+            token = self.decoder.step([seq])[0]
+            if token is not None:
+                yield token
 
     @torch.inference_mode()
-    def tokens_to_mel(self, speech_token: Sequence[int] | torch.Tensor, speaker: str, n_timesteps: int = 10,
+    def tokens_to_mel(self, speech_token: Sequence[int] | torch.Tensor, speaker: str, n_timesteps: int | None = None,
                       noise: torch.Tensor | None = None) -> torch.Tensor:
-        """(1, 80, F) mel for T speech tokens, F = int(T / 50 * 22050 / 256)."""
+        """(1, 80, F) mel for T speech tokens, F = int(T / 50 * 22050 / 256); n_timesteps defaults to the mode's."""
         token = torch.as_tensor(speech_token, dtype=torch.int64).reshape(1, -1)
-        return self.flow.inference(token, self.embedding(speaker), n_timesteps=n_timesteps, noise=noise)
+        return self.flow.inference(token, self.embedding(speaker), n_timesteps=n_timesteps or self.n_timesteps,
+                                   noise=noise)
 
     @torch.inference_mode()
     def mel_to_wav(self, mel: torch.Tensor) -> torch.Tensor:
@@ -58,7 +93,7 @@ class CosyVoiceSFT:
 
     @torch.inference_mode()
     def synthesize(self, text_token: Sequence[int] | torch.Tensor, speaker: str, seed: int | None = None,
-                   speed: float = 1.0, n_timesteps: int = 10, **sampling) -> torch.Tensor:
+                   speed: float = 1.0, n_timesteps: int | None = None, **sampling) -> torch.Tensor:
         """Whole SFT path for one text segment -> (1, S) waveform. ``speed`` stretches the mel in time before
         the vocoder, as the official non-streaming path does."""
         if seed is not None:

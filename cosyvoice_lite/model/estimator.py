@@ -19,8 +19,9 @@ class SinusoidalPosEmb(nn.Module):
         assert dim % 2 == 0, "SinusoidalPosEmb needs an even dim"
         half = dim // 2
         step = math.log(10000) / (half - 1)
-        # not persistent: the official module has no state, so flow.pt holds no key for it
-        self.register_buffer("freqs", torch.exp(torch.arange(half).float() * -step), persistent=False)
+        # not persistent: the official module has no state, so flow.pt holds no key for it (explicit device: a
+        # constant, also when the modules are built on the meta device)
+        self.register_buffer("freqs", torch.exp(torch.arange(half, device="cpu").float() * -step), persistent=False)
 
     def forward(self, t: torch.Tensor, scale: float = 1000) -> torch.Tensor:
         if t.ndim < 1:

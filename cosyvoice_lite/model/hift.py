@@ -48,6 +48,10 @@ def normalize_hift_state_dict(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
+def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    return torch.randn_like(x) if generator is None else torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
 class ConvRNNF0Predictor(nn.Module):
     """mel (B, in_channels, F) -> f0 in Hz (B, F): five conv3 + ELU layers, then a per-frame linear head."""
 
@@ -73,7 +77,9 @@ class Snake(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         alpha = self.alpha.unsqueeze(0).unsqueeze(-1)  # (1, C, 1)
-        return x + (1.0 / (alpha + 1e-9)) * pow(torch.sin(x * alpha), 2)
+        # in place on one temporary: the same float operations as x + (1 / (alpha + 1e-9)) * sin(x * alpha) ** 2
+        s = torch.sin(x * alpha)
+        return s.mul_(s).mul_(1.0 / (alpha + 1e-9)).add_(x)
 
 
 class ResBlock(nn.Module):
@@ -106,15 +112,19 @@ class SineGen(nn.Module):
         self.sampling_rate, self.harmonic_num = sampling_rate, harmonic_num
         self.sine_amp, self.noise_std, self.voiced_threshold = sine_amp, noise_std, voiced_threshold
 
-    def forward(self, f0: Tensor) -> Tensor:
+    def forward(self, f0: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         cycles = torch.cat([f0 * (k + 1) / self.sampling_rate for k in range(self.harmonic_num + 1)], dim=1)  # (B, H+1, T)
         theta = 2 * math.pi * (torch.cumsum(cycles, dim=-1) % 1)
-        phase = Uniform(low=-math.pi, high=math.pi).sample(sample_shape=(f0.size(0), self.harmonic_num + 1, 1))
+        shape = (f0.size(0), self.harmonic_num + 1, 1)
+        if generator is None:  # the official draw from the global RNG
+            phase = Uniform(low=-math.pi, high=math.pi).sample(sample_shape=shape)
+        else:
+            phase = torch.rand(shape, generator=generator) * (2 * math.pi) - math.pi
         phase[:, 0, :] = 0
         sines = self.sine_amp * torch.sin(theta + phase)
         uv = (f0 > self.voiced_threshold).type(torch.float32)  # (B, 1, T)
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
-        noise = noise_amp * torch.randn_like(sines)
+        noise = noise_amp * _randn_like(sines, generator)
         return sines * uv + noise  # (B, H+1, T)
 
 
@@ -128,11 +138,11 @@ class SineGen2(nn.Module):
         self.sampling_rate, self.upsample_scale, self.harmonic_num = sampling_rate, upsample_scale, harmonic_num
         self.sine_amp, self.noise_std, self.voiced_threshold = sine_amp, noise_std, voiced_threshold
 
-    def forward(self, f0: Tensor) -> Tensor:
+    def forward(self, f0: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         f0 = f0.transpose(1, 2)  # (B, T, 1)
         harmonics = torch.multiply(f0, torch.FloatTensor([[range(1, self.harmonic_num + 2)]]))  # (B, T, H+1)
         rad = (harmonics / self.sampling_rate) % 1
-        rand_ini = torch.rand(harmonics.shape[0], harmonics.shape[2])
+        rand_ini = torch.rand(harmonics.shape[0], harmonics.shape[2], generator=generator)
         rand_ini[:, 0] = 0
         rad[:, 0, :] = rad[:, 0, :] + rand_ini
         rad = F.interpolate(rad.transpose(1, 2), scale_factor=1 / self.upsample_scale, mode="linear").transpose(1, 2)
@@ -142,7 +152,7 @@ class SineGen2(nn.Module):
         sines = torch.sin(phase) * self.sine_amp
         uv = (f0 > self.voiced_threshold).type(torch.float32)  # (B, T, 1)
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
-        noise = noise_amp * torch.randn_like(sines)
+        noise = noise_amp * _randn_like(sines, generator)
         return (sines * uv + noise).transpose(1, 2)  # (B, H+1, T)
 
 
@@ -159,11 +169,12 @@ class SourceModuleHnNSF(nn.Module):
             self.l_sin_gen = SineGen2(sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std, voiced_threshod)
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
 
-    def forward(self, f0: Tensor) -> Tensor:
-        sines = self.l_sin_gen(f0).transpose(1, 2)  # (B, T, H+1)
+    def forward(self, f0: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        sines = self.l_sin_gen(f0, generator).transpose(1, 2)  # (B, T, H+1)
         source = torch.tanh(self.l_linear(sines))  # (B, T, 1)
         # The official module also draws its (unused) noise branch; draw it too so the RNG stream stays aligned.
-        torch.randn_like(source)
+        if generator is None:
+            torch.randn_like(source)
         return source.transpose(1, 2)  # (B, 1, T)
 
 
@@ -215,10 +226,11 @@ class HiFTGenerator(nn.Module):
     def predict_f0(self, mel: Tensor) -> Tensor:
         return self.f0_predictor(mel)  # (B, F) Hz
 
-    def make_source(self, f0: Tensor) -> Tensor:
-        """f0 (B, F) -> excitation (B, 1, F * upsample_factor). Consumes the global torch RNG like the official code."""
+    def make_source(self, f0: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """f0 (B, F) -> excitation (B, 1, F * upsample_factor). Consumes the global torch RNG like the official code
+        (or `generator`, for per-request randomness)."""
         f0 = F.interpolate(f0[:, None], scale_factor=float(self.upsample_factor), mode="nearest")  # (B, 1, T)
-        return self.m_source(f0)
+        return self.m_source(f0, generator)
 
     def _stft(self, x: Tensor) -> Tensor:
         spec = torch.stft(x, self.n_fft, self.hop_len, self.n_fft, window=self.stft_window, return_complex=True)
@@ -249,11 +261,11 @@ class HiFTGenerator(nn.Module):
         wav = self._istft(torch.exp(x[:, :bins, :]), torch.sin(x[:, bins:, :]))
         return torch.clamp(wav, -self.audio_limit, self.audio_limit)
 
-    def forward(self, mel: Tensor, cache_source: Optional[Tensor] = None):
+    def forward(self, mel: Tensor, cache_source: Optional[Tensor] = None, generator: Optional[torch.Generator] = None):
         """Full inference: mel -> f0 -> source -> waveform. For streaming, `cache_source` (B, 1, S) (the tail of the
         previous chunk's source) overwrites the first S source samples to avoid a phase glitch at the boundary.
         Returns (wav (B, F * upsample_factor), source (B, 1, F * upsample_factor))."""
-        source = self.make_source(self.predict_f0(mel))
+        source = self.make_source(self.predict_f0(mel), generator)
         if cache_source is not None and cache_source.shape[2] != 0:
             source[:, :, : cache_source.shape[2]] = cache_source
         return self.decode(mel, source), source

@@ -19,11 +19,13 @@ from torch import Tensor, nn
 from .transformer import KVCache
 
 
-def nucleus_sampling(weighted_scores: Tensor, top_p: float = 0.8, top_k: int = 25) -> int:
+def nucleus_sampling(weighted_scores: Tensor, top_p: float = 0.8, top_k: int = 25,
+                     generator: Optional[torch.Generator] = None) -> int:
     """Draw from the smallest set of most likely tokens whose mass reaches top_p, at most top_k of them.
 
     weighted_scores (V,) log-probabilities (or logits). Tokens are ranked by a stable descending sort of the
     softmax; the running mass is accumulated in float32 one token at a time, as the official loop does.
+    The draw uses `generator` (default: the global torch RNG, as the official code).
     """
     probs = weighted_scores.softmax(dim=0)  # (V,)
     # Only the first top_k entries of the stable sort matter: sort just the values >= the k-th largest
@@ -36,27 +38,27 @@ def nucleus_sampling(weighted_scores: Tensor, top_p: float = 0.8, top_k: int = 2
     cum = torch.from_numpy(np.cumsum(head.numpy(), dtype=np.float32))  # sequential float32 sums
     # token i is kept while the mass before it is < top_p (token 0 always)
     n = min(head.numel(), 1 + int((cum < top_p).sum()))
-    pick = probs[:n].multinomial(1, replacement=True)
+    pick = probs[:n].multinomial(1, replacement=True, generator=generator)
     return int(order[pick].item())
 
 
-def random_sampling(weighted_scores: Tensor) -> int:
+def random_sampling(weighted_scores: Tensor, generator: Optional[torch.Generator] = None) -> int:
     """Draw from the full softmax."""
-    return int(weighted_scores.softmax(dim=0).multinomial(1, replacement=True).item())
+    return int(weighted_scores.softmax(dim=0).multinomial(1, replacement=True, generator=generator).item())
 
 
 def ras_sampling(weighted_scores: Tensor, decoded_tokens: List[int], top_p: float = 0.8, top_k: int = 25,
-                 win_size: int = 10, tau_r: float = 0.1) -> int:
+                 win_size: int = 10, tau_r: float = 0.1, generator: Optional[torch.Generator] = None) -> int:
     """Repetition-aware sampling: nucleus sampling, but if the drawn token already occurs often enough in the
     last win_size decoded tokens, ban it and draw from the full distribution instead.
 
     weighted_scores is modified in place when the fallback is taken (as in the official).
     """
-    top_id = nucleus_sampling(weighted_scores, top_p=top_p, top_k=top_k)
+    top_id = nucleus_sampling(weighted_scores, top_p=top_p, top_k=top_k, generator=generator)
     repeats = decoded_tokens[-win_size:].count(top_id)  # (official slice: win_size 0 means the whole history)
     if repeats >= win_size * tau_r:
         weighted_scores[top_id] = -float("inf")
-        top_id = random_sampling(weighted_scores)
+        top_id = random_sampling(weighted_scores, generator=generator)
     return top_id
 
 
@@ -134,6 +136,19 @@ class TransformerLM(nn.Module):
 
     # --- decoding ---
 
+    def choose(self, logits: Tensor, decoded: List[int], allow_eos: bool, sampling: Dict,
+               generator: Optional[torch.Generator] = None) -> int:
+        """Next token from raw logits (1, V+1): log_softmax, EOS banned unless allowed, then ras_sampling."""
+        logp = logits.log_softmax(dim=-1).squeeze(0)  # (V+1,)
+        if not allow_eos:
+            logp[self.eos_token] = -float("inf")
+        return ras_sampling(logp, decoded, generator=generator, **sampling)
+
+    def length_limits(self, text_len: int, min_token_text_ratio: float = 2,
+                      max_token_text_ratio: float = 20) -> tuple:
+        """(min_len, max_len) speech tokens for a text of text_len tokens, computed like the official."""
+        return token_limit(text_len, min_token_text_ratio), token_limit(text_len, max_token_text_ratio)
+
     @torch.inference_mode()
     def generate(self, text_token: Tensor, embedding: Optional[Tensor], min_token_text_ratio: float = 2,
                  max_token_text_ratio: float = 20, sampling: Optional[Dict] = None,
@@ -147,8 +162,7 @@ class TransformerLM(nn.Module):
         """
         kwargs = {**self.sampling, **(sampling or {})}
         text_len = text_token.size(1)
-        min_len = token_limit(text_len, min_token_text_ratio)
-        max_len = token_limit(text_len, max_token_text_ratio)
+        min_len, max_len = self.length_limits(text_len, min_token_text_ratio, max_token_text_ratio)
 
         lm_input = self.prefix(text_token, embedding)  # (1, L+3, D)
         cache = self.new_cache()
@@ -157,10 +171,7 @@ class TransformerLM(nn.Module):
             logits = self.step(lm_input, cache)  # (1, V+1)
             if on_logits is not None:
                 on_logits(i, logits)
-            logp = logits.log_softmax(dim=-1).squeeze(0)  # (V+1,)
-            if i < min_len:
-                logp[self.eos_token] = -float("inf")
-            token = ras_sampling(logp, decoded, **kwargs)
+            token = self.choose(logits, decoded, allow_eos=i >= min_len, sampling=kwargs)
             if token == self.eos_token:
                 break
             yield token

@@ -82,16 +82,55 @@ def build(node, where: str = "config"):
     return node
 
 
-def _read_checkpoint(path: Path):
+def _read_checkpoint(path: Path, mmap: bool = False):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if mmap and isinstance(state, dict):
+            _register_mapping(state.values())
+        return state
     except Exception as error:  # torch raises many types for truncated/corrupt archives
         raise ModelLoadError(f"{path.name} cannot be read as a torch checkpoint (truncated or corrupt download?): "
                              f"{type(error).__name__}: {error}") from error
 
 
-def load_state(module: torch.nn.Module, state: dict, filename: str) -> None:
-    """Strict load with an error that names the file and the first offending keys."""
+# --- memory-mapped checkpoints ---------------------------------------------------------------------------------
+# The fast modes load checkpoints with mmap and let the modules use the mapped tensors directly (no copy). Weights
+# that get converted (e.g. to int8) are then released page by page with madvise(MADV_DONTNEED): the mapping is
+# private and never written, so the kernel simply drops the pages (they would be re-read from the file if touched).
+
+_MAPPED: list = []  # (start, end) address ranges of private read-only checkpoint mappings
+
+
+def _register_mapping(tensors) -> None:
+    spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+             for t in tensors if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()]
+    if spans:
+        _MAPPED.append((min(a for a, _ in spans), max(b for _, b in spans)))
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a tensor that lives in a checkpoint mapping (no-op for any other tensor).
+
+    Only whole pages inside the tensor are dropped; the caller must not use the tensor afterwards (reading it
+    again would still work: the pages come back from the file).
+    """
+    import ctypes
+    import mmap as _mmap
+
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not any(lo <= start and end <= hi for lo, hi in _MAPPED) or not hasattr(_mmap, "MADV_DONTNEED"):
+        return
+    page = _mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _mmap.MADV_DONTNEED)
+
+
+def load_state(module: torch.nn.Module, state: dict, filename: str, assign: bool = False) -> None:
+    """Strict load with an error that names the file and the first offending keys. With ``assign`` the module
+    takes the given tensors as its parameters (no copy: used with meta-device modules and mapped checkpoints)."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{filename} is not a state dict of tensors")
     own = module.state_dict()
@@ -108,7 +147,10 @@ def load_state(module: torch.nn.Module, state: dict, filename: str) -> None:
         problems.append(f"{len(wrong_shape)} shape mismatches (e.g. {'; '.join(wrong_shape[:3])}, file vs yaml)")
     if problems:
         raise ModelLoadError(f"{filename} does not match cosyvoice.yaml: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    if assign:
+        own_dtypes = {k: v.dtype for k, v in own.items()}
+        state = {k: v if v.dtype == own_dtypes[k] else v.to(own_dtypes[k]) for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def read_speakers(path: Path, embed_dim: int) -> dict[str, torch.Tensor]:
@@ -158,28 +200,52 @@ def build_networks(config) -> tuple:
     return llm, flow, hift, sample_rate
 
 
-def load_model(model_dir: str | Path):
-    """Load an official CosyVoice-300M-SFT directory into our networks; see ``CosyVoiceSFT``."""
+def load_model(model_dir: str | Path, mode: str = "exact"):
+    """Load an official CosyVoice-300M-SFT directory into our networks; see ``CosyVoiceSFT``.
+
+    ``mode`` is a speed mode of ``speed.py``: 'exact' (float32, the default here), 'default' or 'fast'. The
+    non-exact modes build the modules without weights, map the checkpoints into memory and convert the LLM to
+    int8 layer by layer, so the process never holds all float32 weights (peak ~1 GB below the exact mode).
+    """
     from .cosyvoice import CosyVoiceSFT
     from .hift import normalize_hift_state_dict
+    from .speed import apply_mode, settings
 
+    target = settings(mode)
+    lean = target.name != "exact"
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
     try:
         config = read_config(model_dir / "cosyvoice.yaml")
     except ConfigError as error:
         raise ModelLoadError(str(error)) from error
-    llm, flow, hift, sample_rate = build_networks(config)
-    load_state(llm, _read_checkpoint(model_dir / "llm.pt"), "llm.pt")
-    load_state(flow, _read_checkpoint(model_dir / "flow.pt"), "flow.pt")
+    if lean:
+        with torch.device("meta"):
+            llm, flow, hift, sample_rate = build_networks(config)
+    else:
+        llm, flow, hift, sample_rate = build_networks(config)
+    load_state(llm, _read_checkpoint(model_dir / "llm.pt", mmap=lean), "llm.pt", assign=lean)
+    if lean:  # convert the LLM before the other files are mapped: the peak stays one network's worth lower
+        from .speed import quantize_llm
+
+        if target.llm != "fp32":
+            with torch.no_grad():
+                quantize_llm(llm)
+    load_state(flow, _read_checkpoint(model_dir / "flow.pt", mmap=lean), "flow.pt", assign=lean)
     try:
-        hift_state = normalize_hift_state_dict(_read_checkpoint(model_dir / "hift.pt"))
+        hift_state = normalize_hift_state_dict(_read_checkpoint(model_dir / "hift.pt", mmap=lean))
     except ValueError as error:
         raise ModelLoadError(f"hift.pt: {error}") from error
-    load_state(hift, hift_state, "hift.pt")
+    load_state(hift, hift_state, "hift.pt", assign=lean)
     speakers = read_speakers(model_dir / "spk2info.pt", flow.spk_embed_affine_layer.in_features)
     for module in (llm, flow, hift):
         module.eval().requires_grad_(False)
-    log.info("loaded %s: %d speakers, llm %.1fM, flow %.1fM, hift %.1fM parameters", model_dir, len(speakers),
+        if lean:
+            left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+            if left:
+                raise ModelLoadError(f"internal: tensors left without data after loading: {', '.join(left[:3])}")
+    log.info("loaded %s (%s mode): %d speakers, llm %.1fM, flow %.1fM, hift %.1fM parameters", model_dir,
+             target.name, len(speakers),
              *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (llm, flow, hift)))
-    return CosyVoiceSFT(llm, flow, hift, speakers, sample_rate=sample_rate, model_dir=model_dir)
+    model = CosyVoiceSFT(llm, flow, hift, speakers, sample_rate=sample_rate, model_dir=model_dir)
+    return apply_mode(model, target.name)  # converts what is left (the LLM is already done)

@@ -17,7 +17,6 @@ import math
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 ACTIVATIONS = {
@@ -46,11 +45,12 @@ class EspnetRelPositionalEncoding(nn.Module):
         self._extend(max_len)
 
     def _extend(self, n: int):
-        half = torch.arange(0, self.d_model, 2, dtype=torch.float32)
+        # explicit device: the table is a constant, also when the modules are built on the meta device
+        half = torch.arange(0, self.d_model, 2, dtype=torch.float32, device="cpu")
         inv_freq = torch.exp(half * -(math.log(10000.0) / self.d_model))  # (d/2,)
-        position = torch.arange(0, n, dtype=torch.float32).unsqueeze(1)  # (n, 1)
-        positive = torch.zeros(n, self.d_model)
-        negative = torch.zeros(n, self.d_model)
+        position = torch.arange(0, n, dtype=torch.float32, device="cpu").unsqueeze(1)  # (n, 1)
+        positive = torch.zeros(n, self.d_model, device="cpu")
+        negative = torch.zeros(n, self.d_model, device="cpu")
         positive[:, 0::2] = torch.sin(position * inv_freq)
         positive[:, 1::2] = torch.cos(position * inv_freq)
         negative[:, 0::2] = torch.sin(-1 * position * inv_freq)
@@ -171,6 +171,19 @@ class RelPositionMultiHeadedAttention(nn.Module):
         self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(self.h, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(self.h, self.d_k))
+        # Set by the fast modes (speed.py): one projection producing [q, k, v] in place of the three above.
+        self.linear_qkv: Optional[nn.Module] = None
+
+    def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """x (B, t, D) -> q (B, t, H, d_k), k and v (B, H, t, d_k)."""
+        B, t, _ = x.shape
+        if self.linear_qkv is not None:
+            q, k, v = self.linear_qkv(x).view(B, t, 3, self.h, self.d_k).unbind(2)
+            return q, k.transpose(1, 2), v.transpose(1, 2)
+        q = self.linear_q(x).view(B, t, self.h, self.d_k)
+        k = self.linear_k(x).view(B, t, self.h, self.d_k).transpose(1, 2)
+        v = self.linear_v(x).view(B, t, self.h, self.d_k).transpose(1, 2)
+        return q, k, v
 
     def forward(self, x: Tensor, pos_emb: Optional[Tensor], mask: Optional[Tensor] = None,
                 cache: Optional[LayerCache] = None, new_pos: Optional[Tensor] = None) -> Tensor:
@@ -183,9 +196,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
         mask: bool (B or 1, t, c+t), True = may attend; None = attend to everything.
         """
         B, t, _ = x.shape
-        q = self.linear_q(x).view(B, t, self.h, self.d_k)  # (B, t, H, d_k)
-        k = self.linear_k(x).view(B, t, self.h, self.d_k).transpose(1, 2)  # (B, H, t, d_k)
-        v = self.linear_v(x).view(B, t, self.h, self.d_k).transpose(1, 2)
+        q, k, v = self.project_qkv(x)  # q (B, t, H, d_k); k, v (B, H, t, d_k)
         if cache is not None:
             k, v = cache.append_kv(k, v)  # (B, H, c+t, d_k)
         q_u = (q + self.pos_bias_u).transpose(1, 2)  # (B, H, t, d_k)
@@ -216,10 +227,11 @@ class RelPositionMultiHeadedAttention(nn.Module):
 
 
 def rel_shift(x: Tensor, n_keys: int) -> Tensor:
-    """Turn scores against relative positions into scores against keys.
+    """Turn scores against relative positions into scores against keys (Transformer-XL shift).
 
-    x (B, H, t, P) has column r = relative position (P-1)//2 + ... in descending order such that query i
-    (absolute position n_keys - t + i) meets key j at column t-1-i+j. Returns (B, H, t, n_keys).
+    x (B, H, t, P): scores of the t newest queries against relative positions n_keys-1 .. -(t-1) (descending,
+    P = n_keys + t - 1). Query i (absolute position n_keys - t + i) meets key j at relative position
+    n_keys - t + i - j, i.e. column t-1-i+j. Returns (B, H, t, n_keys) as a strided view of x.
     """
     B, H, t, P = x.shape
     x = x.contiguous()
@@ -344,7 +356,7 @@ class BaseEncoder(nn.Module):
     def forward_chunk(self, xs: Tensor, cache: KVCache) -> Tensor:
         """Run new frames xs (1, t, input_size) after the frames already in `cache`; returns (1, t, D).
 
-        The cache is updated in place. Attention follows the encoder's chunking: with static_chunk_size > 0 a
+        The cache is updated in place. Attention follows static_chunk_size: when > 0 a
         frame sees keys up to the end of its chunk (causal for chunk size 1), otherwise all cached and new frames.
         A single new frame never needs a mask: it sees all cached frames and itself.
         """
@@ -358,7 +370,7 @@ class BaseEncoder(nn.Module):
         else:
             pos_emb = self.pos_enc.rows(c + t - 1, -(t - 1), xs)  # (1, c+2t-1, D)
             mask = None
-            chunk = self._chunk_size(-1) if self.use_dynamic_chunk else self.static_chunk_size
+            chunk = self.static_chunk_size
             if chunk > 0:
                 query_pos = torch.arange(c, c + t, device=xs.device).unsqueeze(1)  # (t, 1)
                 key_pos = torch.arange(c + t, device=xs.device).unsqueeze(0)  # (1, c+t)

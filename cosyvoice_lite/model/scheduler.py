@@ -1,0 +1,249 @@
+"""One worker thread that runs every synthesis of the process: batched LLM steps, streamed flow + HiFT chunks.
+
+All torch work happens on this one thread, so concurrent requests never fight over the cores with two thread pools
+(oversubscribed OpenMP pools slow down by an order of magnitude). The loop alternates between
+
+- vocoding: when a request has enough tokens for its next chunk (or its LLM has finished a segment), the flow and
+  HiFT turn them into audio; among several such requests the one whose listener is closest to running out of
+  audio goes first;
+- decoding: otherwise one LLM step advances every decoding request by one token, in one batch (the linear layers
+  read their weights once for all of them; in exact mode each sequence is stepped on its own).
+
+Each request has its own torch.Generator (seeded when a seed is given), so concurrent requests do not disturb each
+other's random draws.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Deque, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from .lm_decoder import Sequence
+from .streaming import TokenStream
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+_START_LOCK = threading.Lock()
+
+
+class Cancelled(Exception):
+    """The request's cancel event was set (or its consumer went away)."""
+
+
+@dataclass(eq=False)
+class Request:
+    segments: List[torch.Tensor]             # text tokens (1, L) per segment, in order
+    speaker: str
+    speed: float
+    cancel: Optional[threading.Event]
+    generator: torch.Generator
+    sampling: Dict                           # LLM overrides (min/max_token_text_ratio, sampling)
+    out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
+    submitted: float = field(default_factory=time.monotonic)
+    # worker-side state
+    next_segment: int = 0
+    seq: Optional[Sequence] = None
+    streams: Deque[list] = field(default_factory=collections.deque)  # [TokenStream, llm_done] oldest first
+    audio_samples: int = 0
+    abandoned: bool = False
+
+    def cancelled(self) -> bool:
+        return self.abandoned or (self.cancel is not None and self.cancel.is_set())
+
+
+class Scheduler:
+    def __init__(self, model, max_batch: int = 4, first_hop: Optional[int] = None,
+                 n_timesteps: Optional[int] = None):
+        self.model = model
+        self.max_batch = max_batch
+        self.first_hop = first_hop
+        self.n_timesteps = n_timesteps or model.n_timesteps
+        self._pid = None
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._inbox: Deque[Request] = collections.deque()
+        self._active: List[Request] = []
+        self._working = False
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self.trace = None  # callable(event: str, seconds: float, **info) for benchmarks, or None
+
+    # ---- client side -------------------------------------------------------------------------------------
+    def submit(self, segments: List, speaker: str, speed: float = 1.0, cancel: Optional[threading.Event] = None,
+               seed: Optional[int] = None, **sampling) -> Iterator[np.ndarray]:
+        """Yield float32 waveform chunks (model sample rate) for the text-token segments, in order; raises
+        Cancelled when `cancel` is set. Closing the iterator early stops the work too."""
+        self.model.embedding(speaker)  # unknown speaker: fail here, in the caller's thread
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
+        request = Request([torch.as_tensor(s, dtype=torch.int64).reshape(1, -1) for s in segments], speaker,
+                          speed, cancel, generator, sampling)
+        self._ensure_worker()
+        with self._lock:
+            self._inbox.append(request)
+            self._wakeup.notify()
+        return self._results(request)
+
+    def _results(self, request: Request) -> Iterator[np.ndarray]:
+        try:
+            while True:
+                try:
+                    item = request.out.get(timeout=0.05)
+                except queue.Empty:
+                    if request.cancel is not None and request.cancel.is_set():
+                        raise Cancelled() from None
+                    continue
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.abandoned = True  # no-op when finished; stops the worker's work otherwise
+
+    @property
+    def busy(self) -> int:
+        return len(self._inbox) + len(self._active)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until no request is queued or in progress (abandoned ones finish their current chunk first)."""
+        deadline = time.monotonic() + timeout
+        while self.busy or self._working:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker after its current unit of work (torch must not be busy while the interpreter exits)."""
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- worker ------------------------------------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        """Start the worker in this process (again after a fork: threads do not survive one)."""
+        if self._pid == os.getpid():
+            return
+        with _START_LOCK:
+            if self._pid == os.getpid():
+                return
+            # fresh primitives: the ones inherited across a fork may be in any state
+            self._lock = threading.Lock()
+            self._wakeup = threading.Condition(self._lock)
+            self._inbox, self._active = collections.deque(), []
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="cosyvoice-scheduler", daemon=True)
+            self._thread.start()
+            self._pid = os.getpid()
+            atexit.register(self.close)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._working = False
+                while not self._inbox and not self._active and not self._stopping:
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+                while self._inbox and len(self._active) < self.max_batch:
+                    self._active.append(self._inbox.popleft())
+                self._working = True
+            for request in [r for r in self._active if r.cancelled()]:
+                self._finish(request, Cancelled())
+            if not self._active:
+                continue
+            try:
+                with torch.inference_mode():
+                    self._work()
+            except Exception as error:  # a bug must fail the requests, not kill the worker
+                log.exception("synthesis failed")
+                for request in list(self._active):
+                    self._finish(request, error)
+
+    def _finish(self, request: Request, error: Optional[BaseException] = None) -> None:
+        if request in self._active:
+            self._active.remove(request)
+        request.out.put(error if error is not None else _DONE)
+
+    def _work(self) -> None:
+        """One unit of work: a vocoder chunk if one is due, else one LLM step for every decoding request."""
+        for request in list(self._active):
+            if request.seq is None and not request.streams:
+                self._start_segment(request)
+        due = [r for r in self._active if self._vocodable(r)]
+        if due:
+            now = time.monotonic()
+            # the listener with the least audio in hand (audio sent minus time waited) goes first
+            request = min(due, key=lambda r: r.audio_samples / self.model.sample_rate - (now - r.submitted))
+            try:
+                started = time.perf_counter()
+                self._vocode(request)
+                if self.trace:
+                    self.trace("vocode", time.perf_counter() - started, request=id(request))
+            except Exception as error:
+                log.exception("vocoding failed")
+                self._finish(request, error)
+            return
+        decoding = [r for r in self._active if r.seq is not None]
+        if not decoding:
+            return
+        started = time.perf_counter()
+        tokens = self.model.decoder.step([r.seq for r in decoding])
+        if self.trace:
+            self.trace("llm", time.perf_counter() - started, batch=len(decoding))
+        for request, token in zip(decoding, tokens):
+            stream = request.streams[-1]
+            if token is not None:
+                stream[0].push(token)
+            if request.seq.finished:
+                stream[1] = True
+                request.seq = None
+                self._start_segment(request)
+
+    def _start_segment(self, request: Request) -> None:
+        """Begin decoding the request's next segment (if any) with a fresh stream."""
+        if request.next_segment >= len(request.segments):
+            if not request.streams and request.seq is None:
+                self._finish(request)
+            return
+        text = request.segments[request.next_segment]
+        first = request.next_segment == 0
+        request.next_segment += 1
+        request.seq = self.model.decoder.start(text, self.model.embedding(request.speaker),
+                                               generator=request.generator, **request.sampling)
+        stream = TokenStream(self.model, request.speaker, self.n_timesteps, request.speed, request.generator,
+                             first_hop=self.first_hop if first else None)
+        request.streams.append([stream, False])
+
+    @staticmethod
+    def _vocodable(request: Request) -> bool:
+        if not request.streams:
+            return False
+        stream, llm_done = request.streams[0]
+        return llm_done or stream.ready()
+
+    def _vocode(self, request: Request) -> None:
+        stream, llm_done = request.streams[0]
+        if llm_done:
+            wav = stream.finish()
+            request.streams.popleft()
+        else:
+            wav = stream.chunk()
+        if wav.numel():
+            request.audio_samples += wav.numel()
+            request.out.put(wav[0].numpy().astype(np.float32, copy=False))
+        if not request.streams and request.seq is None and request.next_segment >= len(request.segments):
+            self._finish(request)

@@ -1,0 +1,191 @@
+"""Speed modes: the same networks, traded between exactness and speed on a CPU.
+
+- ``exact``: float32 everywhere, the official operation order (what the parity tests run).
+- ``default``: the LLM's linear layers (text encoder, LM) in int8 with per-output-channel weight scales (fbgemm
+  dynamic quantization: activations are quantized per call), its input layers and speech-token head in float16
+  weights; q/k/v fused into one matmul; the flow's linear layers with float16 weights (float32 arithmetic), the
+  official 10 Euler steps; HiFT in float32. The LLM reads 4x fewer weight bytes per token, which is what a decode
+  step costs on a CPU; small flow chunks (streaming) are bound by weight reads too; the process holds ~1 GB less.
+- ``fast``: ``default`` with the flow's linear layers in int8 and 5 Euler steps instead of 10.
+
+bfloat16 is not used: on CPUs without native bf16 (AVX2 only, like the 2-core reference machine) PyTorch emulates it
+and the estimator runs ~8x slower. torch.compile is not used either: its warm-up costs minutes per input length.
+
+``apply_mode(model, mode)`` converts a loaded float32 ``CosyVoiceSFT`` in place; ``load_model(dir, mode=...)`` does it
+while loading, one layer at a time, so that the float32 weights never all sit in memory at once.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+MODES = ("exact", "default", "fast")
+MODE_ENV = "COSYVOICE_MODE"  # environment variable the engine reads when no mode is passed
+
+
+@dataclass(frozen=True)
+class ModeSettings:
+    name: str
+    llm: str                # LLM linears: "fp32" or "int8" (input layers and head in fp16, see LLM_FP16)
+    flow: str               # flow encoder + estimator linears: "fp32", "fp16" or "int8"
+    n_timesteps: int        # Euler steps of the flow
+    batched_lm: bool        # concurrent sequences share one LM pass per token (numerics of a batch differ slightly)
+
+    @property
+    def llm_int8(self) -> bool:
+        return self.llm == "int8"
+
+
+SETTINGS = {
+    "exact": ModeSettings("exact", llm="fp32", flow="fp32", n_timesteps=10, batched_lm=False),
+    "default": ModeSettings("default", llm="int8", flow="fp16", n_timesteps=10, batched_lm=True),
+    "fast": ModeSettings("fast", llm="int8", flow="int8", n_timesteps=5, batched_lm=True),
+}
+
+
+def settings(mode: Optional[str]) -> ModeSettings:
+    """Settings of a mode name (None -> $COSYVOICE_MODE or 'default')."""
+    name = (mode or os.environ.get(MODE_ENV) or "default").strip().lower()
+    if name not in SETTINGS:
+        raise ValueError(f"unknown speed mode {name!r}; choose one of {', '.join(MODES)}")
+    return SETTINGS[name]
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 (symmetric, one scale per output row) in fbgemm's packed layout.
+
+    Activations are quantized per call to 7-bit unsigned (fbgemm's AVX2 kernels need the reduced range to avoid
+    16-bit saturation); accumulation is int32 and the result float32. Relative error per layer ~1-2%.
+    """
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
+        super().__init__()
+        weight = weight.detach().float()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+        with warnings.catch_warnings():  # torch marks quantized tensors deprecated; the fbgemm kernels are current
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.int64), 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(
+                q, None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Fp16Linear(nn.Module):
+    """y = x W^T + b with W stored as float16 (fbgemm packed); activations and accumulation stay float32.
+
+    Half the bytes of float32 and ~1e-4 relative error per layer (the rounding of the weights only).
+    """
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self._packed = torch.ops.quantized.linear_prepack_fp16(
+            weight.detach().float().contiguous(), None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Fp16Linear":
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp16"
+
+
+KINDS = {"int8": Int8Linear, "fp16": Fp16Linear}
+
+
+def release(*tensors: Tensor) -> None:
+    """Give the pages of memory-mapped checkpoint tensors back to the OS (they are not needed any more)."""
+    from .loader import release_pages  # noqa: WPS433 (loader owns the mapping)
+
+    for tensor in tensors:
+        release_pages(tensor)
+
+
+# LLM linears kept at 16 bits in the int8 modes: the input layers see rows of very different scales at once (the
+# prefix: sos, speaker, text, task id), which per-call 8-bit activation scales crush, and the speech-token head
+# decides the sampled token directly. Together they are 2% of the LLM's weights.
+LLM_FP16 = ("embed.out.0", "llm_decoder")
+LLM_SKIP = ("spk_embed_affine_layer",)  # tiny, run once per segment: float32
+
+
+def quantize_linears(module: nn.Module, kind: str = "int8", fp16: Iterable[str] = (), skip: Iterable[str] = (),
+                     _path: str = "") -> int:
+    """Replace every nn.Linear below `module` by a KINDS[kind] layer; returns how many were replaced.
+
+    Linears whose dotted path ends with a name in `fp16` become Fp16Linear, those ending with a name in `skip`
+    stay float32. Attention blocks get their q/k/v projections fused into one matmul (``linear_qkv``). The float32
+    weights are dropped (and their pages released if they were memory-mapped) one layer at a time.
+    """
+    from .transformer import RelPositionMultiHeadedAttention
+
+    def choice(path):
+        if any(path == n or path.endswith("." + n) for n in skip):
+            return None
+        return "fp16" if any(path == n or path.endswith("." + n) for n in fp16) else kind
+
+    count = 0
+    for name, child in list(module.named_children()):
+        path = f"{_path}.{name}" if _path else name
+        if isinstance(child, RelPositionMultiHeadedAttention) and child.linear_qkv is None \
+                and choice(path + ".linear_q"):
+            parts = (child.linear_q, child.linear_k, child.linear_v)
+            weight = torch.cat([p.weight for p in parts], dim=0)
+            biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
+            child.linear_qkv = KINDS[choice(path + ".linear_q")](weight, torch.cat(biases))
+            release(*(t for p in parts for t in (p.weight, p.bias) if t is not None))
+            child.linear_q = child.linear_k = child.linear_v = None
+            count += 3
+        if isinstance(child, nn.Linear):
+            if choice(path):
+                setattr(module, name, KINDS[choice(path)].from_linear(child))
+                release(child.weight, *([child.bias] if child.bias is not None else []))
+                count += 1
+        else:
+            count += quantize_linears(child, kind, fp16, skip, path)
+    return count
+
+
+def quantize_llm(llm: nn.Module) -> int:
+    return quantize_linears(llm, "int8", fp16=LLM_FP16, skip=LLM_SKIP)
+
+
+def quantize_flow(flow: nn.Module, kind: str) -> int:
+    """Flow encoder and estimator linears in `kind` (the length regulator and small projections stay float32)."""
+    return quantize_linears(flow.encoder, kind) + quantize_linears(flow.decoder.estimator, kind)
+
+
+def apply_mode(model, mode: Optional[str] = None):
+    """Convert a float32 CosyVoiceSFT in place to `mode` (see module docstring); returns the model.
+
+    Conversions are one-way: a converted model cannot go back to a more exact mode (load it again for that).
+    Parts that are already converted are left as they are.
+    """
+    target = settings(mode)
+    current = getattr(model, "mode", SETTINGS["exact"])
+    if current.llm not in ("fp32", target.llm) or current.flow not in ("fp32", target.flow):
+        raise ValueError(f"model is already in {current.name!r} mode; load it again to use {target.name!r}")
+    with torch.inference_mode(False), torch.no_grad():
+        if target.llm != "fp32":
+            quantize_llm(model.llm)
+        if target.flow != "fp32":
+            quantize_flow(model.flow, target.flow)
+    model.mode = target
+    return model

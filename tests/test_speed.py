@@ -1,0 +1,283 @@
+"""Speed modes, batched decoding, streaming and the scheduler: what they must keep from the float32 model.
+
+Speed itself is never asserted here (scripts/bench.py measures it); these tests pin down behaviour and quality.
+"""
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cosyvoice_lite.model import load_model
+from cosyvoice_lite.model.lm_decoder import LMDecoder
+from cosyvoice_lite.model.scheduler import Cancelled, Scheduler
+from cosyvoice_lite.model.speed import MODE_ENV, Fp16Linear, Int8Linear, apply_mode, settings
+from cosyvoice_lite.model.streaming import HIFT_CACHE_FRAMES, TOKEN_OVERLAP, TokenStream
+
+GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"
+MODEL_DIR = GOLDEN / "model"
+GREEDY_STEPS = 40
+
+
+def _manifest():
+    path = GOLDEN / "manifest.json"
+    assert path.is_file(), f"golden manifest missing: {path}"
+    return json.loads(path.read_text())
+
+
+MANIFEST = _manifest()
+LLM_CASES = sorted(name for name, case in MANIFEST["cases"].items() if case.get("kind") == "llm")
+assert LLM_CASES, "manifest lists no 'llm' cases"
+
+
+def llm_inputs(case):
+    text = torch.from_numpy(np.load(GOLDEN / case / "text_token.npy").astype(np.int64))[None]  # (1, L)
+    return text, torch.from_numpy(np.load(GOLDEN / case / "embedding.npy"))  # (1, 192)
+
+
+@pytest.fixture(scope="module")
+def exact():
+    return load_model(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def default():
+    return load_model(MODEL_DIR, mode="default")
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return load_model(MODEL_DIR, mode="fast")
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# ---- modes ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", LLM_CASES)
+def test_default_mode_keeps_the_float32_greedy_tokens(exact, default, case):
+    ref, _ = exact.decoder.greedy(*llm_inputs(case), GREEDY_STEPS)
+    ours, _ = default.decoder.greedy(*llm_inputs(case), GREEDY_STEPS)
+    assert ours == ref
+
+
+@pytest.mark.parametrize("case", LLM_CASES)
+def test_default_mode_logits_stay_within_one_percent(exact, default, case):
+    tokens, ref = exact.decoder.greedy(*llm_inputs(case), GREEDY_STEPS)
+    _, ours = default.decoder.greedy(*llm_inputs(case), GREEDY_STEPS, forced=tokens)
+    assert rel(ours, ref) < 1e-2
+
+
+def test_fast_mode_shares_the_default_llm(default, fast):
+    text, embedding = llm_inputs(LLM_CASES[0])
+    _, a = default.decoder.greedy(text, embedding, 10)
+    _, b = fast.decoder.greedy(text, embedding, 10)
+    assert torch.equal(a, b)
+
+
+def test_exact_mode_keeps_float32_modules(exact):
+    assert exact.mode.name == "exact" and exact.n_timesteps == 10
+    assert not any(isinstance(m, (Int8Linear, Fp16Linear)) for m in exact.llm.modules())
+    assert not exact.decoder.batched
+
+
+def test_default_mode_converts_llm_and_flow_linears(default):
+    remaining = [name for name, m in default.llm.named_modules() if isinstance(m, nn.Linear)]
+    assert remaining == ["spk_embed_affine_layer"]
+    assert isinstance(default.llm.llm_decoder, Fp16Linear)
+    assert isinstance(default.llm.llm.encoders[0].feed_forward.w_1, Int8Linear)
+    assert default.llm.llm.encoders[0].self_attn.linear_q is None  # fused into linear_qkv
+    assert not any(isinstance(m, nn.Linear) for m in default.flow.decoder.estimator.modules())
+    assert default.n_timesteps == 10
+
+
+def test_fast_mode_uses_fewer_steps_and_int8_flow(fast):
+    assert fast.n_timesteps < 10
+    assert any(isinstance(m, Int8Linear) for m in fast.flow.decoder.estimator.modules())
+
+
+def test_lean_load_equals_converting_a_float32_model(default):
+    converted = apply_mode(load_model(MODEL_DIR), "default")
+    text, embedding = llm_inputs(LLM_CASES[0])
+    _, a = converted.decoder.greedy(text, embedding, 10)
+    _, b = default.decoder.greedy(text, embedding, 10)
+    assert torch.equal(a, b)
+
+
+def test_lean_load_leaves_no_tensor_without_data(default):
+    for module in (default.llm, default.flow, default.hift):
+        assert not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+def test_a_converted_model_cannot_go_back_to_exact(default):
+    with pytest.raises(ValueError):
+        apply_mode(default, "exact")
+
+
+def test_mode_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(MODE_ENV, "fast")
+    assert settings(None).name == "fast"
+    monkeypatch.delenv(MODE_ENV)
+    assert settings(None).name == "default"
+    with pytest.raises(ValueError, match="unknown speed mode"):
+        settings("turbo")
+
+
+def test_flow_and_vocoder_error_of_default_mode_is_small(exact, default):
+    tokens = torch.randint(0, 4096, (1, 60), generator=torch.Generator().manual_seed(0))
+    embedding = exact.embedding(next(iter(exact.speakers)))
+    noise = torch.randn(1, 80, exact.flow.n_frames(60), generator=torch.Generator().manual_seed(1))
+    ref = exact.flow.inference(tokens, embedding, noise=noise)
+    ours = default.flow.inference(tokens, embedding, noise=noise)
+    assert rel(ours, ref) < 1e-2
+
+
+# ---- batched decoding ----------------------------------------------------------------------------------------
+
+def test_exact_decoder_reproduces_generate_draw_for_draw(exact):
+    text, embedding = llm_inputs(LLM_CASES[0])
+    torch.manual_seed(3)
+    ref = list(exact.llm.generate(text, embedding, min_token_text_ratio=1, max_token_text_ratio=2))
+    torch.manual_seed(3)
+    seq = exact.decoder.start(text, embedding, min_token_text_ratio=1, max_token_text_ratio=2)
+    ours = []
+    while not seq.finished:
+        token = exact.decoder.step([seq])[0]
+        if token is not None:
+            ours.append(token)
+    assert ours == ref
+
+
+@pytest.mark.parametrize("mode", ["exact", "default"])
+def test_batched_steps_match_single_sequence_steps(exact, default, mode):
+    """Sequences that join at different steps (different cache lengths) get the logits they get alone."""
+    model = exact if mode == "exact" else default
+    inputs = [llm_inputs(case) for case in LLM_CASES]
+    alone = [model.decoder.greedy(text, embedding, 20) for text, embedding in inputs]
+    seqs, rows = [], [[] for _ in inputs]
+    for step in range(20 + len(inputs)):
+        if step < len(inputs):
+            seqs.append(model.decoder.start(*inputs[step], min_token_text_ratio=0, max_token_text_ratio=10 ** 6))
+        live = [s for s in seqs if s.steps < 20]
+        if not live:
+            break
+        logits = model.decoder.logits(live)
+        for i, s in enumerate(live):
+            k = seqs.index(s)
+            rows[k].append(logits[i:i + 1])
+            model.decoder.push(s, alone[k][0][s.steps])
+    for k, (_, ref) in enumerate(alone):
+        got = torch.cat(rows[k])
+        if mode == "exact":
+            assert torch.equal(got, ref)
+        else:  # int8 activation scales are shared by the rows of a batch
+            assert rel(got, ref) < 1e-2
+
+
+def test_per_sequence_generators_make_draws_independent(exact):
+    """A sequence's draws depend on its own generator only, not on the sequences stepped with it."""
+    text, embedding = llm_inputs(LLM_CASES[0])
+
+    def run(others: int):
+        seqs = [exact.decoder.start(text, embedding, 1, 1.5, generator=torch.Generator().manual_seed(i))
+                for i in range(others + 1)]
+        out = []
+        while not seqs[0].finished:
+            token = exact.decoder.step(seqs)[0]
+            if token is not None:
+                out.append(token)
+        return out
+
+    assert run(0) == run(2)
+
+
+# ---- streaming -----------------------------------------------------------------------------------------------
+
+def test_single_chunk_stream_equals_whole_segment_synthesis(exact):
+    speaker = next(iter(exact.speakers))
+    tokens = torch.randint(0, 4096, (50,), generator=torch.Generator().manual_seed(0)).tolist()
+    stream = TokenStream(exact, speaker, generator=torch.Generator().manual_seed(5))
+    for token in tokens:
+        stream.push(token)
+    wav = stream.finish()
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(1, 80, exact.flow.n_frames(50), generator=g)
+    mel = exact.flow.inference(torch.tensor([tokens]), exact.embedding(speaker), noise=noise)
+    ref, _ = exact.hift(mel, generator=g)
+    assert torch.equal(wav, ref)
+
+
+def test_stream_hops_and_chunk_lengths(exact):
+    speaker = next(iter(exact.speakers))
+    stream = TokenStream(exact, speaker, first_hop=30, generator=torch.Generator().manual_seed(0))
+    frame = exact.samples_per_frame
+    lengths, hops = [], []
+    for token in torch.randint(0, 4096, (400,), generator=torch.Generator().manual_seed(1)).tolist():
+        stream.push(token)
+        if stream.ready():
+            hops.append(stream.hop)
+            lengths.append(stream.chunk().shape[1])
+    lengths.append(stream.finish().shape[1])
+    assert hops == [30, 100, 200]
+    overlap = exact.flow.n_frames(TOKEN_OVERLAP)
+    assert lengths[0] == (exact.flow.n_frames(30 + TOKEN_OVERLAP) - overlap - HIFT_CACHE_FRAMES) * frame
+    assert lengths[1] == (exact.flow.n_frames(100 + TOKEN_OVERLAP) - overlap) * frame
+    whole = exact.flow.n_frames(400) * frame
+    assert abs(sum(lengths) - whole) <= 4 * frame  # chunking rounds frame counts per chunk
+
+
+# ---- scheduler -----------------------------------------------------------------------------------------------
+
+def _segments(model):
+    text, _ = llm_inputs(LLM_CASES[0])
+    return [text[0, :12].tolist(), text[0, 12:20].tolist()]
+
+
+def _collect(chunks):
+    return np.concatenate(list(chunks))
+
+
+@pytest.fixture(scope="module")
+def scheduler(exact):
+    s = Scheduler(exact, max_batch=4, first_hop=20)
+    yield s
+    s.close()
+
+
+def test_scheduler_seeded_request_is_reproducible_while_others_run(exact, scheduler):
+    speaker = next(iter(exact.speakers))
+    alone = _collect(scheduler.submit(_segments(exact), speaker, seed=11))
+    results = {}
+
+    def run(i):
+        results[i] = _collect(scheduler.submit(_segments(exact), speaker, seed=11 if i == 0 else 100 + i))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert np.array_equal(results[0], alone)
+    assert not np.array_equal(results[1], alone)
+
+
+def test_scheduler_cancel_stops_the_request(exact, scheduler):
+    speaker = next(iter(exact.speakers))
+    cancel = threading.Event()
+    chunks = scheduler.submit(_segments(exact) * 5, speaker, seed=1, cancel=cancel)
+    next(chunks)
+    cancel.set()
+    with pytest.raises(Cancelled):
+        for _ in chunks:
+            pass
+    assert scheduler.wait_idle(30)
+
+
+def test_scheduler_rejects_unknown_speaker(exact, scheduler):
+    with pytest.raises(KeyError):
+        scheduler.submit(_segments(exact), "nobody")
