@@ -14,9 +14,12 @@ engine, one utterance, streaming, 4 concurrent requests). Times are wall clock o
 machine they vary, so compare runs made back to back.
 
 Figures: LLM ms/token (one sequence), flow and HiFT seconds per audio second (the whole utterance at once),
-RTF = synthesis seconds / audio seconds for the whole utterance; first audio = seconds from the engine call to its
-first streamed chunk for a two-sentence text; concurrent speedup = audio per second with 4 concurrent requests over
-audio per second with the same 4 requests one after another.
+RTF = synthesis seconds / audio seconds for the whole utterance at once (LLM, then flow, then HiFT: how the issue
+measured the official code); streamed RTF = the same utterance through the engine (chunked flow and HiFT, as the
+service runs it); first audio = seconds from the engine call to its first streamed chunk for a two-sentence text;
+concurrent speedup = audio per second with 4 concurrent requests over audio per second with the same 4 requests
+one after another. Peak RSS (serving) is taken after the engine tests (load, streaming, 4 concurrent requests),
+before the one-shot whole-utterance test, which holds the whole utterance's activations at once.
 """
 from __future__ import annotations
 
@@ -42,6 +45,32 @@ GOLDEN = ROOT.parent / "shared" / "golden"
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class OtherLoad:
+    """Share of the machine's CPU time used by other processes while this one ran (Linux /proc/stat): timings
+    taken while it is high are not comparable."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:]]
+        except OSError:
+            return None
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return sum(ticks), ticks[3] + ticks[4], usage.ru_utime + usage.ru_stime
+
+    def share(self):
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        total, idle, own = (b - a for a, b in zip(self.start, end))
+        hz = os.sysconf("SC_CLK_TCK")
+        return max(0.0, (total - idle - own * hz) / total) if total else None
 
 
 # --- one mode, in its own process ----------------------------------------------------------------------------
@@ -91,8 +120,19 @@ def bench_first_audio(engine) -> dict:
         if len(times) == 2:
             cancel.set()  # random weights never end a sentence: stop after two chunks
             break
+    engine.scheduler.wait_idle()  # the cancelled request finishes its current chunk
     return {"first_audio_s": times[0], "second_chunk_s": times[1] if len(times) > 1 else None,
             "first_chunks_audio_s": samples / 24000}
+
+
+def bench_stream_rtf(engine, n_tokens: int) -> dict:
+    """One utterance of n_tokens through the engine's streaming path: synthesis seconds / audio seconds."""
+    text = engine.frontend.tokenize(CONCURRENT_TEXT)
+    speaker = engine.speakers()[0].id
+    started = time.perf_counter()
+    samples = sum(wav.size for wav in engine.scheduler.submit([text], speaker, seed=0, **forced(n_tokens, len(text))))
+    took = time.perf_counter() - started
+    return {"stream_s": took, "stream_rtf": took / (samples / engine.model.sample_rate)}
 
 
 def bench_concurrency(engine, n_requests: int, n_tokens: int) -> dict:
@@ -133,6 +173,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     from cosyvoice_lite.engine import CosyVoiceEngine
 
+    load = OtherLoad()
     started = time.perf_counter()
     engine = CosyVoiceEngine(args.model_dir, mode=args.worker, threads=args.threads)
     load_s = time.perf_counter() - started
@@ -140,15 +181,21 @@ def worker(args) -> dict:
     model = engine.model
     speaker = next(iter(model.speakers))
     text_token = engine.frontend.tokenize(TEXT)
-    bench_stages(model, text_token, speaker, 25)  # warm-up
+    n_tokens = int(args.seconds * model.token_rate)
     result = {"mode": args.worker, "load_s": load_s, "rss_after_load_mb": rss_loaded}
-    result.update(bench_stages(model, text_token, speaker, int(args.seconds * model.token_rate)))
+    # serving first (streaming, as the service runs), so that its peak RSS is measured before the one-shot test
     if args.stream:
         bench_first_audio(engine)  # warm-up of the streaming path
         result.update(bench_first_audio(engine))
+        result.update(bench_stream_rtf(engine, n_tokens))
     if args.concurrency:
         result.update(bench_concurrency(engine, args.concurrency, int(args.concurrent_seconds * model.token_rate)))
+    result["serving_peak_rss_mb"] = peak_rss_mb()
+    bench_stages(model, text_token, speaker, 25)  # warm-up
+    result.update(bench_stages(model, text_token, speaker, n_tokens))
     result["peak_rss_mb"] = peak_rss_mb()
+    result["other_load"] = load.share()
+    engine.scheduler.close()  # torch must be idle when the interpreter exits
     return result
 
 
@@ -185,6 +232,13 @@ def quality(args) -> dict:
     def rel(a, b):
         return float((a - b).norm() / b.norm())
 
+    def spectral_rel(a, b):
+        """Relative error of STFT magnitudes: insensitive to the slow phase drift that a tiny F0 change causes in
+        the harmonic source (which makes the sample-wise error of any two renderings large)."""
+        window = torch.hann_window(1024)
+        A, B = (torch.stft(w, 1024, 256, window=window, return_complex=True).abs() for w in (a, b))
+        return rel(A, B)
+
     def sampled(model, text, emb, n, seed):
         decoder = model.decoder
         seq = decoder.start(text, emb, min_token_text_ratio=0, max_token_text_ratio=10 ** 6,
@@ -210,6 +264,9 @@ def quality(args) -> dict:
             mel = exact.flow.inference(torch.tensor([tokens]), emb, n_timesteps=exact.n_timesteps, noise=noise)
             wav, _ = exact.hift(mel, generator=torch.Generator().manual_seed(3))
             ref.append((text, emb, case, greedy, logits, tokens, noise, mel, wav))
+            # scale of the spectral figure: the same float32 mel rendered with another source seed
+            other, _ = exact.hift(mel, generator=torch.Generator().manual_seed(4))
+            out.setdefault(f"{name}_exact_other_seed_wav_spectral_rel", []).append(spectral_rel(other, wav))
         del exact
         for mode in ("default", "fast"):
             model = load(mode)
@@ -229,6 +286,7 @@ def quality(args) -> dict:
                     "sampled_first_diff": next((i for i, (a, b) in enumerate(zip(tokens, t2)) if a != b), None),
                     "mel_max_abs": float((mel2 - mel).abs().max()), "mel_rel": rel(mel2, mel),
                     "wav_max_abs": float((wav2 - wav).abs().max()), "wav_rel": rel(wav2, wav),
+                    "wav_spectral_rel": spectral_rel(wav2, wav),
                 })
             out[f"{name}_{mode}"] = rows
             del model
@@ -266,6 +324,7 @@ def table(results: dict, args) -> None:
         ("flow s/audio s", "flow_s_per_audio_s", "{:.3f}"),
         ("HiFT s/audio s", "hift_s_per_audio_s", "{:.3f}"),
         ("RTF (whole utterance)", "rtf", "{:.3f}"),
+        ("RTF (engine, streamed)", "stream_rtf", "{:.3f}"),
         ("first audio s (stream)", "first_audio_s", "{:.2f}"),
         ("2nd chunk at s", "second_chunk_s", "{:.2f}"),
         (f"{args.concurrency} sequential audio s/s", "sequential_audio_per_s", "{:.3f}"),
@@ -273,7 +332,9 @@ def table(results: dict, args) -> None:
         ("concurrent speedup", "concurrent_speedup", "{:.2f}x"),
         ("load s", "load_s", "{:.1f}"),
         ("RSS after load MB", "rss_after_load_mb", "{:.0f}"),
-        ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+        ("peak RSS MB (serving)", "serving_peak_rss_mb", "{:.0f}"),
+        ("peak RSS MB (+one-shot)", "peak_rss_mb", "{:.0f}"),
+        ("CPU used by others", "other_load", "{:.0%}"),
     ]
     print(f"{'':<26}" + "".join(f"{m:>12}" for m in modes))
     for label, key, fmt in rows:
@@ -293,13 +354,21 @@ def quality_table(q: dict) -> None:
     print("\nquality vs float32 (exact): logits teacher-forced along exact's greedy path; mel/wav from the same "
           "tokens, noise and source seed")
     print(f"{'model/mode':<16}{'case':<12}{'greedy':>8}{'logit abs':>10}{'logit rel':>10}{'sampled chg':>12}"
-          f"{'mel abs':>9}{'mel rel':>9}{'wav abs':>9}{'wav rel':>9}")
+          f"{'mel abs':>9}{'mel rel':>9}{'wav abs':>9}{'wav rel':>9}{'wav spec':>9}")
     for key, rows in q.items():
+        if key.endswith("other_seed_wav_spectral_rel"):
+            continue
         for r in rows:
             greedy = "same" if r["greedy_same"] else f"@{r['greedy_first_diff']}"
             print(f"{key:<16}{r['case']:<12}{greedy:>8}{r['logits_max_abs']:>10.3g}{r['logits_rel']:>10.2e}"
                   f"{r['sampled_changed']:>12.2f}{r['mel_max_abs']:>9.3f}{r['mel_rel']:>9.3f}"
-                  f"{r['wav_max_abs']:>9.3f}{r['wav_rel']:>9.3f}")
+                  f"{r['wav_max_abs']:>9.3f}{r['wav_rel']:>9.3f}{r['wav_spectral_rel']:>9.3f}")
+    for key, values in q.items():
+        if key.endswith("other_seed_wav_spectral_rel"):
+            print(f"scale: {key.split('_exact')[0]} float32, another HiFT source seed: wav spec rel "
+                  + ", ".join(f"{v:.3f}" for v in values))
+    print("sampled chg = share of positions whose sampled token differs (same seed); after the first change the "
+          "contexts differ, so later positions differ too. wav spec = relative error of STFT magnitudes.")
 
 
 def main() -> int:
@@ -358,7 +427,10 @@ def main() -> int:
             "threads": args.threads, "seconds": args.seconds,
             "rtf_fp32": get("exact", "rtf"), "rtf_default": get("default", "rtf"), "rtf_fast": get("fast", "rtf"),
             "first_audio_s": get("default", "first_audio_s"), "first_audio_s_fast": get("fast", "first_audio_s"),
-            "peak_rss_mb": get("default", "peak_rss_mb"), "peak_rss_mb_fp32": get("exact", "peak_rss_mb"),
+            "rtf_stream_default": get("default", "stream_rtf"), "rtf_stream_fast": get("fast", "stream_rtf"),
+            "peak_rss_mb": get("default", "serving_peak_rss_mb"),
+            "peak_rss_mb_default_with_oneshot": get("default", "peak_rss_mb"),
+            "peak_rss_mb_fp32": get("exact", "peak_rss_mb"),
             "concurrent_speedup_4": get("default", "concurrent_speedup"),
             "concurrent_speedup_4_fast": get("fast", "concurrent_speedup"),
             "llm_ms_per_token_fp32": get("exact", "llm_ms_per_token"),

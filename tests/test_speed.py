@@ -231,6 +231,40 @@ def test_stream_hops_and_chunk_lengths(exact):
     assert abs(sum(lengths) - whole) <= 4 * frame  # chunking rounds frame counts per chunk
 
 
+@pytest.mark.parametrize("speed", [0.25, 1.0, 4.0])
+def test_stream_length_follows_the_tempo(exact, speed):
+    speaker = next(iter(exact.speakers))
+    stream = TokenStream(exact, speaker, speed=speed, first_hop=10, generator=torch.Generator().manual_seed(0))
+    total = 0
+    for token in torch.randint(0, 4096, (260,), generator=torch.Generator().manual_seed(1)).tolist():
+        stream.push(token)
+        if stream.ready():
+            total += stream.chunk().shape[1]
+    total += stream.finish().shape[1]
+    assert abs(total - exact.flow.n_frames(260) * exact.samples_per_frame / speed) < 8 * exact.samples_per_frame
+
+
+def test_chunks_of_several_streams_in_one_flow_batch_match_one_by_one(exact):
+    speakers = list(exact.speakers)[:2]
+    tokens = torch.randint(0, 4096, (2, 160), generator=torch.Generator().manual_seed(2)).tolist()
+
+    def streams():
+        out = []
+        for i, speaker in enumerate(speakers):
+            stream = TokenStream(exact, speaker, first_hop=30, generator=torch.Generator().manual_seed(i))
+            for token in tokens[i]:
+                stream.push(token)
+            out.append(stream)
+        return out
+
+    alone = [[s.chunk(), s.chunk()] for s in streams()]
+    together = streams()
+    batched = [TokenStream.chunk_many(together), TokenStream.chunk_many(together)]
+    for i in range(2):
+        for k in range(2):
+            assert rel(batched[k][i], alone[i][k]) < 5e-3  # float rounding differs with the batch size
+
+
 # ---- scheduler -----------------------------------------------------------------------------------------------
 
 def _segments(model):

@@ -101,19 +101,3 @@ class MaskedDiffWithXvec(nn.Module):
         mu = self.encode(token)
         z = torch.randn_like(mu) if noise is None else noise
         return self.solve(mu, spks, z, n_timesteps)
-
-    @torch.inference_mode()
-    def inference_chunk(self, token: torch.Tensor, embedding: torch.Tensor, n_timesteps: int = 10,
-                        cache: torch.Tensor = None, generator: torch.Generator = None):
-        """One chunk of official v1 streaming: token (1, T) -> (mel (1, 80, F), cache).
-
-        `cache` (1, 80, n, 2) holds start noise and mu of the previous chunk's last frames (official flow_cache):
-        they replace this chunk's first n frames, so the overlapping frames of two chunks start alike. The start
-        noise is drawn from `generator` when given, else from the global RNG like the official code.
-        """
-        spks = self.project_speaker(embedding)
-        mu = self.encode(token)
-        z = torch.randn_like(mu) if generator is None else torch.randn(mu.shape, generator=generator)
-        overlap = self.n_frames(EDGE_TOKENS)
-        return self.decoder(mu, mu.new_ones(1, 1, mu.shape[2]), n_timesteps, spks=spks, cond=torch.zeros_like(mu),
-                            z=z, cache=cache, overlap=overlap)

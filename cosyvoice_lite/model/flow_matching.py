@@ -57,8 +57,11 @@ class ConditionalCFM(nn.Module):
         t_span = self.t_span(n_timesteps, dtype=mu.dtype, device=mu.device)
         return self.solve_euler(z, t_span, mu, mask, spks, cond), new_cache
 
-    def solve_euler(self, x, t_span, mu, mask, spks, cond=None):
-        """Fixed-step Euler from x = z at t_span[0] to t_span[-1]; x, mu, cond: (1, 80, F), mask (1, 1, F), spks (1, 80)."""
+    def solve_euler(self, x, t_span, mu, mask, spks, cond=None, on_step=None):
+        """Fixed-step Euler from x = z at t_span[0] to t_span[-1]; x, mu, cond: (B, 80, F), mask (1, 1, F), spks (B, 80).
+
+        on_step(step) is called after every step (streaming uses it to stop a cancelled request early).
+        """
         B, C, T = x.shape
         # the estimator batch: rows [0, B) conditional, rows [B, 2B) unconditional (mu, spks, cond stay zero)
         x_in = x.new_zeros(2 * B, C, T)
@@ -85,6 +88,8 @@ class ConditionalCFM(nn.Module):
             v = (1.0 + w) * v_cond - w * v_uncond
             x = x + dt * v
             t = t + dt
+            if on_step is not None:
+                on_step(step)
             if step < n_steps:
                 dt = t_span[step + 1] - t
         return x.float()

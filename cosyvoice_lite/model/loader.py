@@ -232,10 +232,16 @@ def load_model(model_dir: str | Path, mode: str = "exact"):
             with torch.no_grad():
                 quantize_llm(llm)
     load_state(flow, _read_checkpoint(model_dir / "flow.pt", mmap=lean), "flow.pt", assign=lean)
+    raw_hift = _read_checkpoint(model_dir / "hift.pt", mmap=lean)
     try:
-        hift_state = normalize_hift_state_dict(_read_checkpoint(model_dir / "hift.pt", mmap=lean))
+        hift_state = normalize_hift_state_dict(raw_hift)
     except ValueError as error:
         raise ModelLoadError(f"hift.pt: {error}") from error
+    kept = {id(t) for t in hift_state.values()}
+    for tensor in raw_hift.values():  # weight-norm parts folded into new tensors: their mapped pages can go
+        if id(tensor) not in kept:
+            release_pages(tensor)
+    del raw_hift
     load_state(hift, hift_state, "hift.pt", assign=lean)
     speakers = read_speakers(model_dir / "spk2info.pt", flow.spk_embed_affine_layer.in_features)
     for module in (llm, flow, hift):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .lm_decoder import Sequence
-from .streaming import TokenStream
+from .streaming import Interrupted, TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +188,22 @@ class Scheduler:
             now = time.monotonic()
             # the listener with the least audio in hand (audio sent minus time waited) goes first
             request = min(due, key=lambda r: r.audio_samples / self.model.sample_rate - (now - r.submitted))
+            group = [request]
+            size = self._chunk_size(request)
+            if size and self.model.mode.batched_lm:  # equal-size chunks of other requests share the flow pass
+                group += [r for r in due if r is not request and self._chunk_size(r) == size][:self.max_batch - 1]
             try:
                 started = time.perf_counter()
-                self._vocode(request)
+                self._vocode(group)
                 if self.trace:
-                    self.trace("vocode", time.perf_counter() - started, request=id(request))
+                    self.trace("vocode", time.perf_counter() - started, batch=len(group))
+            except Interrupted:
+                for r in group:
+                    self._finish(r, Cancelled())
             except Exception as error:
                 log.exception("vocoding failed")
-                self._finish(request, error)
+                for r in group:
+                    self._finish(r, error)
             return
         decoding = [r for r in self._active if r.seq is not None]
         if not decoding:
@@ -225,7 +233,7 @@ class Scheduler:
         request.seq = self.model.decoder.start(text, self.model.embedding(request.speaker),
                                                generator=request.generator, **request.sampling)
         stream = TokenStream(self.model, request.speaker, self.n_timesteps, request.speed, request.generator,
-                             first_hop=self.first_hop if first else None)
+                             first_hop=self.first_hop if first else None, stop=request.cancelled)
         request.streams.append([stream, False])
 
     @staticmethod
@@ -235,15 +243,23 @@ class Scheduler:
         stream, llm_done = request.streams[0]
         return llm_done or stream.ready()
 
-    def _vocode(self, request: Request) -> None:
+    @staticmethod
+    def _chunk_size(request: Request) -> int:
+        """Tokens of the request's next non-final chunk, 0 if its next chunk is a final one."""
         stream, llm_done = request.streams[0]
-        if llm_done:
-            wav = stream.finish()
+        return 0 if llm_done else stream.next_chunk_size()
+
+    def _vocode(self, group: List[Request]) -> None:
+        """The next chunk of each request in `group` (one request, or several with equal non-final chunks)."""
+        if len(group) == 1 and group[0].streams[0][1]:
+            request = group[0]
+            wavs = [request.streams[0][0].finish()]
             request.streams.popleft()
         else:
-            wav = stream.chunk()
-        if wav.numel():
-            request.audio_samples += wav.numel()
-            request.out.put(wav[0].numpy().astype(np.float32, copy=False))
-        if not request.streams and request.seq is None and request.next_segment >= len(request.segments):
-            self._finish(request)
+            wavs = TokenStream.chunk_many([r.streams[0][0] for r in group])
+        for request, wav in zip(group, wavs):
+            if wav.numel():
+                request.audio_samples += wav.numel()
+                request.out.put(wav[0].numpy().astype(np.float32, copy=False))
+            if not request.streams and request.seq is None and request.next_segment >= len(request.segments):
+                self._finish(request)

@@ -33,7 +33,7 @@ class EspnetRelPositionalEncoding(nn.Module):
     """Sinusoid table indexed by relative position, largest positive offset first.
 
     Row order of `table(n)`: relative positions n-1, n-2, ..., 0, -1, ..., -(n-1), i.e. (query - key) offsets.
-    The table is built for at least 5000 positions like the official module and rebuilt larger on demand,
+    The table starts at 512 positions (the official builds 5000) and is rebuilt larger on demand,
     so arbitrarily long inputs work. It holds no parameters.
     """
 
@@ -42,7 +42,9 @@ class EspnetRelPositionalEncoding(nn.Module):
         self.d_model = d_model
         self.xscale = math.sqrt(d_model)
         self._pe: Optional[Tensor] = None  # (2M-1, d_model)
-        self._extend(max_len)
+        # Built for 512 positions and doubled on demand: a row's values do not depend on the table size, and a
+        # full 5000-position table costs 40 MB per 1024-wide encoder.
+        self._extend(min(max_len, 512))
 
     def _extend(self, n: int):
         # explicit device: the table is a constant, also when the modules are built on the meta device
