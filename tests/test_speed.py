@@ -179,6 +179,15 @@ def test_batched_steps_match_single_sequence_steps(exact, default, mode):
             assert rel(got, ref) < 1e-2
 
 
+def test_batched_decoding_of_long_sequences_follows_the_single_sequence_path(default):
+    """Past several cache growths (the caches grow 128 frames at a time)."""
+    text, embedding = llm_inputs(LLM_CASES[0])
+    tokens = torch.randint(0, 4096, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    _, ref = LMDecoder(default.llm, batched=False).greedy(text, embedding, 300, forced=tokens)
+    _, ours = default.decoder.greedy(text, embedding, 300, forced=tokens)
+    assert rel(ours, ref) < 1e-2
+
+
 def test_per_sequence_generators_make_draws_independent(exact):
     """A sequence's draws depend on its own generator only, not on the sequences stepped with it."""
     text, embedding = llm_inputs(LLM_CASES[0])

@@ -53,7 +53,7 @@ class CosyVoiceSFT:
         if self._decoder is None:
             from .lm_decoder import LMDecoder
 
-            self._decoder = LMDecoder(self.llm, batched=self.mode.batched_lm)
+            self._decoder = LMDecoder(self.llm, batched=self.mode.batched)
         return self._decoder
 
     def embedding(self, speaker: str) -> torch.Tensor:

@@ -39,28 +39,28 @@ class Sequence:
 
 
 class PositionTable:
-    """Per LM layer: linear_pos(encoding of relative position r) for r = R-1, ..., 1, 0 (descending), (H, R, d_k).
+    """Per LM layer: linear_pos(encoding of relative position r) for r = R-1, ..., 1, 0 (descending), (H, d_k, R).
 
     Descending order makes the rows for a query at position n-1 a plain slice: key j meets relative position
     n-1-j, i.e. the last n rows. R grows in blocks as sequences get longer.
     """
 
-    BLOCK = 256
+    BLOCK = 128
 
     def __init__(self, encoder):
         self.encoder = encoder
         self.tables: List[Optional[Tensor]] = [None] * len(encoder.encoders)
 
-    def get(self, index: int, n: int) -> Tensor:
-        """Relative positions n-1 .. 0 of layer `index` as (H, n, d_k)."""
+    def get_transposed(self, index: int, n: int) -> Tensor:
+        """Relative positions n-1 .. 0 of layer `index` as (H, d_k, n) (ready to multiply queries with)."""
         table = self.tables[index]
-        if table is None or table.size(1) < n:
+        if table is None or table.size(2) < n:
             size = -(-n // self.BLOCK) * self.BLOCK
             attn = self.encoder.encoders[index].self_attn
             pe = self.encoder.pos_enc.rows(size - 1, 0, torch.empty(0))[0]  # (size, D), r descending
-            table = attn.linear_pos(pe).view(size, attn.h, attn.d_k).transpose(0, 1).contiguous()
+            table = attn.linear_pos(pe).view(size, attn.h, attn.d_k).permute(1, 2, 0).contiguous()
             self.tables[index] = table
-        return table[:, table.size(1) - n:]
+        return table[:, :, table.size(2) - n:]
 
 
 class LMDecoder:
@@ -68,6 +68,7 @@ class LMDecoder:
         self.llm = llm
         self.batched = batched
         self.positions = PositionTable(llm.llm) if batched else None
+        self._plan = None
 
     @torch.inference_mode()
     def start(self, text_token: Tensor, embedding: Optional[Tensor], min_token_text_ratio: float = 2,
@@ -138,38 +139,80 @@ class LMDecoder:
         return self.llm.speech_embedding.weight[s.decoded[-1]].reshape(1, 1, -1)
 
     def _batched_step(self, seqs: List[Sequence]) -> Tensor:
-        """One new frame for each sequence (all past their prefix) -> raw logits (B, V+1)."""
-        enc = self.llm.llm
-        tokens = torch.tensor([s.decoded[-1] for s in seqs])
-        x = self.llm.speech_embedding(tokens).unsqueeze(1)  # (B, 1, D)
-        x = enc.embed(x) * enc.pos_enc.xscale
-        for index, layer in enumerate(enc.encoders):
-            x = x + self._attention(index, layer.self_attn, layer.norm1(x), seqs)
-            x = x + self._feed_forward(layer.feed_forward, layer.norm2(x))
-        x = enc.after_norm(x)
-        return self.llm.llm_decoder(x[:, 0])  # (B, V+1)
+        """One new frame for each sequence (all past their prefix) -> raw logits (B, V+1).
 
-    @staticmethod
-    def _feed_forward(ff, x: Tensor) -> Tensor:
+        Written for the per-token cost on a CPU: 2-D (B, D) activations, fbgemm calls without module dispatch,
+        linear+ReLU fused, and the attention of each sequence in three small batched matmuls over heads.
+        """
+        enc = self.llm.llm
+        if self._plan is None:
+            self._plan = [_LayerPlan(layer) for layer in enc.encoders]
+        tokens = torch.tensor([s.decoded[-1] for s in seqs])
+        x = enc.embed(self.llm.speech_embedding(tokens)) * enc.pos_enc.xscale  # (B, D)
+        caches = [s.cache.layers for s in seqs]
+        for index, plan in enumerate(self._plan):
+            x = x + plan.out(self._attention(index, plan, plan.norm1(x), caches))
+            x = x + plan.w2(plan.w1_relu(plan.norm2(x)))
+        return self.llm.llm_decoder(enc.after_norm(x))  # (B, V+1)
+
+    def _attention(self, index: int, plan: "_LayerPlan", x: Tensor, caches) -> Tensor:
+        """x (B, D) normalised frames -> attention values (B, D) before the output projection; appends each
+        sequence's key and value to its cache."""
+        B = x.size(0)
+        H, d_k = plan.heads, plan.d_k
+        qkv = plan.qkv(x).view(B, 3, H, d_k)
+        q = qkv[:, 0]
+        q_u = (q + plan.bias_u).unsqueeze(2)  # (B, H, 1, d_k)
+        q_v = (q + plan.bias_v).unsqueeze(2)
+        outs = []
+        for b, layers in enumerate(caches):
+            cache = layers[index]
+            n = cache.length
+            if cache.k is None or cache.k.size(2) <= n:
+                cache.append_kv(qkv[b:b + 1, 1].unsqueeze(2), qkv[b:b + 1, 2].unsqueeze(2))  # grows the buffers
+            else:
+                cache.k[0, :, n] = qkv[b, 1]
+                cache.v[0, :, n] = qkv[b, 2]
+                cache.length = n + 1
+            keys, values = cache.k[0, :, :n + 1], cache.v[0, :, :n + 1]  # (H, n+1, d_k)
+            pos = self.positions.get_transposed(index, n + 1)  # (H, d_k, n+1): relative position of each key
+            scores = torch.baddbmm(torch.bmm(q_v[b], pos), q_u[b], keys.transpose(1, 2),
+                                   beta=plan.scale, alpha=plan.scale)  # (H, 1, n+1)
+            outs.append(torch.bmm(torch.softmax(scores, dim=-1), values))  # (H, 1, d_k)
+        out = outs[0] if B == 1 else torch.stack(outs)
+        return out.reshape(B, H * d_k)
+
+
+class _LayerPlan:
+    """The pieces of one LM layer the batched step calls, looked up once (fbgemm packs called directly)."""
+
+    def __init__(self, layer):
         from .speed import Int8Linear
 
-        if isinstance(ff.w_1, Int8Linear) and isinstance(ff.activation, nn.ReLU):  # one fbgemm call for both
-            return ff.w_2(torch.ops.quantized.linear_relu_dynamic(x, ff.w_1._packed, True))
-        return ff(x)
+        attn, ff = layer.self_attn, layer.feed_forward
+        self.heads, self.d_k = attn.h, attn.d_k
+        self.scale = 1.0 / math.sqrt(attn.d_k)
+        self.bias_u, self.bias_v = attn.pos_bias_u, attn.pos_bias_v  # (H, d_k)
+        self.norm1, self.norm2 = layer.norm1, layer.norm2
+        self.qkv = _direct(attn.linear_qkv) if attn.linear_qkv is not None else _separate_qkv(attn)
+        self.out = _direct(attn.linear_out)
+        self.w2 = _direct(ff.w_2)
+        if isinstance(ff.w_1, Int8Linear) and isinstance(ff.activation, nn.ReLU):
+            packed = ff.w_1._packed
+            self.w1_relu = lambda x: torch.ops.quantized.linear_relu_dynamic(x, packed, True)
+        else:
+            self.w1_relu = lambda x: ff.activation(ff.w_1(x))
 
-    def _attention(self, index: int, attn, x: Tensor, seqs: List[Sequence]) -> Tensor:
-        """x (B, 1, D) normalised frames -> attention output (B, 1, D); appends k/v to each sequence's cache."""
-        B = x.size(0)
-        q, k, v = attn.project_qkv(x)  # q (B, 1, H, d_k); k, v (B, H, 1, d_k)
-        q_u = (q + attn.pos_bias_u).transpose(1, 2)  # (B, H, 1, d_k)
-        q_v = (q + attn.pos_bias_v).transpose(1, 2)
-        scale = 1.0 / math.sqrt(attn.d_k)
-        outs = []
-        for b, s in enumerate(seqs):
-            keys, values = s.cache.layers[index].append_kv(k[b:b + 1], v[b:b + 1])  # (1, H, n, d_k)
-            pos = self.positions.get(index, keys.size(2))  # (H, n, d_k): relative position of each key
-            bd = torch.bmm(q_v[b], pos.transpose(1, 2))  # (H, 1, n)
-            scores = torch.baddbmm(bd, q_u[b], keys[0].transpose(1, 2), beta=scale, alpha=scale)
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1), values[0]))  # (H, 1, d_k)
-        out = torch.stack(outs, dim=0).transpose(1, 2).reshape(B, 1, -1)  # (B, 1, H*d_k)
-        return attn.linear_out(out)
+
+def _direct(linear):
+    """The layer's forward without nn.Module dispatch (for fbgemm int8 layers)."""
+    from .speed import Int8Linear
+
+    if isinstance(linear, Int8Linear):
+        packed = linear._packed
+        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+    return linear
+
+
+def _separate_qkv(attn):
+    return lambda x: torch.cat([attn.linear_q(x), attn.linear_k(x), attn.linear_v(x)], dim=-1)

@@ -36,6 +36,18 @@ _DONE = object()
 _START_LOCK = threading.Lock()
 
 
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
 class Cancelled(Exception):
     """The request's cancel event was set (or its consumer went away)."""
 
@@ -88,13 +100,14 @@ class Scheduler:
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
         request = Request([torch.as_tensor(s, dtype=torch.int64).reshape(1, -1) for s in segments], speaker,
                           speed, cancel, generator, sampling)
+        return self._results(request)
+
+    def _results(self, request: Request) -> Iterator[np.ndarray]:
+        """Queue the request (at the first next(), so an iterator never used costs nothing) and yield its audio."""
         self._ensure_worker()
         with self._lock:
             self._inbox.append(request)
             self._wakeup.notify()
-        return self._results(request)
-
-    def _results(self, request: Request) -> Iterator[np.ndarray]:
         try:
             while True:
                 try:
@@ -189,12 +202,14 @@ class Scheduler:
             # the listener with the least audio in hand (audio sent minus time waited) goes first
             request = min(due, key=lambda r: r.audio_samples / self.model.sample_rate - (now - r.submitted))
             group = [request]
-            size = self._chunk_size(request)
-            if size and self.model.mode.batched_lm:  # equal-size chunks of other requests share the flow pass
-                group += [r for r in due if r is not request and self._chunk_size(r) == size][:self.max_batch - 1]
+            key = self._chunk_key(request)
+            if self.model.mode.batched:  # equal chunks of other requests share the flow pass
+                group += [r for r in due if r is not request and self._chunk_key(r) == key][:self.max_batch - 1]
             try:
                 started = time.perf_counter()
                 self._vocode(group)
+                if _TRIM is not None:  # a chunk frees ~100 MB of tensors: give the pages back before the next one
+                    _TRIM(0)
                 if self.trace:
                     self.trace("vocode", time.perf_counter() - started, batch=len(group))
             except Interrupted:
@@ -244,20 +259,18 @@ class Scheduler:
         return llm_done or stream.ready()
 
     @staticmethod
-    def _chunk_size(request: Request) -> int:
-        """Tokens of the request's next non-final chunk, 0 if its next chunk is a final one."""
+    def _chunk_key(request: Request) -> tuple:
+        """(final, tokens) of the request's next chunk: chunks with equal keys can share one flow batch."""
         stream, llm_done = request.streams[0]
-        return 0 if llm_done else stream.next_chunk_size()
+        return llm_done, stream.next_chunk_size(final=llm_done)
 
     def _vocode(self, group: List[Request]) -> None:
-        """The next chunk of each request in `group` (one request, or several with equal non-final chunks)."""
-        if len(group) == 1 and group[0].streams[0][1]:
-            request = group[0]
-            wavs = [request.streams[0][0].finish()]
-            request.streams.popleft()
-        else:
-            wavs = TokenStream.chunk_many([r.streams[0][0] for r in group])
+        """The next chunk of each request in `group` (one request, or several with equal chunks)."""
+        final = group[0].streams[0][1]
+        wavs = TokenStream.chunk_many([r.streams[0][0] for r in group], final=final)
         for request, wav in zip(group, wavs):
+            if final:
+                request.streams.popleft()
             if wav.numel():
                 request.audio_samples += wav.numel()
                 request.out.put(wav[0].numpy().astype(np.float32, copy=False))

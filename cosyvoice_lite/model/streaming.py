@@ -53,7 +53,7 @@ class TokenStream:
         self.source_cache = HIFT_CACHE_FRAMES * model.samples_per_frame      # 5120 samples
         self.speech_window = torch.from_numpy(np.hamming(2 * self.source_cache))
         self.tokens: List[int] = []
-        self.flow_cache = torch.zeros(1, 80, 0, 2)
+        self.flow_cache = torch.zeros(1, model.flow.output_size, 0, 2)
         self.mel_tail: Optional[torch.Tensor] = None       # last mel_overlap frames of the previous chunk
         self.hift_cache: Optional[dict] = None
         self.chunks = 0
@@ -78,31 +78,31 @@ class TokenStream:
         """The next non-final chunk (call when ready()): consumes `hop` tokens."""
         return self.chunk_many([self])[0]
 
-    @staticmethod
-    @torch.inference_mode()
-    def chunk_many(streams: List["TokenStream"]) -> List[torch.Tensor]:
-        """Next non-final chunks of several ready streams with equal chunk sizes, the flow run as one batch
-        (the rows of a batch do not interact; only float rounding may differ from one-by-one runs)."""
-        tokens = [s.tokens[:s.hop + TOKEN_OVERLAP] for s in streams]
-        if len({len(t) for t in tokens}) != 1:
-            raise ValueError("chunk_many needs chunks of one size")
-        mels = TokenStream._flow_many(streams, tokens)
-        wavs = [s._vocode(mel, final=False) for s, mel in zip(streams, mels)]
-        for s in streams:
-            s.tokens = s.tokens[s.hop:]
-            s.hop = s.min_hop if s.chunks == 1 else min(s.max_hop, 2 * s.hop)
-        return wavs
-
     @torch.inference_mode()
     def finish(self) -> torch.Tensor:
         """The last chunk: every token left, nothing held back."""
-        if not self.tokens:
-            if self.hift_cache is None:
-                return torch.zeros(1, 0)
-            return self.hift_cache["speech"]  # the held-back tail (no more tokens to fade into)
-        mel = self._flow_many([self], [self.tokens])[0]
-        self.tokens = []
-        return self._vocode(mel, final=True)
+        return self.chunk_many([self], final=True)[0]
+
+    @staticmethod
+    @torch.inference_mode()
+    def chunk_many(streams: List["TokenStream"], final: bool = False) -> List[torch.Tensor]:
+        """The next chunk of several streams whose chunks have one size (next_chunk_size), the flow run as one
+        batch (the rows of a batch do not interact; only float rounding may differ from one-by-one runs).
+        final: every stream's last chunk (all its tokens, nothing held back)."""
+        tokens = [s.tokens if final else s.tokens[:s.hop + TOKEN_OVERLAP] for s in streams]
+        if len({len(t) for t in tokens}) != 1:
+            raise ValueError("chunk_many needs chunks of one size")
+        if not tokens[0]:  # a segment without speech tokens
+            return [torch.zeros(1, 0) for _ in streams]
+        mels = TokenStream._flow_many(streams, tokens)
+        wavs = [s._vocode(mel, final=final) for s, mel in zip(streams, mels)]
+        for s in streams:
+            if final:
+                s.tokens = []
+            else:
+                s.tokens = s.tokens[s.hop:]
+                s.hop = s.min_hop if s.chunks == 1 else min(s.max_hop, 2 * s.hop)
+        return wavs
 
     @staticmethod
     def _flow_many(streams: List["TokenStream"], tokens: List[List[int]]) -> List[torch.Tensor]:
@@ -156,6 +156,8 @@ class TokenStream:
                            "speech": speech[:, -self.source_cache:]}
         return speech[:, :-self.source_cache]
 
-    def next_chunk_size(self) -> int:
-        """Tokens the next non-final chunk runs through the flow (0 when not ready)."""
+    def next_chunk_size(self, final: bool = False) -> int:
+        """Tokens the next chunk runs through the flow (for a non-final chunk: 0 when not ready)."""
+        if final:
+            return len(self.tokens)
         return self.hop + TOKEN_OVERLAP if self.ready() else 0
