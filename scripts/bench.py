@@ -44,6 +44,15 @@ GOLDEN = ROOT.parent / "shared" / "golden"
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: getrusage's ru_maxrss survives exec, so a child started by a
+    parent that grew large would report the parent's peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

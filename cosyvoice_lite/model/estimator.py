@@ -217,11 +217,13 @@ class ConditionalDecoder(nn.Module):
         self.final_proj = nn.Conv1d(up_channels[-1], out_channels, 1)
 
     def _transformers(self, blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) -> (B, C, T) whose memory is time-major (B, T, C): the convolutions after it take either layout
+        (time-major ones, see speed.TimeMajorConv1d, without a copy), and a time-major input needs no copy here."""
         bias = attention_bias(mask)
         x = x.transpose(1, 2).contiguous()  # (B, T, C)
         for block in blocks:
             x = block(x, bias)
-        return x.transpose(1, 2).contiguous()  # (B, C, T)
+        return x.transpose(1, 2)  # (B, C, T), memory (B, T, C)
 
     def forward(self, x, mask, mu, t, spks=None, cond=None):
         """x, mu, cond: (B, 80, T); mask: (B, 1, T); t: (B,); spks: (B, 80) -> velocity (B, out_channels, T)."""

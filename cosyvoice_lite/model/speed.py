@@ -4,10 +4,11 @@
 - ``default``: the LLM's linear layers (text encoder, LM) in int8 with per-output-channel weight scales (fbgemm
   dynamic quantization: activations are quantized per call), its input layers and speech-token head in float16
   weights; q/k/v fused into one matmul; the flow's linear layers with float16 weights (float32 arithmetic), the
-  official 10 Euler steps; HiFT in float32. The LLM reads 4x fewer weight bytes per token, which is what a decode
-  step costs on a CPU; the small flow chunks of streaming are partly bound by weight reads too (fp16 is faster there,
-  and slightly slower than float32 on whole 10 s utterances). Loaded, the process holds ~1.0 GB instead of 3.1 GB.
-  Concurrent requests are batched (LM steps, equal-size flow chunks).
+  official 10 Euler steps, the estimator's Mish as ExpMish; HiFT in float32. The convolutions of the estimator and
+  HiFT run on time-major (channels-last) memory, where oneDNN's kernels are faster (TimeMajorConv1d: HiFT ~20%
+  faster, the estimator ~1%; the Mish ~2%). The LLM reads 4x fewer weight bytes per token, which is what a decode
+  step costs on a CPU; the flow's float16 weights halve its memory at no measurable speed cost. Loaded, the process
+  holds ~1.0 GB instead of 3.1 GB. Concurrent requests are batched (LM steps, equal-size flow chunks).
 - ``fast``: ``default`` with the flow's linear layers in int8, 5 Euler steps instead of 10, and HiFT's residual
   blocks (90% of its work) as int8 convolutions (fbgemm dynamic quantization, ~1.8x faster).
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 MODES = ("exact", "default", "fast")
@@ -36,15 +38,16 @@ class ModeSettings:
     name: str
     llm: str                # LLM linears: "fp32" or "int8" (input layers and head in fp16, see LLM_FP16)
     flow: str               # flow encoder + estimator linears: "fp32", "fp16" or "int8"
-    hift: str               # HiFT residual-block convolutions: "fp32" or "int8"
+    hift: str               # HiFT: "fp32" (official layout), "fp32-tm" (time-major convolutions, TimeMajorConv1d)
+                            # or "int8-tm" (int8 residual blocks, the other convolutions time-major)
     n_timesteps: int        # Euler steps of the flow
     batched: bool           # concurrent requests share LM steps and flow passes (batch rounding differs slightly)
 
 
 SETTINGS = {
     "exact": ModeSettings("exact", llm="fp32", flow="fp32", hift="fp32", n_timesteps=10, batched=False),
-    "default": ModeSettings("default", llm="int8", flow="fp16", hift="fp32", n_timesteps=10, batched=True),
-    "fast": ModeSettings("fast", llm="int8", flow="int8", hift="int8", n_timesteps=5, batched=True),
+    "default": ModeSettings("default", llm="int8", flow="fp16", hift="fp32-tm", n_timesteps=10, batched=True),
+    "fast": ModeSettings("fast", llm="int8", flow="int8", hift="int8-tm", n_timesteps=5, batched=True),
 }
 
 
@@ -132,6 +135,77 @@ class Int8Conv1d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, int8"
+
+
+class TimeMajorConv1d(nn.Module):
+    """Conv1d / ConvTranspose1d run as a 2-D convolution on channels-last (time-major) tensors.
+
+    A (B, C, T) tensor whose memory is laid out (B, T, C) is, seen as (B, C, 1, T), channels-last: oneDNN's direct
+    kernels are 1.2-1.7x faster in that layout than on (B, C, T) memory for HiFT's long 128/256-channel sequences
+    (and ~15% faster on the estimator's). The output keeps the time-major layout, and elementwise operations keep
+    the layout of their input, so a stack of these converts the input once. Same arithmetic up to float rounding
+    (~1e-6 relative). Any input layout is accepted.
+    """
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.transposed = isinstance(conv, nn.ConvTranspose1d)
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self.weight = nn.Parameter(conv.weight.detach().unsqueeze(2).clone(memory_format=torch.channels_last),
+                                   requires_grad=False)  # (C_out, C_in/g, 1, k); transposed: (C_in, C_out/g, 1, k)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.stride, self.padding, self.dilation = (1, conv.stride[0]), (0, conv.padding[0]), (1, conv.dilation[0])
+        self.groups = conv.groups
+        self.output_padding = (0, conv.output_padding[0]) if self.transposed else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.unsqueeze(2)  # (B, C, 1, T)
+        if self.transposed:
+            y = F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding,
+                                   self.groups, self.dilation)
+        else:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return y.squeeze(2)  # (B, C_out, T'), memory (B, T', C_out)
+
+    def extra_repr(self) -> str:
+        kind = "transposed, " if self.transposed else ""
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, {kind}time-major"
+
+
+def time_major_convs(module: nn.Module) -> int:
+    """Replace every nn.Conv1d / nn.ConvTranspose1d below `module` by a TimeMajorConv1d; returns how many."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if type(child) in (nn.Conv1d, nn.ConvTranspose1d):
+            setattr(module, name, TimeMajorConv1d(child))
+            release(child.weight, *([child.bias] if child.bias is not None else []))
+            count += 1
+        else:
+            count += time_major_convs(child)
+    return count
+
+
+class ExpMish(nn.Module):
+    """Mish, x * tanh(softplus(x)), computed as x * n / (n + 2) with n = e^x (e^x + 2): the same function with one
+    exp instead of exp, log1p and tanh, ~3x faster than torch's kernel on AVX2 (~1e-7 relative difference).
+    Above x = 20 the factor n / (n + 2) is 1 in float32, so x is clamped there before the exp (no overflow)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        e = torch.exp(x.clamp(max=20.0))
+        n = e.add(2.0).mul_(e)
+        return n.div_(n + 2.0).mul_(x)
+
+
+def replace_mish(module: nn.Module) -> int:
+    """Replace every nn.Mish below `module` by an ExpMish; returns how many."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Mish:
+            setattr(module, name, ExpMish())
+            count += 1
+        else:
+            count += replace_mish(child)
+    return count
 
 
 def quantize_convs(module: nn.Module) -> int:
@@ -223,8 +297,12 @@ def apply_mode(model, mode: Optional[str] = None):
             quantize_llm(model.llm)
         if target.flow != "fp32":
             quantize_flow(model.flow, target.flow)
-        if target.hift == "int8":  # the F0 predictor and the convolutions around the iSTFT stay float32
+            time_major_convs(model.flow.decoder.estimator)
+            replace_mish(model.flow)
+        if target.hift == "int8-tm":  # the F0 predictor and the convolutions around the iSTFT stay float32
             quantize_convs(model.hift.resblocks)
             quantize_convs(model.hift.source_resblocks)
+        if target.hift != "fp32":
+            time_major_convs(model.hift)
     model.mode = target
     return model
