@@ -156,7 +156,7 @@ def test_overload_gives_only_200s_and_fast_503s_health_stays_fast_and_no_worker_
 
 def test_memory_settles_over_many_varied_requests(tiny_server):
     """40 different requests (texts, formats, speeds, streaming) in a row: after a warm-up of 10, the worker's RSS
-    has no marked upward trend. Without service.release_free_memory() the same run grew ~230 MB per 100 requests
+    has no marked upward trend. Without memory.release_free_memory() the same run grew ~230 MB per 100 requests
     (glibc kept the freed tensor memory); with it ~30 (settling), and flat over 500 (scripts/soak_memory.py)."""
     result = soak(f"http://127.0.0.1:{tiny_server.port}", 40, warmup=10, seed=7, chinese=True, max_sentences=1,
                   extra_words=0)

@@ -27,6 +27,7 @@ from typing import Deque, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
+from ..memory import release_free_memory
 from .lm_decoder import Sequence
 from .streaming import Interrupted, TokenStream
 
@@ -34,18 +35,6 @@ log = logging.getLogger(__name__)
 
 _DONE = object()
 _START_LOCK = threading.Lock()
-
-
-def _malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_TRIM = _malloc_trim()
 
 
 class Cancelled(Exception):
@@ -208,8 +197,7 @@ class Scheduler:
             try:
                 started = time.perf_counter()
                 self._vocode(group)
-                if _TRIM is not None:  # a chunk frees ~100 MB of tensors: give the pages back before the next one
-                    _TRIM(0)
+                release_free_memory()  # a chunk frees ~100 MB of tensors: give the pages back before the next one
                 if self.trace:
                     self.trace("vocode", time.perf_counter() - started, batch=len(group))
             except Interrupted:
