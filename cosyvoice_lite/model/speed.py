@@ -172,17 +172,23 @@ class TimeMajorConv1d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, {kind}time-major"
 
 
-def time_major_convs(module: nn.Module) -> int:
-    """Replace every nn.Conv1d / nn.ConvTranspose1d below `module` by a TimeMajorConv1d; returns how many."""
+def replace_modules(module: nn.Module, kinds: tuple, make) -> int:
+    """Replace every module below `module` whose exact type is in `kinds` by make(old); returns how many.
+    The old module's weight and bias pages are released (they may be memory-mapped checkpoint tensors)."""
     count = 0
     for name, child in list(module.named_children()):
-        if type(child) in (nn.Conv1d, nn.ConvTranspose1d):
-            setattr(module, name, TimeMajorConv1d(child))
-            release(child.weight, *([child.bias] if child.bias is not None else []))
+        if type(child) in kinds:
+            setattr(module, name, make(child))
+            release(*(t for t in (getattr(child, "weight", None), getattr(child, "bias", None)) if t is not None))
             count += 1
         else:
-            count += time_major_convs(child)
+            count += replace_modules(child, kinds, make)
     return count
+
+
+def time_major_convs(module: nn.Module) -> int:
+    """Replace every nn.Conv1d / nn.ConvTranspose1d below `module` by a TimeMajorConv1d; returns how many."""
+    return replace_modules(module, (nn.Conv1d, nn.ConvTranspose1d), TimeMajorConv1d)
 
 
 class ExpMish(nn.Module):
@@ -198,27 +204,12 @@ class ExpMish(nn.Module):
 
 def replace_mish(module: nn.Module) -> int:
     """Replace every nn.Mish below `module` by an ExpMish; returns how many."""
-    count = 0
-    for name, child in list(module.named_children()):
-        if type(child) is nn.Mish:
-            setattr(module, name, ExpMish())
-            count += 1
-        else:
-            count += replace_mish(child)
-    return count
+    return replace_modules(module, (nn.Mish,), lambda _: ExpMish())
 
 
 def quantize_convs(module: nn.Module) -> int:
     """Replace every nn.Conv1d below `module` by an Int8Conv1d; returns how many."""
-    count = 0
-    for name, child in list(module.named_children()):
-        if type(child) is nn.Conv1d:
-            setattr(module, name, Int8Conv1d(child))
-            release(child.weight, *([child.bias] if child.bias is not None else []))
-            count += 1
-        else:
-            count += quantize_convs(child)
-    return count
+    return replace_modules(module, (nn.Conv1d,), Int8Conv1d)
 
 
 def release(*tensors: Tensor) -> None:
