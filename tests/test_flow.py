@@ -1,5 +1,4 @@
 """Parity of the flow (tokens -> mel) with the official CosyVoice v1 outputs stored in the golden set."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,19 +8,14 @@ import torch
 from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.flow import EDGE_TOKENS
 from cosyvoice_lite.model.loader import build, load_state
+from cosyvoice_lite.parity import Golden
 
 GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"
 MODEL_DIR = GOLDEN / "model"
 TOL = 1e-3
 
 
-def _manifest():
-    path = GOLDEN / "manifest.json"
-    assert path.is_file(), f"golden manifest missing: {path}"
-    return json.loads(path.read_text())
-
-
-MANIFEST = _manifest()
+MANIFEST = Golden(GOLDEN).manifest  # raises with the path when the golden data is missing
 CASES = sorted(name for name, case in MANIFEST["cases"].items() if case.get("kind") == "flow+hift")
 
 

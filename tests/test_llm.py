@@ -1,6 +1,5 @@
 """TransformerLM parity with the official CosyVoice v1 LLM (golden cases of kind 'llm' and 'e2e_sft')."""
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +9,13 @@ import torch
 from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.llm import TransformerLM, nucleus_sampling, ras_sampling, token_limit
 from cosyvoice_lite.model.loader import build, load_state
+from cosyvoice_lite.parity import Golden
 
 GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"
 TOL = 1e-3
 
 
-def _manifest():
-    assert (GOLDEN / "manifest.json").is_file(), f"golden data missing at {GOLDEN}"
-    return json.loads((GOLDEN / "manifest.json").read_text())
-
-
-MANIFEST = _manifest()
+MANIFEST = Golden(GOLDEN).manifest  # raises with the path when the golden data is missing
 LLM_CASES = [name for name, case in MANIFEST["cases"].items() if case.get("kind") == "llm"]
 E2E_CASES = [name for name, case in MANIFEST["cases"].items() if case.get("kind") == "e2e_sft"]
 assert LLM_CASES, "manifest lists no 'llm' cases"

@@ -2,7 +2,6 @@
 
 Speed itself is never asserted here (scripts/bench.py measures it); these tests pin down behaviour and quality.
 """
-import json
 import threading
 from pathlib import Path
 
@@ -16,19 +15,14 @@ from cosyvoice_lite.model.lm_decoder import LMDecoder
 from cosyvoice_lite.model.scheduler import Cancelled, Scheduler
 from cosyvoice_lite.model.speed import MODE_ENV, Fp16Linear, Int8Linear, apply_mode, settings
 from cosyvoice_lite.model.streaming import HIFT_CACHE_FRAMES, TOKEN_OVERLAP, TokenStream
+from cosyvoice_lite.parity import Golden
 
 GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"
 MODEL_DIR = GOLDEN / "model"
 GREEDY_STEPS = 40
 
 
-def _manifest():
-    path = GOLDEN / "manifest.json"
-    assert path.is_file(), f"golden manifest missing: {path}"
-    return json.loads(path.read_text())
-
-
-MANIFEST = _manifest()
+MANIFEST = Golden(GOLDEN).manifest  # raises with the path when the golden data is missing
 LLM_CASES = sorted(name for name, case in MANIFEST["cases"].items() if case.get("kind") == "llm")
 assert LLM_CASES, "manifest lists no 'llm' cases"
 

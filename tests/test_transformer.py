@@ -1,5 +1,4 @@
 """ESPnet-style encoders: golden flow encoder stage, masking rules, incremental decoding, config guards."""
-import json
 import math
 from pathlib import Path
 
@@ -10,17 +9,13 @@ import torch
 from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.loader import build
 from cosyvoice_lite.model.transformer import ConformerEncoder, EspnetRelPositionalEncoding, TransformerEncoder
+from cosyvoice_lite.parity import Golden
 
 GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"
 TOL = 1e-3
 
 
-def _manifest():
-    assert (GOLDEN / "manifest.json").is_file(), f"golden data missing at {GOLDEN}"
-    return json.loads((GOLDEN / "manifest.json").read_text())
-
-
-MANIFEST = _manifest()
+MANIFEST = Golden(GOLDEN).manifest  # raises with the path when the golden data is missing
 FLOW_CASES = [name for name, case in MANIFEST["cases"].items()
               if "encoder_in.npy" in case["files"] and "encoder_out.npy" in case["files"]]
 assert FLOW_CASES, "manifest lists no flow encoder cases"
