@@ -32,6 +32,7 @@ class Sequence:
     generator: Optional[torch.Generator] = None
     decoded: List[int] = field(default_factory=list)
     finished: bool = False
+    slots: Optional["_KVSlots"] = None  # the cache as the batched step writes it (made at its first batched step)
 
     @property
     def steps(self) -> int:
@@ -42,25 +43,29 @@ class PositionTable:
     """Per LM layer: linear_pos(encoding of relative position r) for r = R-1, ..., 1, 0 (descending), (H, d_k, R).
 
     Descending order makes the rows for a query at position n-1 a plain slice: key j meets relative position
-    n-1-j, i.e. the last n rows. R grows in blocks as sequences get longer.
+    n-1-j, i.e. the last n rows. R grows in blocks as sequences get longer, for all layers at once (they are
+    always asked for the same lengths), so a step checks the size once instead of once per layer.
     """
 
     BLOCK = 128
 
     def __init__(self, encoder):
         self.encoder = encoder
-        self.tables: List[Optional[Tensor]] = [None] * len(encoder.encoders)
+        self.size = 0
+        self.tables: List[Tensor] = []
 
-    def get_transposed(self, index: int, n: int) -> Tensor:
-        """Relative positions n-1 .. 0 of layer `index` as (H, d_k, n) (ready to multiply queries with)."""
-        table = self.tables[index]
-        if table is None or table.size(2) < n:
+    def reserve(self, n: int) -> List[Tensor]:
+        """The tables of all layers, each (H, d_k, R) with R >= n."""
+        if self.size < n:
             size = -(-n // self.BLOCK) * self.BLOCK
-            attn = self.encoder.encoders[index].self_attn
             pe = self.encoder.pos_enc.rows(size - 1, 0, torch.empty(0))[0]  # (size, D), r descending
-            table = attn.linear_pos(pe).view(size, attn.h, attn.d_k).permute(1, 2, 0).contiguous()
-            self.tables[index] = table
-        return table[:, :, table.size(2) - n:]
+            self.tables = [self._project(layer.self_attn, pe) for layer in self.encoder.encoders]
+            self.size = size
+        return self.tables
+
+    @staticmethod
+    def _project(attn, pe: Tensor) -> Tensor:
+        return attn.linear_pos(pe).view(pe.size(0), attn.h, attn.d_k).permute(1, 2, 0).contiguous()
 
 
 class LMDecoder:
@@ -141,67 +146,126 @@ class LMDecoder:
     def _batched_step(self, seqs: List[Sequence]) -> Tensor:
         """One new frame for each sequence (all past their prefix) -> raw logits (B, V+1).
 
-        Written for the per-token cost on a CPU: 2-D (B, D) activations, fbgemm calls without module dispatch,
-        linear+ReLU fused, and the attention of each sequence in three small batched matmuls over heads.
+        Written for the per-token cost on a CPU, where a step of one sequence is ~1000 small calls: 2-D (B, D)
+        activations, fbgemm and layer-norm calls without module dispatch, linear+ReLU fused, each sequence's new
+        key and value stored with one copy, and its attention in three small batched matmuls over heads.
         """
         enc = self.llm.llm
         if self._plan is None:
             self._plan = [_LayerPlan(layer) for layer in enc.encoders]
+        slots = [_KVSlots.of(s) for s in seqs]
+        lengths = [slot.reserve() for slot in slots]  # cached frames per sequence (the new one goes at index n)
+        tables = self.positions.reserve(max(lengths) + 1)
         tokens = torch.tensor([s.decoded[-1] for s in seqs])
         x = enc.embed(self.llm.speech_embedding(tokens)) * enc.pos_enc.xscale  # (B, D)
-        caches = [s.cache.layers for s in seqs]
-        for index, plan in enumerate(self._plan):
-            x = x + plan.out(self._attention(index, plan, plan.norm1(x), caches))
+        layer_views = zip(*(slot.views for slot in slots))  # per layer: per sequence (kv, k_t, v)
+        for plan, views, table in zip(self._plan, layer_views, tables):
+            x = x + plan.out(self._attention(plan, plan.norm1(x), views, lengths, table))
             x = x + plan.w2(plan.w1_relu(plan.norm2(x)))
+        for slot, n in zip(slots, lengths):
+            slot.advance(n + 1)
         return self.llm.llm_decoder(enc.after_norm(x))  # (B, V+1)
 
-    def _attention(self, index: int, plan: "_LayerPlan", x: Tensor, caches) -> Tensor:
-        """x (B, D) normalised frames -> attention values (B, D) before the output projection; appends each
-        sequence's key and value to its cache."""
-        B = x.size(0)
-        H, d_k = plan.heads, plan.d_k
-        qkv = plan.qkv(x).view(B, 3, H, d_k)
-        q = qkv[:, 0]
-        q_u = (q + plan.bias_u).unsqueeze(2)  # (B, H, 1, d_k)
-        q_v = (q + plan.bias_v).unsqueeze(2)
+    @staticmethod
+    def _attention(plan: "_LayerPlan", x: Tensor, views, lengths: List[int], table: Tensor) -> Tensor:
+        """x (B, D) normalised frames -> attention values (B, D) before the output projection; stores each
+        sequence's key and value at its index n (views: per sequence (kv, k_t, v) of this layer, see _KVSlots;
+        table: this layer's position table (H, d_k, R))."""
+        B, D = x.size(0), plan.width
+        qkv = plan.qkv(x)  # (B, 3D): q, k, v
+        q = qkv.narrow(1, 0, D).view(B, plan.heads, 1, plan.d_k)
+        q_u = (q + plan.bias_u).unbind(0)  # B x (H, 1, d_k)
+        q_v = (q + plan.bias_v).unbind(0)
+        new = qkv.narrow(1, D, 2 * D).view(B, 2, plan.heads, plan.d_k).unbind(0)  # B x (2, H, d_k): key, value
+        R = table.size(2)
         outs = []
-        for b, layers in enumerate(caches):
-            cache = layers[index]
-            n = cache.length
-            if cache.k is None or cache.k.size(2) <= n:
-                cache.append_kv(qkv[b:b + 1, 1].unsqueeze(2), qkv[b:b + 1, 2].unsqueeze(2))  # grows the buffers
-            else:
-                cache.k[0, :, n] = qkv[b, 1]
-                cache.v[0, :, n] = qkv[b, 2]
-                cache.length = n + 1
-            keys, values = cache.k[0, :, :n + 1], cache.v[0, :, :n + 1]  # (H, n+1, d_k)
-            pos = self.positions.get_transposed(index, n + 1)  # (H, d_k, n+1): relative position of each key
-            scores = torch.baddbmm(torch.bmm(q_v[b], pos), q_u[b], keys.transpose(1, 2),
+        for b, ((kv, k_t, v), n) in enumerate(zip(views, lengths)):
+            kv.select(2, n).copy_(new[b])
+            keys_t, values = k_t.narrow(2, 0, n + 1), v.narrow(1, 0, n + 1)  # (H, d_k, n+1), (H, n+1, d_k)
+            pos = table.narrow(2, R - n - 1, n + 1)  # (H, d_k, n+1): relative positions n .. 0 of the keys
+            scores = torch.baddbmm(torch.bmm(q_v[b], pos), q_u[b], keys_t,
                                    beta=plan.scale, alpha=plan.scale)  # (H, 1, n+1)
             outs.append(torch.bmm(torch.softmax(scores, dim=-1), values))  # (H, 1, d_k)
         out = outs[0] if B == 1 else torch.stack(outs)
-        return out.reshape(B, H * d_k)
+        return out.view(B, D)
+
+
+class _KVSlots:
+    """A sequence's keys and values as the batched step writes them: per layer one buffer (2, H, capacity, d_k)
+    whose halves are the LayerCache's k and v (views, so the cache stays what `KVCache` says it is).
+
+    One buffer per layer lets a step store a frame's key and value with a single copy, and the per-layer views are
+    made when the buffers are (re)allocated, not at every step. Capacity grows in blocks like LayerCache's.
+    """
+
+    BLOCK = 128
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.capacity = 0
+        self.views: List[tuple] = []  # per layer: kv (2, H, cap, d_k), k_t (H, d_k, cap), v (H, cap, d_k)
+        self.first_k: Optional[Tensor] = None  # layer 0's cache.k as set here
+
+    @staticmethod
+    def of(s: Sequence) -> "_KVSlots":
+        if s.slots is None:
+            s.slots = _KVSlots(s.cache)
+        return s.slots
+
+    def reserve(self) -> int:
+        """Number of cached frames n; makes room for one more. Reallocates when full, or when the cache's
+        buffers are no longer ours (written by another path since)."""
+        layers = self.cache.layers
+        n = layers[0].length
+        if n >= self.capacity or layers[0].k is not self.first_k:
+            self.capacity = (n // self.BLOCK + 1) * self.BLOCK
+            self.views = [self._reallocate(layer, self.capacity) for layer in layers]
+            self.first_k = layers[0].k
+        return n
+
+    def advance(self, length: int):
+        for layer in self.cache.layers:
+            layer.length = length
+
+    @staticmethod
+    def _reallocate(layer, capacity: int) -> tuple:
+        """Move the layer's n cached frames into a new (2, 1, H, capacity, d_k) buffer; cache.k/v become views."""
+        n, (_, H, _, d_k) = layer.length, layer.k.shape
+        kv = layer.k.new_empty(2, 1, H, capacity, d_k)
+        kv[0, :, :, :n] = layer.k[:, :, :n]
+        kv[1, :, :, :n] = layer.v[:, :, :n]
+        layer.k, layer.v = kv[0], kv[1]  # (1, H, capacity, d_k)
+        return kv[:, 0], kv[0, 0].transpose(1, 2), kv[1, 0]
 
 
 class _LayerPlan:
-    """The pieces of one LM layer the batched step calls, looked up once (fbgemm packs called directly)."""
+    """The pieces of one LM layer the batched step calls, looked up once: fbgemm packs and layer norms are called
+    directly (a module call costs more than a 1-row layer norm), the position biases shaped for the heads."""
 
     def __init__(self, layer):
         from .speed import Int8Linear
 
         attn, ff = layer.self_attn, layer.feed_forward
         self.heads, self.d_k = attn.h, attn.d_k
+        self.width = attn.h * attn.d_k
         self.scale = 1.0 / math.sqrt(attn.d_k)
-        self.bias_u, self.bias_v = attn.pos_bias_u, attn.pos_bias_v  # (H, d_k)
-        self.norm1, self.norm2 = layer.norm1, layer.norm2
+        self.bias_u = attn.pos_bias_u.unsqueeze(1)  # (H, 1, d_k)
+        self.bias_v = attn.pos_bias_v.unsqueeze(1)
+        self.norm1, self.norm2 = _direct_norm(layer.norm1), _direct_norm(layer.norm2)
         self.qkv = _direct(attn.linear_qkv) if attn.linear_qkv is not None else _separate_qkv(attn)
         self.out = _direct(attn.linear_out)
         self.w2 = _direct(ff.w_2)
         if isinstance(ff.w_1, Int8Linear) and isinstance(ff.activation, nn.ReLU):
-            packed = ff.w_1._packed
-            self.w1_relu = lambda x: torch.ops.quantized.linear_relu_dynamic(x, packed, True)
+            packed, op = ff.w_1._packed, _raw(torch.ops.quantized.linear_relu_dynamic)
+            self.w1_relu = lambda x: op(x, packed, True)
         else:
             self.w1_relu = lambda x: ff.activation(ff.w_1(x))
+
+
+def _raw(packet):
+    """The C++ function behind a torch.ops operator: calling the packet first scans the arguments for fake
+    torchbind objects in Python (~6 us per call, ~60 int8 linears per step); the packed weights are real ones."""
+    return getattr(packet, "_op", packet)
 
 
 def _direct(linear):
@@ -209,9 +273,14 @@ def _direct(linear):
     from .speed import Int8Linear
 
     if isinstance(linear, Int8Linear):
-        packed = linear._packed
-        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+        packed, op = linear._packed, _raw(torch.ops.quantized.linear_dynamic)
+        return lambda x: op(x, packed, True)
     return linear
+
+
+def _direct_norm(norm: nn.LayerNorm):
+    shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
+    return lambda x: torch.layer_norm(x, shape, weight, bias, eps)
 
 
 def _separate_qkv(attn):
