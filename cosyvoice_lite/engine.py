@@ -16,9 +16,10 @@ from typing import Iterator
 import numpy as np
 
 OUTPUT_RATE = 24000
-# Speech tokens in the first streamed chunk of a request besides the 20-token overlap (then 100, growing to 200).
-# TokenStream raises it to the smallest hop that leaves HiFT enough frames (23 at normal tempo: ~0.2 s of audio).
-FIRST_HOP = 20
+# Speech tokens in the first streamed chunk of a request besides its overlap (then 100, growing to 200). TokenStream
+# raises it to the smallest hop that leaves HiFT enough frames: 23 at normal tempo with the official 20-token join
+# (~0.23 s of audio), 12 with fast mode's 10-token first join (~0.12 s).
+FIRST_HOP = 1
 
 
 class SynthesisError(ValueError):

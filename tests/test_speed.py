@@ -13,7 +13,7 @@ from torch import nn
 from cosyvoice_lite.model import load_model
 from cosyvoice_lite.model.lm_decoder import LMDecoder
 from cosyvoice_lite.model.scheduler import Cancelled, Scheduler
-from cosyvoice_lite.model.speed import MODE_ENV, Fp16Linear, Int8Linear, apply_mode, settings
+from cosyvoice_lite.model.speed import MODE_ENV, SETTINGS, Fp16Linear, Int8Linear, apply_mode, settings
 from cosyvoice_lite.model.streaming import HIFT_CACHE_FRAMES, TOKEN_OVERLAP, TokenStream
 from cosyvoice_lite.parity import Golden
 
@@ -234,6 +234,38 @@ def test_stream_hops_and_chunk_lengths(exact):
     assert abs(sum(lengths) - whole) <= 4 * frame  # chunking rounds frame counts per chunk
 
 
+def test_shorter_first_join_gives_a_smaller_first_chunk_then_official_joins(exact):
+    speaker = next(iter(exact.speakers))
+    stream = TokenStream(exact, speaker, first_hop=1, first_overlap=10, first_cache=10,
+                         generator=torch.Generator().manual_seed(0))
+    frame = exact.flow.n_frames
+    first_hop = stream.hop
+    assert frame(first_hop + 10) - frame(10) >= 2 * 10 > frame(first_hop + 9) - frame(10)  # the smallest such hop
+    lengths, sizes = [], []
+    for token in torch.randint(0, 4096, (300,), generator=torch.Generator().manual_seed(1)).tolist():
+        stream.push(token)
+        if stream.ready():
+            sizes.append(stream.next_chunk_size())
+            lengths.append(stream.chunk().shape[1] // exact.samples_per_frame)
+    lengths.append(stream.finish().shape[1] // exact.samples_per_frame)
+    assert sizes[:2] == [first_hop + 10, 100 + TOKEN_OVERLAP]
+    assert lengths[0] == frame(first_hop + 10) - frame(10) - 10
+    # the second chunk re-vocodes the 10 cached frames and holds back the official 20
+    assert lengths[1] == frame(100 + TOKEN_OVERLAP) - frame(TOKEN_OVERLAP) + 10 - HIFT_CACHE_FRAMES
+    assert abs(sum(lengths) - frame(300)) <= 4
+
+
+def test_first_join_overlaps_must_be_positive(exact):
+    with pytest.raises(ValueError, match="at least 1"):
+        TokenStream(exact, next(iter(exact.speakers)), first_overlap=0)
+
+
+def test_only_fast_mode_shortens_the_first_join():
+    assert (SETTINGS["exact"].first_overlap, SETTINGS["exact"].first_cache) == (TOKEN_OVERLAP, HIFT_CACHE_FRAMES)
+    assert (SETTINGS["default"].first_overlap, SETTINGS["default"].first_cache) == (TOKEN_OVERLAP, HIFT_CACHE_FRAMES)
+    assert (SETTINGS["fast"].first_overlap, SETTINGS["fast"].first_cache) == (10, 10)
+
+
 @pytest.mark.parametrize("speed", [0.25, 1.0, 4.0])
 def test_stream_length_follows_the_tempo(exact, speed):
     speaker = next(iter(exact.speakers))
@@ -301,6 +333,20 @@ def test_scheduler_seeded_request_is_reproducible_while_others_run(exact, schedu
         t.join(120)
     assert np.array_equal(results[0], alone)
     assert not np.array_equal(results[1], alone)
+
+
+def test_scheduler_streams_with_the_first_join_of_the_mode(fast):
+    speaker = next(iter(fast.speakers))
+    s = Scheduler(fast, first_hop=1)
+    try:
+        chunks = s.submit(_segments(fast)[:1], speaker, seed=1, min_token_text_ratio=15, max_token_text_ratio=15)
+        first = next(chunks)
+        chunks.close()
+    finally:
+        s.close()
+    frame = fast.flow.n_frames
+    hop = TokenStream(fast, speaker, first_hop=1, first_overlap=10, first_cache=10).hop
+    assert first.size == (frame(hop + 10) - frame(10) - 10) * fast.samples_per_frame
 
 
 def test_scheduler_cancel_stops_the_request(exact, scheduler):

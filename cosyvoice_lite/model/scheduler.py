@@ -235,8 +235,10 @@ class Scheduler:
         request.next_segment += 1
         request.seq = self.model.decoder.start(text, self.model.embedding(request.speaker),
                                                generator=request.generator, **request.sampling)
+        mode = self.model.mode
+        joins = {"first_overlap": mode.first_overlap, "first_cache": mode.first_cache} if first else {}
         stream = TokenStream(self.model, request.speaker, self.n_timesteps, request.speed, request.generator,
-                             first_hop=self.first_hop if first else None, stop=request.cancelled)
+                             first_hop=self.first_hop if first else None, stop=request.cancelled, **joins)
         request.streams.append([stream, False])
 
     @staticmethod

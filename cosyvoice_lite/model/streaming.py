@@ -1,11 +1,15 @@
 """Speech tokens -> waveform in chunks while the LLM is still decoding, the way official CosyVoice v1 streams.
 
-Every chunk runs the flow on ``hop + 20`` tokens: the last 20 tokens (34 mel frames) overlap the next chunk, which
-starts from the same noise and mu for them (the flow cache) and cross-fades its first 34 frames with them (Hamming
-window). HiFT sees the previous chunk's last 20 mel frames again (its excitation is copied over for the first
-20 * 256 samples) and the speech of those frames is cross-faded too, so the chunks join without clicks; the last
-20 * 256 samples of each chunk are held back for that fade. The hop starts small (``first_hop``, for a short first
-wait), then is 100 tokens and doubles up to 200, as larger chunks waste less on overlaps.
+Every chunk runs the flow on ``hop + overlap`` tokens: the last ``overlap`` tokens (20, i.e. 34 mel frames) are
+shared with the next chunk, which starts from the same noise and mu for them (the flow cache) and cross-fades its
+first frames with them (Hamming window). HiFT sees the previous chunk's last 20 mel frames again (its excitation is
+copied over for their 20 * 256 samples) and the speech of those frames is cross-faded too, so the chunks join without
+clicks; those samples of each chunk are held back for that fade. The hop starts small (``first_hop``, for a short
+first wait), then is 100 tokens and doubles up to 200, as larger chunks waste less on overlaps.
+
+The join between the first and the second chunk may use shorter overlaps (``first_overlap`` tokens and
+``first_cache`` HiFT frames): the first chunk then needs fewer tokens and a shorter flow pass, so the first audio
+comes sooner, at the price of a shorter cross-fade at that one join. The official values are the default.
 """
 from __future__ import annotations
 
@@ -28,6 +32,11 @@ def crossfade(head: torch.Tensor, tail: torch.Tensor, window: torch.Tensor) -> t
     return head
 
 
+def hamming(n: int) -> torch.Tensor:
+    """Symmetric Hamming window of n points (float64), as numpy.hamming."""
+    return torch.from_numpy(np.hamming(n))
+
+
 class Interrupted(Exception):
     """Every request of a flow batch was cancelled; the chunk was dropped halfway."""
 
@@ -37,7 +46,8 @@ class TokenStream:
 
     def __init__(self, model, speaker: str, n_timesteps: Optional[int] = None, speed: float = 1.0,
                  generator: Optional[torch.Generator] = None, first_hop: Optional[int] = None,
-                 hop: Optional[int] = None, max_hop: Optional[int] = None, stop: Optional[Callable[[], bool]] = None):
+                 hop: Optional[int] = None, max_hop: Optional[int] = None, stop: Optional[Callable[[], bool]] = None,
+                 first_overlap: int = TOKEN_OVERLAP, first_cache: int = HIFT_CACHE_FRAMES):
         self.model = model
         self.stop = stop  # polled between Euler steps: True = the listener is gone
         self.embedding = model.embedding(speaker)
@@ -47,22 +57,28 @@ class TokenStream:
         rate = model.token_rate
         self.min_hop = hop or 2 * rate                     # official token_min_hop_len (100)
         self.max_hop = max_hop or 4 * rate                 # official token_max_hop_len (200)
-        self.mel_overlap = model.flow.n_frames(TOKEN_OVERLAP)                 # 34 frames
+        if first_overlap < 1 or first_cache < 1:
+            raise ValueError("first_overlap and first_cache must be at least 1")
+        # overlaps at the end of the coming chunk: shorter ones may be asked for the first join only
+        self.overlap = first_overlap                       # tokens shared with the next chunk
+        self.cache_frames = first_cache                    # mel frames HiFT sees again in the next chunk
         self.hop = max(first_hop or self.min_hop, self._smallest_hop(speed))
-        self.mel_window = torch.from_numpy(np.hamming(2 * self.mel_overlap))
-        self.source_cache = HIFT_CACHE_FRAMES * model.samples_per_frame      # 5120 samples
-        self.speech_window = torch.from_numpy(np.hamming(2 * self.source_cache))
         self.tokens: List[int] = []
         self.flow_cache = torch.zeros(1, model.flow.output_size, 0, 2)
-        self.mel_tail: Optional[torch.Tensor] = None       # last mel_overlap frames of the previous chunk
+        self.mel_tail: Optional[torch.Tensor] = None       # mel frames of the previous chunk's overlap
         self.hift_cache: Optional[dict] = None
         self.chunks = 0
 
+    @property
+    def mel_overlap(self) -> int:
+        """Mel frames of the coming chunk's token overlap (34 for the official 20 tokens)."""
+        return self.model.flow.n_frames(self.overlap)
+
     def _smallest_hop(self, speed: float) -> int:
-        """Smallest hop whose chunk still leaves 2 * HIFT_CACHE_FRAMES mel frames to vocode after the overlap is
-        held back and the tempo change is applied (HiFT keeps 20 frames of each chunk for the next one)."""
+        """Smallest hop whose chunk still leaves 2 * cache_frames mel frames to vocode after the overlap is held
+        back and the tempo change is applied (HiFT keeps cache_frames of each chunk for the next one)."""
         hop = 1
-        while int((self.model.flow.n_frames(hop + TOKEN_OVERLAP) - self.mel_overlap) / speed) < 2 * HIFT_CACHE_FRAMES:
+        while int((self.model.flow.n_frames(hop + self.overlap) - self.mel_overlap) / speed) < 2 * self.cache_frames:
             hop += 1
         return hop
 
@@ -71,7 +87,7 @@ class TokenStream:
 
     def ready(self) -> bool:
         """Enough tokens for the next (non-final) chunk."""
-        return len(self.tokens) >= self.hop + TOKEN_OVERLAP
+        return len(self.tokens) >= self.hop + self.overlap
 
     @torch.inference_mode()
     def chunk(self) -> torch.Tensor:
@@ -89,7 +105,7 @@ class TokenStream:
         """The next chunk of several streams whose chunks have one size (next_chunk_size), the flow run as one
         batch (the rows of a batch do not interact; only float rounding may differ from one-by-one runs).
         final: every stream's last chunk (all its tokens, nothing held back)."""
-        tokens = [s.tokens if final else s.tokens[:s.hop + TOKEN_OVERLAP] for s in streams]
+        tokens = [s.tokens if final else s.tokens[:s.hop + s.overlap] for s in streams]
         if len({len(t) for t in tokens}) != 1:
             raise ValueError("chunk_many needs chunks of one size")
         if not tokens[0]:  # a segment without speech tokens
@@ -102,6 +118,7 @@ class TokenStream:
             else:
                 s.tokens = s.tokens[s.hop:]
                 s.hop = s.min_hop if s.chunks == 1 else min(s.max_hop, 2 * s.hop)
+                s.overlap, s.cache_frames = TOKEN_OVERLAP, HIFT_CACHE_FRAMES  # official joins after the first
         return wavs
 
     @staticmethod
@@ -132,10 +149,10 @@ class TokenStream:
         return list(mel.split(1, dim=0))
 
     def _vocode(self, mel: torch.Tensor, final: bool) -> torch.Tensor:
-        """Flow output (1, 80, F) of this chunk -> waveform, with the official overlaps and caches."""
+        """Flow output (1, 80, F) of this chunk -> waveform, joined to the previous chunk (overlaps and caches)."""
         model = self.model
         if self.mel_tail is not None:
-            mel = crossfade(mel, self.mel_tail, self.mel_window)
+            mel = crossfade(mel, self.mel_tail, hamming(2 * self.mel_tail.shape[2]))
         if not final:
             self.mel_tail = mel[:, :, -self.mel_overlap:]
             mel = mel[:, :, :-self.mel_overlap]
@@ -148,16 +165,18 @@ class TokenStream:
             cache_source = torch.zeros(1, 1, 0)
         speech, source = model.hift(mel, cache_source, generator=self.generator)
         if self.hift_cache is not None:
-            speech = crossfade(speech, self.hift_cache["speech"], self.speech_window)
+            cached = self.hift_cache["speech"]
+            speech = crossfade(speech, cached, hamming(2 * cached.shape[1]))
         self.chunks += 1
         if final:
             return speech
-        self.hift_cache = {"mel": mel[:, :, -HIFT_CACHE_FRAMES:], "source": source[:, :, -self.source_cache:],
-                           "speech": speech[:, -self.source_cache:]}
-        return speech[:, :-self.source_cache]
+        samples = self.cache_frames * model.samples_per_frame  # 5120 for the official 20 frames
+        self.hift_cache = {"mel": mel[:, :, -self.cache_frames:], "source": source[:, :, -samples:],
+                           "speech": speech[:, -samples:]}
+        return speech[:, :-samples]
 
     def next_chunk_size(self, final: bool = False) -> int:
         """Tokens the next chunk runs through the flow (for a non-final chunk: 0 when not ready)."""
         if final:
             return len(self.tokens)
-        return self.hop + TOKEN_OVERLAP if self.ready() else 0
+        return self.hop + self.overlap if self.ready() else 0
