@@ -29,6 +29,14 @@ def test_golden_model_loads_with_its_seven_speakers():
     assert model.sample_rate == 22050 and model.samples_per_frame == 256 and model.token_rate == 50
 
 
+@pytest.mark.parametrize("mode", ["default", "fast"])
+def test_lean_modes_keep_no_checkpoint_mapped_after_loading(model_copy, mode):
+    model = load_model(model_copy, mode=mode)  # the lean modes map the checkpoints while converting them
+    mapped = Path("/proc/self/maps").read_text()
+    assert str(model_copy) not in mapped
+    assert model.synthesize([1, 2, 3], next(iter(model.speakers)), seed=0).numel() > 0
+
+
 def test_sizes_come_from_the_yaml():
     model = load_model(GOLDEN_MODEL)
     assert model.llm.llm_decoder.in_features == 128          # llm_output_size of the tiny yaml

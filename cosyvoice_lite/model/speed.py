@@ -65,6 +65,12 @@ def settings(mode: Optional[str]) -> ModeSettings:
     return SETTINGS[name]
 
 
+def own_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
+    """A float32 copy of a bias for fbgemm's packed layers: they keep the tensor they are given, and one that lives
+    in a memory-mapped checkpoint would keep the mapping in use (see loader.copy_out_of_mappings)."""
+    return None if bias is None else bias.detach().float().clone()
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 (symmetric, one scale per output row) in fbgemm's packed layout.
 
@@ -80,8 +86,7 @@ class Int8Linear(nn.Module):
         with warnings.catch_warnings():  # torch marks quantized tensors deprecated; the fbgemm kernels are current
             warnings.simplefilter("ignore")
             q = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.int64), 0, torch.qint8)
-            self._packed = torch.ops.quantized.linear_prepack(
-                q, None if bias is None else bias.detach().float().contiguous())
+            self._packed = torch.ops.quantized.linear_prepack(q, own_bias(bias))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -103,8 +108,7 @@ class Fp16Linear(nn.Module):
     def __init__(self, weight: Tensor, bias: Optional[Tensor]):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self._packed = torch.ops.quantized.linear_prepack_fp16(
-            weight.detach().float().contiguous(), None if bias is None else bias.detach().float().contiguous())
+        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(), own_bias(bias))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Fp16Linear":
@@ -132,7 +136,7 @@ class Int8Conv1d(nn.Module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             q = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.int64), 0, torch.qint8)
-            bias = None if conv.bias is None else conv.bias.detach().float().contiguous()
+            bias = own_bias(conv.bias)
             self._packed = torch.ops.quantized.conv1d_prepack(q, bias, list(conv.stride), list(conv.padding),
                                                               list(conv.dilation), conv.groups)
 
