@@ -15,6 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .memory import map_large_blocks
+
 OUTPUT_RATE = 24000
 # Speech tokens in the first streamed chunk of a request besides its overlap (then 100, growing to 200). TokenStream
 # raises it to the smallest hop that leaves HiFT enough frames: 23 at normal tempo with the official 20-token join
@@ -111,6 +113,7 @@ class CosyVoiceEngine(Engine):
         # oneDNN keeps compiled kernels for every convolution shape it has seen (1024 by default); streamed chunks
         # come in many lengths, so a long-running worker would keep growing. 64 costs no measurable speed here.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+        map_large_blocks()  # large activations go back to the OS when freed (see memory.py)
         self.mode = settings(mode)
         self.model = load_model(model_dir, mode=self.mode.name)
         self.frontend = TextFrontend()
