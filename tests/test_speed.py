@@ -182,6 +182,24 @@ def test_batched_decoding_of_long_sequences_follows_the_single_sequence_path(def
     assert rel(ours, ref) < 1e-2
 
 
+def test_a_sequence_can_switch_between_batched_and_single_steps(default):
+    """The batched step keeps a sequence's keys and values in buffers of its own; single-sequence steps on the same
+    cache must see them, and batched steps what single ones appended (across the 128-frame cache growths)."""
+    text, embedding = llm_inputs(LLM_CASES[0])
+    tokens = torch.randint(0, 4096, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    single = LMDecoder(default.llm, batched=False)
+    _, ref = single.greedy(text, embedding, 200, forced=tokens)
+    batched = LMDecoder(default.llm, batched=True)
+    seq = batched.start(text, embedding, min_token_text_ratio=0, max_token_text_ratio=10 ** 6)
+    rows = []
+    for i, token in enumerate(tokens):
+        decoder = single if (i // 45) % 2 else batched
+        rows.append(decoder.logits([seq]))
+        decoder.push(seq, token)
+    assert rel(torch.cat(rows), ref) < 1e-2
+    assert torch.equal(torch.cat(rows).argmax(dim=1), ref.argmax(dim=1))
+
+
 def test_per_sequence_generators_make_draws_independent(exact):
     """A sequence's draws depend on its own generator only, not on the sequences stepped with it."""
     text, embedding = llm_inputs(LLM_CASES[0])
