@@ -200,11 +200,17 @@ def test_schemathesis_fuzz_from_openapi_never_500_never_hangs(tmp_path):
                 error_message(response.content)
 
         check_case()
+        # what the generator draws depends on hypothesis' state, so accepted and refused bodies of both endpoints
+        # are also sent by hand
+        for path, good in (("/tts", {"text": "Hello."}), ("/v1/audio/speech", {"input": "Hello.", "model": "tts-1"})):
+            status, headers, _ = server.request("POST", path, good)
+            assert status == 200 and headers["content-type"].startswith("audio/"), (path, status)
+            status, headers, body = server.request("POST", path, {**good, "speed": "fast"})
+            assert status == 400 and headers["content-type"].startswith("application/json"), (path, status)
+            error_message(body)
         assert server_pids(server.port)[1] == [worker]
         assert server.request("GET", "/health")[0] == 200
-    # both endpoints were exercised with accepted and refused bodies
-    for expected in ("POST /tts 200", "POST /tts 400", "POST /v1/audio/speech 200", "POST /v1/audio/speech 400"):
-        assert seen.get(expected), seen
+    assert any(k.startswith("POST /tts ") for k in seen) and any(k.startswith("POST /v1/audio/speech ") for k in seen)
 
 
 DEEP = 10_000
