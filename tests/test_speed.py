@@ -363,8 +363,9 @@ def test_scheduler_streams_with_the_first_join_of_the_mode(fast):
     finally:
         s.close()
     frame = fast.flow.n_frames
-    hop = TokenStream(fast, speaker, first_hop=1, first_overlap=10, first_cache=10).hop
-    assert first.size == (frame(hop + 10) - frame(10) - 10) * fast.samples_per_frame
+    overlap, cache = fast.mode.first_overlap, fast.mode.first_cache
+    hop = TokenStream(fast, speaker, first_hop=1, first_overlap=overlap, first_cache=cache).hop
+    assert first.size == (frame(hop + overlap) - frame(overlap) - cache) * fast.samples_per_frame
 
 
 def test_scheduler_cancel_stops_the_request(exact, scheduler):

@@ -23,18 +23,15 @@ TOKEN_OVERLAP = 20        # tokens shared by consecutive flow chunks (official t
 HIFT_CACHE_FRAMES = 20    # mel frames HiFT sees twice (official mel_cache_len)
 
 
-def crossfade(head: torch.Tensor, tail: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Fade the first n = len(window) // 2 samples of `head` in over the last n of `tail` (fading out)."""
-    n = window.numel() // 2
+def crossfade(head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """Fade the first n = tail.shape[-1] samples of `head` in over `tail` (fading out), with the two halves of a
+    symmetric Hamming window of 2n points (numpy.hamming), as the official streaming does."""
+    n = tail.shape[-1]
+    window = torch.from_numpy(np.hamming(2 * n))
     head = head.clone()
-    mixed = head[..., :n].double() * window[:n] + tail[..., -n:].double() * window[n:]
+    mixed = head[..., :n].double() * window[:n] + tail.double() * window[n:]
     head[..., :n] = mixed.to(head.dtype)
     return head
-
-
-def hamming(n: int) -> torch.Tensor:
-    """Symmetric Hamming window of n points (float64), as numpy.hamming."""
-    return torch.from_numpy(np.hamming(n))
 
 
 class Interrupted(Exception):
@@ -152,7 +149,7 @@ class TokenStream:
         """Flow output (1, 80, F) of this chunk -> waveform, joined to the previous chunk (overlaps and caches)."""
         model = self.model
         if self.mel_tail is not None:
-            mel = crossfade(mel, self.mel_tail, hamming(2 * self.mel_tail.shape[2]))
+            mel = crossfade(mel, self.mel_tail)
         if not final:
             self.mel_tail = mel[:, :, -self.mel_overlap:]
             mel = mel[:, :, :-self.mel_overlap]
@@ -165,8 +162,7 @@ class TokenStream:
             cache_source = torch.zeros(1, 1, 0)
         speech, source = model.hift(mel, cache_source, generator=self.generator)
         if self.hift_cache is not None:
-            cached = self.hift_cache["speech"]
-            speech = crossfade(speech, cached, hamming(2 * cached.shape[1]))
+            speech = crossfade(speech, self.hift_cache["speech"])
         self.chunks += 1
         if final:
             return speech
