@@ -14,6 +14,7 @@ from cosyvoice_lite.model import load_model
 from cosyvoice_lite.model.lm_decoder import LMDecoder
 from cosyvoice_lite.model.scheduler import Cancelled, Scheduler
 from cosyvoice_lite.model.speed import MODE_ENV, SETTINGS, Fp16Linear, Int8Linear, apply_mode, settings
+from cosyvoice_lite.model import streaming
 from cosyvoice_lite.model.streaming import HIFT_CACHE_FRAMES, TOKEN_OVERLAP, TokenStream
 from cosyvoice_lite.parity import Golden
 
@@ -271,6 +272,26 @@ def test_shorter_first_join_gives_a_smaller_first_chunk_then_official_joins(exac
     # the second chunk re-vocodes the 10 cached frames and holds back the official 20
     assert lengths[1] == frame(100 + TOKEN_OVERLAP) - frame(TOKEN_OVERLAP) + 10 - HIFT_CACHE_FRAMES
     assert abs(sum(lengths) - frame(300)) <= 4
+
+
+def test_long_chunks_give_the_flows_memory_back_before_hift_runs(exact, monkeypatch):
+    events = []
+    monkeypatch.setattr(streaming, "release_free_memory", lambda: events.append("trim"))
+    hift = exact.hift
+    monkeypatch.setattr(exact, "hift", lambda mel, *args, **kw: events.append(mel.shape[2]) or hift(mel, *args, **kw))
+    stream = TokenStream(exact, next(iter(exact.speakers)), first_hop=30, generator=torch.Generator().manual_seed(0))
+    for token in torch.randint(0, 4096, (300,), generator=torch.Generator().manual_seed(1)).tolist():
+        stream.push(token)
+        if stream.ready():
+            stream.chunk()
+    stream.finish()
+    frames = exact.flow.n_frames
+    # first chunk: 30 + 20 tokens, short (no trim); then 100 + 20 tokens; the last chunk has the remaining 170
+    flow_frames = [frames(50), frames(120), frames(170)]
+    hift_frames = [flow_frames[0] - frames(TOKEN_OVERLAP), flow_frames[1] - frames(TOKEN_OVERLAP) + HIFT_CACHE_FRAMES,
+                   flow_frames[2] + HIFT_CACHE_FRAMES]
+    assert flow_frames[0] < streaming.TRIM_BEFORE_HIFT_FRAMES <= flow_frames[1]
+    assert events == [hift_frames[0], "trim", hift_frames[1], "trim", hift_frames[2]]
 
 
 def test_first_join_overlaps_must_be_positive(exact):
