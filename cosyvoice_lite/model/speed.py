@@ -8,8 +8,10 @@
   the estimator and HiFT run on time-major (channels-last) memory, where oneDNN's kernels are faster
   (TimeMajorConv1d: HiFT ~20% faster, the estimator ~1%; the Mish ~2%). The LLM reads 4x fewer weight bytes per
   token, which is what a decode step costs on a CPU; the flow's float16 weights halve its memory at no measurable
-  speed cost. Loaded, the process holds ~1.15 GB instead of 3.1 GB. Concurrent requests are batched (LM steps,
-  equal-size flow chunks).
+  speed cost on streamed chunks (344 frames: 836 vs 851 ms per estimator call, interleaved), but a whole 10 s
+  segment at once (861 frames, the bench's one-shot figure) ran 14-20% slower than float32 with memory.py's 8 MB
+  mmap threshold (within 1% in one run without it). Loaded, the process holds ~1.15 GB instead of 3.1 GB.
+  Concurrent requests are batched (LM steps, equal-size flow chunks).
 - ``fast``: ``default`` with the flow's linear layers in int8, 5 Euler steps instead of 10, HiFT's residual
   blocks (90% of its work) as int8 convolutions (fbgemm dynamic quantization, ~1.8x faster), and a shorter first
   streaming join (10 tokens and 10 HiFT frames instead of the official 20 and 20): the first chunk needs 22 tokens
