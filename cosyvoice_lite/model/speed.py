@@ -10,7 +10,7 @@
   token, which is what a decode step costs on a CPU; the flow's float16 weights halve its memory at no measurable
   speed cost on streamed chunks (344 frames: 836 vs 851 ms per estimator call, interleaved), but a whole 10 s
   segment at once (861 frames, the bench's one-shot figure) ran 14-20% slower than float32 with memory.py's 8 MB
-  mmap threshold (within 1% in one run without it). Loaded, the process holds ~1.15 GB instead of 3.1 GB.
+  mmap threshold (within 2% in one run without it). Loaded, the process holds ~1.15 GB instead of 3.1 GB.
   Concurrent requests are batched (LM steps, equal-size flow chunks).
 - ``fast``: ``default`` with the flow's linear layers in int8, 5 Euler steps instead of 10, HiFT's residual
   blocks (90% of its work) as int8 convolutions (fbgemm dynamic quantization, ~1.8x faster), and a shorter first
