@@ -25,7 +25,7 @@ TOKEN_OVERLAP = 20        # tokens shared by consecutive flow chunks (official t
 HIFT_CACHE_FRAMES = 20    # mel frames HiFT sees twice (official mel_cache_len)
 # Chunks of at least this many mel frames (~1.2 s) hand the flow's freed memory back to the OS before HiFT runs:
 # HiFT's activations are the largest of a chunk, and without this they come on top of the flow's freed but still
-# resident pages (4 concurrent requests: peak RSS ~1.47 instead of ~1.58 GB in default mode). A trim costs 5-15 ms.
+# resident pages (4 concurrent requests: peak RSS ~1.48 instead of ~1.58 GB in default mode). A trim took 6-13 ms.
 TRIM_BEFORE_HIFT_FRAMES = 100
 
 
