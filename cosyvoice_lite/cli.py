@@ -24,8 +24,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def say(args: argparse.Namespace) -> int:
     from . import audio
-    from .engine import SynthesisError
-    from .server import StartupError, load_engine
+    from .engines import SynthesisError
+    from .engines import StartupError, load_engine
     from .settings import Settings
 
     try:

@@ -1,9 +1,9 @@
 """gunicorn settings for cosyvoice-lite, from the same environment variables as the app (cosyvoice_lite/settings.py).
 
 Process model: WORKERS processes, the model loaded once in the master before the fork (preload_app) so that the
-workers share the weights' memory pages. Each worker is a gthread worker: one synthesis thread behind a queue of
-QUEUE_SIZE requests, plus request threads, so /health, /ready and /metrics answer during a long synthesis and a
-full queue is answered with 503 at once.
+workers share the weights' memory pages. Each worker is a gthread worker: every admitted request's thread hands it
+to the engine's scheduler (MAX_BATCH decoded side by side, QUEUE_SIZE more waiting), spare threads keep /health,
+/ready and /metrics answering during long syntheses, and a request beyond the bound gets a 503 at once.
 """
 import os
 import sys
@@ -19,9 +19,9 @@ except ValueError as _error:  # a bad environment value: one clear line, no trac
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_settings.port}"
 workers = _settings.workers
 worker_class = "gthread"
-# Request threads per worker: the requests the queue admits (QUEUE_SIZE waiting + 1 synthesising) plus spare
-# threads for health checks, metrics and fast 503 answers.
-threads = _settings.queue_size + 1 + 8
+# Request threads per worker: each admitted request waits for its audio on its own thread (QUEUE_SIZE waiting +
+# MAX_BATCH in progress), plus spare threads for health checks, metrics and fast 503 answers.
+threads = _settings.queue_size + _settings.max_batch + 8
 preload_app = True
 timeout = 60                     # a worker silent this long (its main loop stuck) is killed and replaced
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))  # SIGTERM: in-flight requests get this long

@@ -1,8 +1,10 @@
-"""Keeping a worker's resident memory near what it uses: glibc malloc settings and trimming (no-ops elsewhere)."""
+"""A model worker's process-wide runtime settings: threads, oneDNN's cache, and keeping resident memory near what
+is used (glibc malloc settings and trimming, no-ops elsewhere)."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 
 def _glibc(name: str, argtypes: list):
@@ -24,11 +26,10 @@ LARGE_BLOCK = 8 * 2 ** 20
 def map_large_blocks(threshold: int = LARGE_BLOCK) -> bool:
     """Serve every allocation of `threshold` bytes or more from a mapping of its own, unmapped when freed.
 
-    Why: glibc raises this threshold by itself (up to 32 MB) once a large block is freed, so from then on HiFT's
-    10-50 MB activations come from the heap, where freed space stays resident, fragmented: one 10 s stream took
-    a default-mode worker from ~1.2 to ~1.8 GB. Smaller blocks (the flow's and the LLM's, even for a 10 s segment
-    at once) stay in the heap, where reusing memory is cheaper than faulting in fresh pages: with 4 MB the flow of
-    a 10 s segment ran ~14% slower, with 1 MB streaming did. Returns False where this is not glibc.
+    Why: glibc raises this threshold by itself once a large block is freed, so from then on HiFT's large
+    activations come from the heap, where freed space stays resident and fragmented, and a worker's memory keeps
+    growing. Smaller blocks (the flow's and the LLM's) stay in the heap, where reusing memory is cheaper than
+    faulting in fresh pages (a lower threshold made the flow slower). Returns False where this is not glibc.
     """
     return _MALLOPT is not None and _MALLOPT(M_MMAP_THRESHOLD, int(threshold)) == 1
 
@@ -40,3 +41,16 @@ def release_free_memory() -> None:
     costs a few milliseconds."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def configure_process(threads: int | None = None) -> None:
+    """The process-wide runtime knobs of a worker that runs the model, in one place: CPU threads, oneDNN's kernel
+    cache, and large blocks in mappings of their own."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    # oneDNN keeps compiled kernels for every convolution shape it has seen (1024 by default); streamed chunks come
+    # in many lengths, so a long-running worker would keep growing.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    map_large_blocks()

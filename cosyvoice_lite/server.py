@@ -7,7 +7,6 @@ GET /metrics, GET /openapi.json, GET / (web page). Every error is JSON {"error":
 from __future__ import annotations
 
 import hmac
-import inspect
 import json
 import logging
 import math
@@ -23,10 +22,11 @@ from flask import Flask, Response, current_app, g, jsonify, request, send_from_d
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import audio
-from .engine import Engine, Speaker, SynthesisError
-from .offline_voice import GET_COSYVOICE_HINT
+from .engines import Engine, Speaker, StartupError, SynthesisError, load_engine
+from .engines.piper import GET_COSYVOICE_HINT
 from .openapi import openapi_spec
-from .service import ClientGone, EngineFailure, Job, Metrics, QueueFull, Synthesizer, TimedOut
+from .cancel import CLIENT_GONE, TIMEOUT, Cancelled
+from .service import Admission, EngineFailure, Job, Metrics, QueueFull
 from .settings import Settings
 
 log = logging.getLogger("cosyvoice_lite")
@@ -36,10 +36,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 SPEED_RANGE = (0.25, 4.0)
 PUBLIC_ENDPOINTS = {"health", "ready", "page", "static"}  # reachable without API_KEY
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-class StartupError(RuntimeError):
-    """The service cannot start (bad MODEL_DIR, broken checkpoint, ...). The message says what to fix."""
 
 
 class ApiError(Exception):
@@ -54,61 +50,6 @@ class ApiError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Engine selection
-# ---------------------------------------------------------------------------------------------------------------
-
-def load_engine(settings: Settings) -> Engine:
-    """CosyVoice when MODEL_DIR holds a CosyVoice model (cosyvoice.yaml), the offline Piper voice when MODEL_DIR
-    is missing or empty. Anything else (a file, a directory of something else, a broken checkpoint) is a
-    StartupError: better no server than one that silently speaks with the wrong voice."""
-    model_dir = Path(settings.model_dir)
-    wants = settings.engine
-    has_model = (model_dir / "cosyvoice.yaml").is_file()
-    if wants == "cosyvoice" or (wants == "auto" and has_model):
-        if not has_model:
-            raise StartupError(f"ENGINE=cosyvoice but MODEL_DIR={model_dir} has no cosyvoice.yaml; "
-                               f"{GET_COSYVOICE_HINT}")
-        try:
-            from .engine import CosyVoiceEngine
-        except ImportError as e:
-            raise StartupError(f"this build has no CosyVoice engine ({e})") from e
-        try:
-            if "threads" in inspect.signature(CosyVoiceEngine).parameters:
-                engine = CosyVoiceEngine(model_dir, threads=settings.threads)
-            else:
-                import torch
-
-                torch.set_num_threads(settings.threads)
-                engine = CosyVoiceEngine(model_dir)
-        except Exception as e:
-            raise StartupError(f"cannot load the CosyVoice model in {model_dir}: {type(e).__name__}: {e}") from e
-        log.info("engine: cosyvoice, model %s, %d speakers, %d threads per worker", model_dir,
-                 len(engine.speakers()), settings.threads)
-        return engine
-
-    if wants == "auto":
-        if model_dir.exists() and not model_dir.is_dir():
-            raise StartupError(f"MODEL_DIR={model_dir} is a file, not a model directory")
-        found = sorted(p.name for p in model_dir.iterdir() if not p.name.startswith(".")) if model_dir.is_dir() else []
-        found = [name for name in found if name.lower() != "readme.md"]
-        if found:
-            what = "a CosyVoice2/3 model, which this service does not run" if any(
-                n.startswith(("cosyvoice2", "cosyvoice3")) for n in found) else "not a CosyVoice-300M model"
-            raise StartupError(f"MODEL_DIR={model_dir} has no cosyvoice.yaml (found: {', '.join(found[:8])}): "
-                               f"{what}. Point MODEL_DIR at a CosyVoice-300M-SFT directory, or at an empty or "
-                               f"missing one to use the offline voice")
-    from .offline_voice import PiperEngine
-
-    try:
-        engine = PiperEngine(threads=settings.threads)
-    except Exception as e:
-        raise StartupError(f"cannot load the offline Piper voice: {e}") from e
-    log.warning("engine: piper (offline English fallback voice) - no CosyVoice model in MODEL_DIR=%s; "
-                "%s, then restart", model_dir, GET_COSYVOICE_HINT)
-    return engine
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # App factory
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -119,7 +60,7 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.metrics = Metrics()
-        self.synth = Synthesizer(engine, settings.queue_size, on_change=self.metrics.set_queue)
+        self.synth = Admission(engine, settings.queue_size, settings.max_batch, on_change=self.metrics.set_queue)
         self.spec = openapi_spec(settings, engine)
 
     def default_speaker(self) -> Speaker:
@@ -128,7 +69,7 @@ class Service:
 
 def create_app(config: dict | None = None) -> Flask:
     """Build the app. ``config`` overrides settings by field name (e.g. {'queue_size': 2}); 'engine' may be an
-    Engine instance to serve instead of the one ``load_engine`` would pick. The synthesis thread starts on the first
+    Engine instance to serve instead of the one ``load_engine`` would pick. The engine warms up on the first
     request or on ``app.extensions['cosyvoice_lite'].synth.ensure_started()`` (gunicorn does it after fork)."""
     config = dict(config or {})
     engine = config.pop("engine") if isinstance(config.get("engine"), Engine) else None
@@ -145,8 +86,9 @@ def create_app(config: dict | None = None) -> Flask:
     _register_hooks(app, service)
     _register_error_handlers(app)
     _register_routes(app, service)
-    log.info("cosyvoice-lite app created: engine=%s speakers=%s queue=%d timeout=%ss max_chars=%d auth=%s",
-             engine.name, ",".join(s.alias for s in engine.speakers()), settings.queue_size,
+    log.info("cosyvoice-lite app created: engine=%s speakers=%s in_progress=%d queue=%d timeout=%ss max_chars=%d "
+             "auth=%s", engine.name, ",".join(s.alias for s in engine.speakers()), service.synth.max_batch,
+             settings.queue_size,
              settings.request_timeout, settings.max_text_chars, "on" if settings.api_key else "off")
     return app
 
@@ -452,7 +394,9 @@ def _client_gone_check(environ):
 def synthesize_response(service: Service, req: SpeechRequest) -> Response:
     rec: RequestRecord = g.rec
     rec.speaker, rec.chars, rec.fmt, rec.stream = req.speaker.alias, len(req.text), req.fmt, req.stream
-    job = Job(req.text, req.speaker, req.speed, req.normalize, request_id=rec.id)
+    job = Job(req.text, req.speaker, req.speed, req.normalize, request_id=rec.id,
+              deadline=rec.started + service.settings.request_timeout,
+              client_gone=_client_gone_check(request.environ))
     try:
         service.synth.submit(job)
     except QueueFull as e:
@@ -460,8 +404,7 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
         message = f"the server is busy ({service.synth.capacity} requests in progress); retry in {e.retry_after} s"
         raise ApiError(503, message, code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
     rec.job = job
-    deadline = rec.started + service.settings.request_timeout
-    chunks = service.synth.results(job, deadline, _client_gone_check(request.environ))
+    chunks = service.synth.results(job)
     encoder = audio.make_encoder(req.fmt, streaming=req.stream)
     headers = {"X-Engine": service.engine.name, "X-Speaker": req.speaker.alias, "Cache-Control": "no-store",
                "X-Sample-Rate": str(audio.SAMPLE_RATE), "X-Channels": "1",
@@ -496,10 +439,8 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
             if tail:
                 yield tail
             rec.outcome = "ok"
-        except TimedOut:
-            rec.outcome = "timeout_mid_stream"
-        except ClientGone:
-            rec.outcome = "client_gone"
+        except Cancelled as e:
+            rec.outcome = "timeout_mid_stream" if e.reason == TIMEOUT else "client_gone"
         except GeneratorExit:
             rec.outcome = "client_gone"
             raise
@@ -523,11 +464,11 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
 
 
 def _synthesis_error(rec: RequestRecord, e: BaseException) -> BaseException:
-    if isinstance(e, TimedOut):
+    if isinstance(e, Cancelled) and e.reason == TIMEOUT:
         rec.outcome = "timeout"
         return ApiError(504, "synthesis took longer than REQUEST_TIMEOUT; try a shorter text", code="timeout")
-    if isinstance(e, ClientGone):
-        rec.outcome = "client_gone"
+    if isinstance(e, Cancelled):
+        rec.outcome = "client_gone" if e.reason == CLIENT_GONE else e.reason
         return ApiError(499, "client closed the connection", code="client_closed")
     if isinstance(e, SynthesisError):
         rec.outcome = "rejected"
@@ -600,7 +541,8 @@ def _register_routes(app: Flask, service: Service) -> None:
             return error_response(503, "the model is loading and warming up", "warming_up",
                                   headers={"Retry-After": "2"})
         return jsonify({"status": "ready", **engine_json(), "speakers": len(engine.speakers()),
-                        "queue": {"waiting": synth.waiting, "running": synth.running, "capacity": synth.capacity}})
+                        "queue": {"waiting": synth.waiting, "running": synth.running, "max_batch": synth.max_batch,
+                                  "capacity": synth.capacity}})
 
     @app.get("/metrics")
     def metrics():

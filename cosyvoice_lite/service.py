@@ -1,10 +1,9 @@
-"""What runs behind the HTTP routes: one synthesis thread per worker process fed by a bounded queue, and metrics
-shared by all worker processes.
+"""Admission in front of the engine, and metrics shared by all worker processes.
 
-Why a queue of our own: the CPU does one synthesis at a time well, so each worker synthesises one request and
-keeps at most ``queue_size`` more waiting. Anything beyond gets an immediate 503 with Retry-After instead of
-joining a pile-up in which every client times out. Request threads only wait on their job's chunk queue, so
-/health and /metrics answer while a long synthesis runs.
+Why bounded admission: a worker decodes ``max_batch`` requests side by side (CosyVoice's scheduler batches their
+LLM steps and flow chunks) and keeps at most ``queue_size`` more waiting. Anything beyond gets an immediate 503
+with Retry-After instead of joining a pile-up in which every client times out. An admitted request's own thread
+hands it straight to the engine and waits for its chunks; /health and /metrics are served by other threads.
 """
 from __future__ import annotations
 
@@ -14,18 +13,15 @@ import math
 import mmap
 import multiprocessing
 import os
-import queue
 import threading
 import time
 
 import numpy as np
 
-from .engine import Cancelled, Engine, Speaker, SynthesisError
-from .memory import release_free_memory
+from .cancel import CANCELLED, STOPPING, Cancelled, CancelToken
+from .engines import Engine, Speaker, SynthesisError
 
 log = logging.getLogger("cosyvoice_lite")
-
-_DONE = object()
 
 
 class QueueFull(Exception):
@@ -34,38 +30,35 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-class TimedOut(Exception):
-    pass
-
-
-class ClientGone(Exception):
-    pass
-
-
 class EngineFailure(Exception):
     """The engine raised something unexpected; details are in the server log, not in the response."""
 
 
 class Job:
-    def __init__(self, text: str, speaker: Speaker, speed: float = 1.0, normalize: bool = True, request_id: str = ""):
+    def __init__(self, text: str, speaker: Speaker, speed: float = 1.0, normalize: bool = True, request_id: str = "",
+                 deadline: float | None = None, client_gone=None):
         self.text, self.speaker, self.speed, self.normalize = text, speaker, speed, normalize
         self.request_id = request_id
-        self.cancel = threading.Event()
-        self.chunks: queue.SimpleQueue = queue.SimpleQueue()
-        self.state = "new"   # new -> queued -> running -> done, or queued -> abandoned
+        self.cancel = CancelToken(deadline, client_gone)  # the one cancellation of this request
+        self.state = "new"   # new -> admitted -> done
         self.created = time.monotonic()
+        self.started: float | None = None
+        self.first_audio: float | None = None  # seconds from admission to the first chunk
         self.samples = 0
         self.synth_seconds = 0.0
 
 
-class Synthesizer:
-    """Bounded job queue in front of one engine, drained by one thread of this process."""
+class Admission:
+    """Bounded admission in front of one engine: at most ``max_batch`` requests in progress and ``queue_size``
+    waiting per worker process. The engine's own scheduler decides who is served first."""
 
-    def __init__(self, engine: Engine, queue_size: int, on_change=lambda waiting, running: None):
+    def __init__(self, engine: Engine, queue_size: int, max_batch: int | None = None,
+                 on_change=lambda waiting, running: None):
         self.engine = engine
         self._on_change = on_change
         self.queue_size = queue_size
-        self.capacity = queue_size + 1  # waiting + the one being synthesised
+        self.max_batch = max(1, min(max_batch or engine.max_batch, engine.max_batch))
+        self.capacity = queue_size + self.max_batch
         self._pid = None
         self._start_lock = threading.Lock()
         self._reset()
@@ -73,10 +66,7 @@ class Synthesizer:
     def _reset(self):
         # Fresh primitives for this process: a lock inherited across fork may be in any state.
         self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        self._pending: collections.deque[Job] = collections.deque()
-        self._admitted = 0
-        self._running = 0
+        self._jobs: set[Job] = set()
         self._recent = collections.deque(maxlen=16)  # wall seconds of recent jobs, for Retry-After
         self.ready = threading.Event()
         self.failure: str | None = None
@@ -84,7 +74,8 @@ class Synthesizer:
 
     # ---- life cycle -------------------------------------------------------------------------------------
     def ensure_started(self) -> None:
-        """Start the synthesis thread in this process (again after a fork; threads do not survive one)."""
+        """Warm the engine up in this process (again after a fork) on a thread of its own; ``ready`` is set when
+        it is done. Requests are admitted meanwhile: the engine serves them after the warm-up's first chunk."""
         if self._pid == os.getpid():
             return
         with self._start_lock:
@@ -92,89 +83,10 @@ class Synthesizer:
                 return
             self._reset()
             self._pid = os.getpid()
-            threading.Thread(target=self._run, name="synthesis", daemon=True).start()
+            threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
         self._changed()  # registers this process with the shared metrics
 
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            for job in self._pending:
-                job.state = "abandoned"
-                job.cancel.set()
-                job.chunks.put(EngineFailure("the service is stopping"))
-            self._pending.clear()
-            self._wakeup.notify_all()
-
-    def wait_ready(self, timeout: float) -> bool:
-        self.ensure_started()
-        return self.ready.wait(timeout)
-
-    # ---- state ------------------------------------------------------------------------------------------
-    @property
-    def waiting(self) -> int:
-        return len(self._pending)
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    def retry_after(self) -> int:
-        """Seconds until a place is likely free (the running job ends): the recent mean job time, 1..60."""
-        per_job = (sum(self._recent) / len(self._recent)) if self._recent else 2.0
-        return int(min(60, max(1, math.ceil(per_job))))
-
-    # ---- requests ---------------------------------------------------------------------------------------
-    def submit(self, job: Job) -> None:
-        self.ensure_started()
-        with self._lock:
-            if self._stopping or self._admitted >= self.capacity:
-                raise QueueFull(self.retry_after())
-            self._admitted += 1
-            job.state = "queued"
-            self._pending.append(job)
-            self._wakeup.notify()
-        self._changed()
-
-    def abandon(self, job: Job) -> None:
-        """The client no longer wants ``job``: stop it, and free its place at once if it has not started."""
-        job.cancel.set()
-        with self._lock:
-            if job.state == "queued":
-                job.state = "abandoned"
-                try:
-                    self._pending.remove(job)
-                except ValueError:
-                    pass
-                self._admitted -= 1
-        self._changed()
-
-    def _changed(self) -> None:
-        try:
-            self._on_change(len(self._pending), self._running)
-        except Exception:  # metrics must never stop synthesis
-            log.exception("queue metrics update failed")
-
-    def results(self, job: Job, deadline: float, client_gone=lambda: False, poll: float = 0.1):
-        """Yield the job's chunks as they come. Raises TimedOut, ClientGone, SynthesisError or EngineFailure;
-        the caller must ``abandon`` the job whatever happens (a finished job ignores it)."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimedOut()
-            try:
-                item = job.chunks.get(timeout=min(poll, remaining))
-            except queue.Empty:
-                if client_gone():
-                    raise ClientGone() from None
-                continue
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    # ---- the synthesis thread ---------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _warm_up(self) -> None:
         try:
             started = time.monotonic()
             self.engine.warmup()
@@ -184,52 +96,94 @@ class Synthesizer:
             log.exception("engine warm-up failed")
             self.failure = f"engine warm-up failed: {type(e).__name__}: {e}"
         self.ready.set()
-        while True:
-            with self._lock:
-                while not self._pending and not self._stopping:
-                    self._wakeup.wait()
-                if self._stopping:
-                    return
-                job = self._pending.popleft()
-                job.state = "running"
-                self._running += 1
-            self._changed()
-            started = time.monotonic()
-            try:
-                self._synthesize(job)
-            finally:
-                with self._lock:
-                    self._running -= 1
-                    self._admitted -= 1
-                    job.state = "done"
-                    if job.synth_seconds:
-                        self._recent.append(time.monotonic() - started)
-                job.chunks.put(_DONE)
-                self._changed()
-                job = None  # drop this thread's reference before trimming
-                release_free_memory()
 
-    def _synthesize(self, job: Job) -> None:
-        if job.cancel.is_set():
-            return
-        if self.failure:
-            job.chunks.put(EngineFailure(self.failure))
-            return
-        started = time.perf_counter()
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel.set(STOPPING)
+
+    def wait_ready(self, timeout: float) -> bool:
+        self.ensure_started()
+        return self.ready.wait(timeout)
+
+    # ---- state ------------------------------------------------------------------------------------------
+    @property
+    def admitted(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def running(self) -> int:
+        return min(len(self._jobs), self.max_batch)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._jobs) - self.running
+
+    def retry_after(self) -> int:
+        """Seconds until a place is likely free: the recent mean job time over the places in progress, 1..60."""
+        per_job = (sum(self._recent) / len(self._recent)) if self._recent else 2.0
+        return int(min(60, max(1, math.ceil(per_job / self.max_batch))))
+
+    # ---- requests ---------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        self.ensure_started()
+        with self._lock:
+            if self._stopping or len(self._jobs) >= self.capacity:
+                raise QueueFull(self.retry_after())
+            self._jobs.add(job)
+            job.state = "admitted"
+        self._changed()
+
+    def abandon(self, job: Job) -> None:
+        """The client no longer wants ``job`` (or has all of it): stop its work and free its place."""
+        job.cancel.set(CANCELLED)
+        self._release(job)
+
+    def _release(self, job: Job) -> None:
+        with self._lock:
+            if job not in self._jobs:
+                return
+            self._jobs.discard(job)
+            job.state = "done"
+            if job.samples:
+                self._recent.append(time.monotonic() - job.created)
+        self._changed()
+
+    def _changed(self) -> None:
         try:
-            for chunk in self.engine.synthesize(job.text, job.speaker, job.speed, job.normalize, job.cancel):
+            self._on_change(self.waiting, self.running)
+        except Exception:  # metrics must never stop synthesis
+            log.exception("queue metrics update failed")
+
+    def results(self, job: Job):
+        """Synthesise ``job`` in the calling thread's request (the engine batches it with the others) and yield
+        its chunks as they come. Raises Cancelled (reason 'timeout', 'client_gone', ...), SynthesisError or
+        EngineFailure; the caller must ``abandon`` the job whatever happens (a finished job ignores it)."""
+        if self.failure:
+            raise EngineFailure(self.failure)
+        job.started = time.perf_counter()
+        try:
+            chunks = self.engine.synthesize(job.text, job.speaker, job.speed, job.normalize, job.cancel)
+            for chunk in chunks:
                 chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
+                if job.first_audio is None:
+                    job.first_audio = time.perf_counter() - job.started
                 job.samples += chunk.size
-                job.chunks.put(chunk)
-        except Cancelled:
-            pass
-        except SynthesisError as e:
-            job.chunks.put(e)
+                yield chunk
+        except Cancelled as e:
+            if job.cancel.reason and job.cancel.reason != e.reason:  # the token knows why (deadline, client gone)
+                raise Cancelled(job.cancel.reason) from None
+            raise
+        except (SynthesisError, GeneratorExit):
+            raise
         except Exception as e:
             log.exception("synthesis failed (request %s)", job.request_id)
-            job.chunks.put(EngineFailure(f"{type(e).__name__} during synthesis"))
+            raise EngineFailure(f"{type(e).__name__} during synthesis") from None
         finally:
-            job.synth_seconds = time.perf_counter() - started
+            job.synth_seconds = time.perf_counter() - job.started
+            self._release(job)
 
 
 class Metrics:

@@ -16,7 +16,8 @@ class Settings:
     torch_threads: int = 0          # TORCH_THREADS: CPU threads per worker; 0 = cores / WORKERS
     max_text_chars: int = 4096      # MAX_TEXT_CHARS: longer text -> 413
     max_body_bytes: int = 262144    # MAX_BODY_BYTES: larger request bodies -> 413
-    queue_size: int = 8             # QUEUE_SIZE: requests waiting per worker besides the one synthesising; more -> 503
+    queue_size: int = 8             # QUEUE_SIZE: requests waiting per worker besides those in progress; more -> 503
+    max_batch: int = 4              # MAX_BATCH: requests one worker decodes side by side (CosyVoice; Piper: 1)
     request_timeout: float = 300.0  # REQUEST_TIMEOUT: seconds from arrival to the last audio byte; exceeded -> 504
     body_timeout: float = 15.0      # BODY_TIMEOUT: seconds a request body may stall before 408 (frees the thread)
     port: int = 8080                # PORT: listen port (gunicorn binds HOST:PORT, HOST default 0.0.0.0)
@@ -28,6 +29,7 @@ class Settings:
     ENV = {
         "model_dir": "MODEL_DIR", "engine": "ENGINE", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
         "max_text_chars": "MAX_TEXT_CHARS", "max_body_bytes": "MAX_BODY_BYTES", "queue_size": "QUEUE_SIZE",
+        "max_batch": "MAX_BATCH",
         "request_timeout": "REQUEST_TIMEOUT", "body_timeout": "BODY_TIMEOUT", "port": "PORT",
         "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY", "log_level": "LOG_LEVEL",
     }
@@ -55,7 +57,7 @@ class Settings:
     def check(self) -> None:
         if self.engine not in ("auto", "cosyvoice", "piper"):
             raise ValueError(f"ENGINE must be auto, cosyvoice or piper, got {self.engine!r}")
-        for name in ("workers", "max_text_chars", "max_body_bytes", "port"):
+        for name in ("workers", "max_text_chars", "max_body_bytes", "port", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{self.ENV[name]} must be at least 1")
         if self.queue_size < 0 or self.torch_threads < 0:

@@ -180,7 +180,7 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cosyvoice_lite.engine import CosyVoiceEngine
+    from cosyvoice_lite.engines.cosyvoice import CosyVoiceEngine
 
     load = OtherLoad()
     started = time.perf_counter()

@@ -226,6 +226,7 @@ class Client(threading.Thread):
     def __init__(self, index: int, host: str, port: int, deadline: float, texts: list[str], body_extra: dict,
                  headers: dict, backoff: float, timeout: float, record):
         super().__init__(name=f"client-{index}", daemon=True)
+        self.index = index
         self.host, self.port, self.deadline = host, port, deadline
         self.rng = random.Random(index)
         self.texts, self.body_extra, self.headers = texts, body_extra, headers
@@ -254,13 +255,14 @@ class Client(threading.Thread):
                         error_json = json.loads(data)["error"]["message"]
                     except (ValueError, KeyError, TypeError):
                         error_json = None
-                self.record(status=status, seconds=elapsed, ttfb=ttfb, retry_after=retry_after,
+                self.record(client=self.index, started=started, status=status, seconds=elapsed, ttfb=ttfb,
+                            retry_after=retry_after,
                             audio=float(duration) if duration else 0.0, json_message=bool(error_json))
                 if response.getheader("Connection", "").lower() == "close":
                     conn.close()
                     conn = None
             except (OSError, http.client.HTTPException) as e:
-                self.record(status=f"error:{type(e).__name__}", seconds=time.monotonic() - started, ttfb=None,
+                self.record(client=self.index, started=started, status=f"error:{type(e).__name__}", seconds=time.monotonic() - started, ttfb=None,
                             retry_after=None, audio=0.0, json_message=False)
                 conn.close()
                 conn = None
@@ -341,6 +343,12 @@ def run_load(url: str, clients: int, seconds: float, *, texts: list[str] | None 
         "health": {**_summary(prober.latencies), "failures": len(prober.failures)},
         "master_pid": master, "workers_before": workers_before, "workers_after": workers_after,
         "worker_rss_mb": {pid: round(rss_mb(pid), 1) for pid in workers_after},
+        # per client: its first answer's time to first byte (from the start of the run: all clients start
+        # together, so served side by side means similar values, served in turn means a staircase)
+        "first_audio_per_client": {i: round(first["started"] - started + first["ttfb"], 3)
+                                   for i in range(clients)
+                                   for first in [next((r for r in records if r["client"] == i and r["status"] == 200),
+                                                      None)] if first is not None},
     }
 
 
@@ -383,6 +391,9 @@ def print_table(report: dict, label: str = "") -> None:
         s = report[key]
         rows.append((name, f"p50 {_fmt(s['p50'])}, p95 {_fmt(s['p95'])}, p99 {_fmt(s['p99'])}, "
                            f"max {_fmt(s['max'])} (n={s['n']})"))
+    per_client = report.get("first_audio_per_client") or {}
+    if per_client:
+        rows.append(("first audio per client", ", ".join(f"{i}: {_fmt(v)}" for i, v in sorted(per_client.items()))))
     rows += [
         ("/health failures", str(report["health"]["failures"])),
         ("503 w/o Retry-After", str(report["503_without_retry_after"])),
@@ -406,6 +417,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="how long to send requests (max 3600)")
     parser.add_argument("--workers", type=int, default=1, help="WORKERS of a server this tool starts")
     parser.add_argument("--queue-size", type=int, default=2, help="QUEUE_SIZE of a server this tool starts")
+    parser.add_argument("--max-batch", type=int, default=4, help="MAX_BATCH of a server this tool starts")
     parser.add_argument("--threads", type=int, default=0, help="TORCH_THREADS of a server this tool starts")
     parser.add_argument("--stream", action="store_true", help="ask for streamed audio")
     parser.add_argument("--format", default="wav", help="audio format to ask for (default wav)")
@@ -428,10 +440,11 @@ def main() -> int:
         url, label = args.url, ""
     else:
         engine = "cosyvoice" if args.model_dir else args.engine
-        server = OwnServer(engine, args.model_dir, args.workers, args.queue_size, args.threads)
+        server = OwnServer(engine, args.model_dir, args.workers, args.queue_size, args.threads,
+                           extra_env={"MAX_BATCH": str(args.max_batch)})
         url = server.url
         label = (f"({args.model_dir or args.engine}, WORKERS={args.workers}, QUEUE_SIZE={args.queue_size}, "
-                 f"capacity {args.workers * (args.queue_size + 1)}) ")
+                 f"MAX_BATCH={args.max_batch}) ")
     body = {"format": args.format, "stream": args.stream}
     if args.speaker:
         body["speaker"] = args.speaker

@@ -27,7 +27,7 @@ from gated_engine import GatedEngine  # noqa: E402,F401  (re-exported to the tes
 
 @pytest.fixture(scope="session")
 def piper_engine():
-    from cosyvoice_lite.offline_voice import PiperEngine
+    from cosyvoice_lite.engines.piper import PiperEngine
 
     engine = PiperEngine(threads=2)
     engine.warmup()
@@ -46,7 +46,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cosyvoice_engine(tiny_model_dir):
-    from cosyvoice_lite.engine import CosyVoiceEngine
+    from cosyvoice_lite.engines.cosyvoice import CosyVoiceEngine
 
     engine = CosyVoiceEngine(tiny_model_dir)
     engine.warmup()

@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from cosyvoice_lite.engine import Cancelled, Engine
+from cosyvoice_lite.engines import Cancelled, Engine
 
 MAX_WAIT = 60.0
 
@@ -28,6 +28,7 @@ class GatedEngine(Engine):
         self.inner = inner
         self.gate_dir = Path(gate_dir)
         self.name = inner.name
+        self.max_batch = inner.max_batch
         self.description = inner.description
 
     def speakers(self):
@@ -66,7 +67,8 @@ class GatedEngine(Engine):
 
 
 def make_app():
-    from cosyvoice_lite.server import create_app, load_engine
+    from cosyvoice_lite.engines import load_engine
+    from cosyvoice_lite.server import create_app
     from cosyvoice_lite.settings import Settings
 
     return create_app({"engine": GatedEngine(load_engine(Settings.from_env()), os.environ["GATE_DIR"])})

@@ -1,4 +1,4 @@
-"""Resampling, encoders and the offline Piper voice (cosyvoice_lite/audio.py, cosyvoice_lite/offline_voice.py)."""
+"""Resampling, encoders and the offline Piper voice (cosyvoice_lite/audio.py, cosyvoice_lite/engines/piper.py)."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,7 @@ import pytest
 import soundfile
 
 from cosyvoice_lite import audio
-from cosyvoice_lite.engine import Cancelled, SynthesisError
+from cosyvoice_lite.engines import Cancelled, SynthesisError
 
 
 def sine(freq: float, rate: int, seconds: float = 1.0) -> np.ndarray:

@@ -277,3 +277,39 @@ def test_two_workers_share_metrics_and_api_key_is_never_logged(tmp_path):
             assert values['cosyvoice_requests_total{endpoint="tts",code="200"}'] == 6
             assert values['cosyvoice_requests_total{endpoint="tts",code="401"}'] == 1
         assert key not in server.log()
+
+
+ZH_SIX = "今天天气很好。我们去公园散步吧。那里有很多花。孩子们在草地上玩。老人们在下棋。傍晚我们一起回家。"
+
+
+def _stream_times(port: int, text: str, started: float) -> tuple[float, float, int]:
+    """(first audio byte, end of stream) in seconds after `started`, and the bytes received."""
+    conn, response = post_json(port, "/tts", {"text": text, "speaker": "zh-female", "stream": True,
+                                              "format": "pcm"}, timeout=120)
+    try:
+        assert response.status == 200
+        first = response.read1(1 << 16)
+        first_at = time.monotonic() - started
+        rest = response.read()
+        return first_at, time.monotonic() - started, len(first) + len(rest)
+    finally:
+        conn.close()
+
+
+def test_concurrent_streams_on_one_worker_are_served_side_by_side(tmp_path, tiny_model_dir):
+    """Three listeners of one worker: each hears its first audio before the first listener's stream has ended
+    (they are decoded side by side by the scheduler, not one after another)."""
+    env = {"MODEL_DIR": str(tiny_model_dir), "WORKERS": "1", "QUEUE_SIZE": "4"}
+    with gunicorn(tmp_path, env) as server:
+        started = time.monotonic()
+        clients = []
+        for _ in range(3):
+            clients.append(in_background(_stream_times, server.port, ZH_SIX, started))
+            time.sleep(0.05)
+        for thread, _ in clients:
+            thread.join(180)
+        times = [result[0] for _, result in clients]
+        assert len(times) == 3, "a client did not finish"
+        first_client_end = times[0][1]
+        assert all(size > 0 for _, _, size in times)
+        assert all(first_at < first_client_end for first_at, _, _ in times), times

@@ -422,7 +422,7 @@ def test_cancelled_streams_leak_nothing(gserver):
     assert threads <= baseline[0] and fds <= baseline[1], (baseline, (threads, fds))
     assert server_pids(gserver.port)[1] == [worker]
     status, _, body = gserver.request("GET", "/ready")
-    assert status == 200 and json.loads(body)["queue"] == {"waiting": 0, "running": 0, "capacity": 2}
+    assert status == 200 and json.loads(body)["queue"] == {"waiting": 0, "running": 0, "max_batch": 1, "capacity": 2}
 
     log = gserver.log()
     for i in range(rounds):
@@ -613,7 +613,7 @@ def test_bad_model_dir_clear_error_nonzero_exit_port_never_listens(tmp_path, tin
 
 def _routes():
     """Every (method, path) the app serves, from its url_map: a route added later is covered automatically."""
-    from cosyvoice_lite.offline_voice import PiperEngine
+    from cosyvoice_lite.engines.piper import PiperEngine
     from cosyvoice_lite.server import PUBLIC_ENDPOINTS, create_app
 
     app = create_app({"engine": PiperEngine()})

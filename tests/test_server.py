@@ -55,7 +55,7 @@ def test_ready_after_warmup_names_engine_and_queue(client):
     assert response.status_code == 200
     body = response.json
     assert body["status"] == "ready" and body["engine"] == "piper"
-    assert body["queue"] == {"waiting": 0, "running": 0, "capacity": 9}
+    assert body["queue"] == {"waiting": 0, "running": 0, "max_batch": 1, "capacity": 9}
 
 
 def test_ready_is_503_until_warmup_finished(make_app, piper_engine, gate):

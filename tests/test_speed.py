@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from cosyvoice_lite.model import load_model, streaming
+from cosyvoice_lite.decode import streaming
+from cosyvoice_lite.model import load_model
 from cosyvoice_lite.model.lm_decoder import LMDecoder
-from cosyvoice_lite.model.scheduler import Cancelled, Scheduler
+from cosyvoice_lite.cancel import Cancelled
+from cosyvoice_lite.decode.scheduler import Scheduler
 from cosyvoice_lite.model.speed import MODE_ENV, SETTINGS, Fp16Linear, Int8Linear, apply_mode, settings
-from cosyvoice_lite.model.streaming import HIFT_CACHE_FRAMES, TOKEN_OVERLAP, TokenStream
+from cosyvoice_lite.decode.streaming import HIFT_CACHE_FRAMES, TOKEN_OVERLAP, TokenStream
 from cosyvoice_lite.parity import Golden
 
 GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"

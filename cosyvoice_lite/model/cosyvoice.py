@@ -7,6 +7,9 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .lm_decoder import LMDecoder
+from .speed import SETTINGS
+
 
 class UnknownSpeaker(KeyError):
     pass
@@ -34,8 +37,6 @@ class CosyVoiceSFT:
     @property
     def mode(self):
         """Speed mode settings (speed.ModeSettings); 'exact' unless converted by speed.apply_mode."""
-        from .speed import SETTINGS
-
         return self._mode or SETTINGS["exact"]
 
     @mode.setter
@@ -51,8 +52,6 @@ class CosyVoiceSFT:
     def decoder(self):
         """The LMDecoder for this mode (batched LM steps in the non-exact modes)."""
         if self._decoder is None:
-            from .lm_decoder import LMDecoder
-
             self._decoder = LMDecoder(self.llm, batched=self.mode.batched)
         return self._decoder
 

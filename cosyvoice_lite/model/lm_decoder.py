@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from .speed import Int8Linear
 from .transformer import KVCache
 
 
@@ -243,7 +244,6 @@ class _LayerPlan:
     directly (a module call costs more than a 1-row layer norm), the position biases shaped for the heads."""
 
     def __init__(self, layer):
-        from .speed import Int8Linear
 
         attn, ff = layer.self_attn, layer.feed_forward
         self.heads, self.d_k = attn.h, attn.d_k
@@ -270,7 +270,6 @@ def _raw(packet):
 
 def _direct(linear):
     """The layer's forward without nn.Module dispatch (for fbgemm int8 layers)."""
-    from .speed import Int8Linear
 
     if isinstance(linear, Int8Linear):
         packed, op = linear._packed, _raw(torch.ops.quantized.linear_dynamic)

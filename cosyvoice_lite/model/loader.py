@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, Name, New, read_config
+from .cosyvoice import CosyVoiceSFT
+from .hift import normalize_hift_state_dict
+from .mapping import clear_mappings, copy_out_of_mappings, register_mapping, release_pages
+from .speed import apply_mode, quantize_llm, settings
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ def _read_checkpoint(path: Path, mmap: bool = False):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         if mmap and isinstance(state, dict):
-            _register_mapping(state.values())
+            register_mapping(state.values())
         return state
     except Exception as error:  # torch raises many types for truncated/corrupt archives
         raise ModelLoadError(f"{path.name} cannot be read as a torch checkpoint (truncated or corrupt download?): "
@@ -97,70 +101,6 @@ def _read_checkpoint(path: Path, mmap: bool = False):
 # The fast modes load checkpoints with mmap and let the modules use the mapped tensors directly (no copy). Weights
 # that get converted (e.g. to int8) are then released page by page with madvise(MADV_DONTNEED): the mapping is
 # private and never written, so the kernel simply drops the pages (they would be re-read from the file if touched).
-
-_MAPPED: list = []  # (start, end) address ranges of private read-only checkpoint mappings
-
-
-def _register_mapping(tensors) -> None:
-    spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
-             for t in tensors if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()]
-    if spans:
-        _MAPPED.append((min(a for a, _ in spans), max(b for _, b in spans)))
-
-
-def _in_mapping(tensor: torch.Tensor) -> bool:
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    return any(lo <= start and end <= hi for lo, hi in _MAPPED)
-
-
-def copy_out_of_mappings(module: torch.nn.Module) -> int:
-    """Give every parameter and buffer of `module` that still lives in a checkpoint mapping memory of its own and
-    drop its mapped pages, one tensor at a time; returns the bytes copied.
-
-    Why: with files cached in large folios (ext4 and xfs on recent kernels), touching one small mapped tensor (a
-    norm's bias, an embedding row) maps the whole folio around it, including pages of weights that were converted
-    and released long ago: a serving process would grow by a few hundred MB of file pages. Once nothing refers to
-    a mapping any more it is unmapped. The copies cost what the unconverted tensors weigh (embedding tables, norms,
-    biases).
-    """
-    copies = {}
-    copied = 0
-    for sub in module.modules():
-        for store in (sub._parameters, sub._buffers):
-            for name, tensor in store.items():
-                if tensor is None or not _in_mapping(tensor):
-                    continue
-                if id(tensor) not in copies:
-                    copy = tensor.detach().clone()
-                    if isinstance(tensor, torch.nn.Parameter):
-                        copy = torch.nn.Parameter(copy, requires_grad=False)
-                    release_pages(tensor)
-                    copies[id(tensor)] = copy
-                    copied += tensor.numel() * tensor.element_size()
-                store[name] = copies[id(tensor)]
-    return copied
-
-
-def release_pages(tensor: torch.Tensor) -> None:
-    """Drop the resident pages of a tensor that lives in a checkpoint mapping (no-op for any other tensor).
-
-    Only whole pages inside the tensor are dropped; the caller must not use the tensor afterwards (reading it
-    again would still work: the pages come back from the file).
-    """
-    import ctypes
-    import mmap as _mmap
-
-    if not _in_mapping(tensor) or not hasattr(_mmap, "MADV_DONTNEED"):
-        return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    page = _mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page
-    if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _mmap.MADV_DONTNEED)
-
 
 def load_state(module: torch.nn.Module, state: dict, filename: str, assign: bool = False) -> None:
     """Strict load with an error that names the file and the first offending keys. With ``assign`` the module
@@ -239,12 +179,8 @@ def load_model(model_dir: str | Path, mode: str = "exact"):
 
     ``mode`` is a speed mode of ``speed.py``: 'exact' (float32, the default here), 'default' or 'fast'. The
     non-exact modes build the modules without weights, map the checkpoints into memory and convert the LLM to
-    int8 layer by layer, so the process never holds all float32 weights (full-size model: ~1.0 GB resident after
-    loading in default mode, 3.1 GB in exact mode).
+    int8 layer by layer, so the process never holds all float32 weights at once.
     """
-    from .cosyvoice import CosyVoiceSFT
-    from .hift import normalize_hift_state_dict
-    from .speed import apply_mode, settings
 
     target = settings(mode)
     lean = target.name != "exact"
@@ -261,7 +197,6 @@ def load_model(model_dir: str | Path, mode: str = "exact"):
         llm, flow, hift, sample_rate = build_networks(config)
     load_state(llm, _read_checkpoint(model_dir / "llm.pt", mmap=lean), "llm.pt", assign=lean)
     if lean:  # convert the LLM before the other files are mapped: the peak stays one network's worth lower
-        from .speed import quantize_llm
 
         if target.llm != "fp32":
             with torch.no_grad():
@@ -293,6 +228,6 @@ def load_model(model_dir: str | Path, mode: str = "exact"):
     apply_mode(model, target.name)  # converts what is left (the LLM is already done)
     if lean:
         copied += copy_out_of_mappings(flow) + copy_out_of_mappings(hift)
-        _MAPPED.clear()  # nothing refers to the mappings any more: they are gone
+        clear_mappings()  # nothing refers to the mappings any more: they are gone
         log.info("%.0f MB of unconverted tensors copied out of the checkpoint mappings", copied / 2 ** 20)
     return model

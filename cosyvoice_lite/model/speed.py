@@ -5,21 +5,18 @@
   dynamic quantization: activations are quantized per call), its input layers, speech-token head and text
   embedding table in float16; q/k/v fused into one matmul; the flow's linear layers with float16 weights (float32
   arithmetic), the official 10 Euler steps, the estimator's Mish as ExpMish; HiFT in float32. The convolutions of
-  the estimator and HiFT run on time-major (channels-last) memory, where oneDNN's kernels are faster
-  (TimeMajorConv1d: HiFT ~20% faster, the estimator ~1%; the Mish ~2%). The LLM reads 4x fewer weight bytes per
-  token, which is what a decode step costs on a CPU; the flow's float16 weights halve its memory at no measurable
-  speed cost on streamed chunks (344 frames: 836 vs 851 ms per estimator call, interleaved), but a whole 10 s
-  segment at once (861 frames, the bench's one-shot figure) ran 14-20% slower than float32 with memory.py's 8 MB
-  mmap threshold (within 2% in one run without it). Loaded, the process holds ~1.15 GB instead of 3.1 GB.
-  Concurrent requests are batched (LM steps, equal-size flow chunks).
+  the estimator and HiFT run on time-major (channels-last) memory, where oneDNN's kernels are faster. The LLM
+  reads a quarter of the weight bytes per token, which is what a decode step costs on a CPU; the flow's float16
+  weights halve its memory. Concurrent requests are batched (LM steps, equal-size flow chunks). Speed and memory
+  per mode: ``scripts/bench.py`` and the README's performance section.
 - ``fast``: ``default`` with the flow's linear layers in int8, 5 Euler steps instead of 10, HiFT's residual
-  blocks (90% of its work) as int8 convolutions (fbgemm dynamic quantization, ~1.8x faster), and a shorter first
-  streaming join (10 tokens and 10 HiFT frames instead of the official 20 and 20): the first chunk needs 22 tokens
-  instead of 43, so the first audio of a stream comes ~40% sooner; the two chunks disagree ~30% more where they
-  are cross-faded at that join (every later join is the official one).
+  blocks (most of its work) as int8 convolutions (fbgemm dynamic quantization), and a shorter first streaming
+  join (10 tokens and 10 HiFT frames instead of the official 20 and 20), so the first chunk needs fewer tokens and
+  the first audio comes sooner, at the cost of a rougher cross-fade at that one join.
 
-bfloat16 is not used: on CPUs without native bf16 (AVX2 only, like the 2-core reference machine) PyTorch emulates it
-and the estimator runs ~8x slower. torch.compile is not used either: its warm-up costs minutes per input length.
+bfloat16 is not used here: on CPUs without native bf16 (AVX2 only) PyTorch emulates it and gets much slower; a
+choice per CPU belongs with an execution backend that sees the CPU. torch.compile is not used either: its warm-up
+costs minutes per input length.
 
 ``apply_mode(model, mode)`` converts a loaded float32 ``CosyVoiceSFT`` in place; ``load_model(dir, mode=...)`` does it
 while loading, one layer at a time, so that the float32 weights never all sit in memory at once.
@@ -34,6 +31,9 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .mapping import release_pages
+from .transformer import RelPositionMultiHeadedAttention
 
 MODES = ("exact", "default", "fast")
 MODE_ENV = "COSYVOICE_MODE"  # environment variable the engine reads when no mode is passed
@@ -70,7 +70,7 @@ def settings(mode: Optional[str]) -> ModeSettings:
 
 def own_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
     """A float32 copy of a bias for fbgemm's packed layers: they keep the tensor they are given, and one that lives
-    in a memory-mapped checkpoint would keep the mapping in use (see loader.copy_out_of_mappings)."""
+    in a memory-mapped checkpoint would keep the mapping in use (see mapping.copy_out_of_mappings)."""
     return None if bias is None else bias.detach().float().clone()
 
 
@@ -78,7 +78,7 @@ class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 (symmetric, one scale per output row) in fbgemm's packed layout.
 
     Activations are quantized per call to 7-bit unsigned (fbgemm's AVX2 kernels need the reduced range to avoid
-    16-bit saturation); accumulation is int32 and the result float32. Relative error per layer ~1-2%.
+    16-bit saturation); accumulation is int32 and the result float32.
     """
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor]):
@@ -129,7 +129,7 @@ KINDS = {"int8": Int8Linear, "fp16": Fp16Linear}
 
 class Int8Conv1d(nn.Module):
     """Conv1d with int8 weights (one scale per output channel) run by fbgemm's dynamic quantized convolution:
-    the input is quantized per call (7-bit, per tensor). ~2.4x faster than float32 on AVX2, ~1-4% error."""
+    the input is quantized per call (7-bit, per tensor)."""
 
     def __init__(self, conv: nn.Conv1d):
         super().__init__()
@@ -154,8 +154,7 @@ class TimeMajorConv1d(nn.Module):
     """Conv1d / ConvTranspose1d run as a 2-D convolution on channels-last (time-major) tensors.
 
     A (B, C, T) tensor whose memory is laid out (B, T, C) is, seen as (B, C, 1, T), channels-last: oneDNN's direct
-    kernels are 1.2-1.7x faster in that layout than on (B, C, T) memory for HiFT's long 128/256-channel sequences
-    (and ~15% faster on the estimator's). The output keeps the time-major layout, and elementwise operations keep
+    kernels are faster in that layout than on (B, C, T) memory for HiFT's long 128/256-channel sequences. The output keeps the time-major layout, and elementwise operations keep
     the layout of their input, so a stack of these converts the input once. Same arithmetic up to float rounding
     (~1e-6 relative). Any input layout is accepted.
     """
@@ -206,7 +205,7 @@ def time_major_convs(module: nn.Module) -> int:
 
 class ExpMish(nn.Module):
     """Mish, x * tanh(softplus(x)), computed as x * n / (n + 2) with n = e^x (e^x + 2): the same function with one
-    exp instead of exp, log1p and tanh, ~3x faster than torch's kernel on AVX2 (~1e-7 relative difference).
+    exp instead of exp, log1p and tanh, cheaper than torch's kernel (the results differ by rounding only).
     Above x = 20 the factor n / (n + 2) is 1 in float32, so x is clamped there before the exp (no overflow)."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -227,8 +226,6 @@ def quantize_convs(module: nn.Module) -> int:
 
 def release(*tensors: Tensor) -> None:
     """Give the pages of memory-mapped checkpoint tensors back to the OS (they are not needed any more)."""
-    from .loader import release_pages  # noqa: WPS433 (loader owns the mapping)
-
     for tensor in tensors:
         release_pages(tensor)
 
@@ -248,8 +245,6 @@ def quantize_linears(module: nn.Module, kind: str = "int8", fp16: Iterable[str] 
     stay float32. Attention blocks get their q/k/v projections fused into one matmul (``linear_qkv``). The float32
     weights are dropped (and their pages released if they were memory-mapped) one layer at a time.
     """
-    from .transformer import RelPositionMultiHeadedAttention
-
     def choice(path):
         if any(path == n or path.endswith("." + n) for n in skip):
             return None

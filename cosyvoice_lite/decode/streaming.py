@@ -19,13 +19,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cancel import Cancelled
 from ..memory import release_free_memory
 
 TOKEN_OVERLAP = 20        # tokens shared by consecutive flow chunks (official token_overlap_len)
 HIFT_CACHE_FRAMES = 20    # mel frames HiFT sees twice (official mel_cache_len)
 # Chunks of at least this many mel frames (~1.2 s) hand the flow's freed memory back to the OS before HiFT runs:
 # HiFT's activations are the largest of a chunk, and without this they come on top of the flow's freed but still
-# resident pages (4 concurrent requests: peak RSS ~1.48 instead of ~1.58 GB in default mode). A trim took 6-13 ms.
+# resident pages. Shorter chunks (the first of a stream) skip it, so that the first audio is not delayed.
 TRIM_BEFORE_HIFT_FRAMES = 100
 
 
@@ -38,10 +39,6 @@ def crossfade(head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
     mixed = head[..., :n].double() * window[:n] + tail.double() * window[n:]
     head[..., :n] = mixed.to(head.dtype)
     return head
-
-
-class Interrupted(Exception):
-    """Every request of a flow batch was cancelled; the chunk was dropped halfway."""
 
 
 class TokenStream:
@@ -129,7 +126,7 @@ class TokenStream:
     @staticmethod
     def _flow_many(streams: List["TokenStream"], tokens: List[List[int]]) -> List[torch.Tensor]:
         """Flow for one chunk per stream (equal lengths): the official v1 chunk inference with its flow cache, the
-        Euler steps of all streams in one batch. Raises Interrupted when every stream's `stop()` says so."""
+        Euler steps of all streams in one batch. Raises Cancelled when every stream's `stop()` says so."""
         first = streams[0]
         flow = first.model.flow
         token = torch.tensor(tokens, dtype=torch.int64)  # (B, T)
@@ -146,7 +143,7 @@ class TokenStream:
 
         def check(step):
             if all(s.stop is not None and s.stop() for s in streams):
-                raise Interrupted()
+                raise Cancelled()
 
         t_span = flow.decoder.t_span(first.n_timesteps, dtype=mu.dtype)
         mel = flow.decoder.solve_euler(z, t_span, mu, mu.new_ones(1, 1, mu.shape[2]), spks, torch.zeros_like(mu),

@@ -27,9 +27,10 @@ from typing import Deque, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
+from ..cancel import Cancelled, poll, reason
 from ..memory import release_free_memory
-from .lm_decoder import Sequence
-from .streaming import Interrupted, TokenStream
+from ..model.lm_decoder import Sequence
+from .streaming import TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,12 @@ _DONE = object()
 _START_LOCK = threading.Lock()
 
 
-class Cancelled(Exception):
-    """The request's cancel event was set (or its consumer went away)."""
-
-
 @dataclass(eq=False)
 class Request:
     segments: List[torch.Tensor]             # text tokens (1, L) per segment, in order
     speaker: str
     speed: float
-    cancel: Optional[threading.Event]
+    cancel: object                           # CancelToken, threading.Event or None
     generator: torch.Generator
     sampling: Dict                           # LLM overrides (min/max_token_text_ratio, sampling)
     out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
@@ -60,6 +57,9 @@ class Request:
 
     def cancelled(self) -> bool:
         return self.abandoned or (self.cancel is not None and self.cancel.is_set())
+
+    def error(self) -> Cancelled:
+        return Cancelled(reason(self.cancel) if self.cancel is not None else None)
 
 
 class Scheduler:
@@ -102,8 +102,8 @@ class Scheduler:
                 try:
                     item = request.out.get(timeout=0.05)
                 except queue.Empty:
-                    if request.cancel is not None and request.cancel.is_set():
-                        raise Cancelled() from None
+                    if poll(request.cancel):  # the waiting thread also asks whether its client is gone
+                        raise request.error() from None
                     continue
                 if item is _DONE:
                     return
@@ -164,7 +164,7 @@ class Scheduler:
                     self._active.append(self._inbox.popleft())
                 self._working = True
             for request in [r for r in self._active if r.cancelled()]:
-                self._finish(request, Cancelled())
+                self._finish(request, request.error())
             if not self._active:
                 continue
             try:
@@ -197,12 +197,12 @@ class Scheduler:
             try:
                 started = time.perf_counter()
                 self._vocode(group)
-                release_free_memory()  # a chunk frees ~100 MB of tensors: give the pages back before the next one
+                release_free_memory()  # a chunk frees its large tensors: give the pages back before the next one
                 if self.trace:
                     self.trace("vocode", time.perf_counter() - started, batch=len(group))
-            except Interrupted:
+            except Cancelled:
                 for r in group:
-                    self._finish(r, Cancelled())
+                    self._finish(r, r.error())
             except Exception as error:
                 log.exception("vocoding failed")
                 for r in group:

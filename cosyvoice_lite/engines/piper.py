@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, Resampler
-from .engine import Cancelled, Engine, Speaker, SynthesisError
+from ..audio import SAMPLE_RATE, Resampler
+from ..cancel import Cancelled
+from .base import Engine, Speaker, SynthesisError
 
 GET_COSYVOICE_HINT = "run `python scripts/download_model.py` to get CosyVoice-300M-SFT"
 

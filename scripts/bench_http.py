@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Throughput over HTTP: the same non-streaming requests one after another, then all at once, against a real
+gunicorn with one worker on this machine (loopback only).
+
+    python scripts/bench_http.py                          # full-size random weights, default mode, 4 requests
+    python scripts/bench_http.py --model-dir models/CosyVoice-300M-SFT --mode fast --json
+
+The figure to compare is ``concurrent_speedup`` (audio seconds per wall second, concurrent over sequential):
+scripts/bench.py measures the same in-process (its "4 concurrent / sequential"); here the requests go through
+admission, the request threads and the scheduler as a user's would.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from load_test import OwnServer  # noqa: E402
+
+FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+
+def machine_info() -> dict:
+    """CPU model and the vector features that matter for inference, from /proc/cpuinfo (Linux)."""
+    info = {"cpu": "?", "cpu_features": []}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and info["cpu"] == "?":
+                info["cpu"] = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                info["cpu_features"] = [f for f in FEATURES if f in flags]
+                break
+    except OSError:
+        pass
+    return info
+
+TEXT = "今天天气很好，我们一起去公园散步，看看湖边的花和树。"
+
+
+def post(port: int, body: dict, timeout: float = 900.0) -> float:
+    """One non-streaming /tts; -> seconds of audio it returned."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/tts", body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"status {response.status}: {data[:300]!r}")
+        return float(response.getheader("X-Audio-Duration"))
+    finally:
+        conn.close()
+
+
+def run(port: int, n: int, speakers: list[str]) -> dict:
+    bodies = [{"text": TEXT, "speaker": speakers[i % len(speakers)]} for i in range(n)]
+    started = time.perf_counter()
+    sequential = [post(port, body) for body in bodies]
+    sequential_s = time.perf_counter() - started
+    concurrent: list[float] = [0.0] * n
+
+    def one(i):
+        concurrent[i] = post(port, bodies[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    concurrent_s = time.perf_counter() - started
+    seq_rate, con_rate = sum(sequential) / sequential_s, sum(concurrent) / concurrent_s
+    return {"requests": n, "sequential_s": sequential_s, "concurrent_s": concurrent_s,
+            "sequential_audio_s": sum(sequential), "concurrent_audio_s": sum(concurrent),
+            "sequential_audio_per_s": seq_rate, "concurrent_audio_per_s": con_rate,
+            "concurrent_speedup": con_rate / seq_rate}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", help="a model directory (default: random full-size weights in a temp dir)")
+    parser.add_argument("--mode", default="default", help="COSYVOICE_MODE of the server")
+    parser.add_argument("--requests", type=int, default=4, help="requests (and MAX_BATCH)")
+    parser.add_argument("--threads", type=int, default=2, help="TORCH_THREADS")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cosyvoice-bench-http-") as tmp:
+        model_dir = args.model_dir
+        if not model_dir:
+            from cosyvoice_lite.model.random_model import write_random_model
+
+            model_dir = str(write_random_model(Path(tmp) / "full", preset="full"))
+        server = OwnServer("cosyvoice", model_dir, workers=1, queue_size=args.requests, threads=args.threads,
+                           extra_env={"MAX_BATCH": str(args.requests), "COSYVOICE_MODE": args.mode},
+                           ready_timeout=900)
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.request("GET", "/speakers")
+            speakers = [s["id"] for s in json.loads(conn.getresponse().read())["speakers"]]
+            conn.close()
+            post(server.port, {"text": "你好。", "speaker": speakers[0]})  # warm-up
+            result = {"machine": machine_info(), "mode": args.mode, **run(server.port, args.requests, speakers)}
+        finally:
+            server.stop()
+    machine = result["machine"]
+    print(f"{result['requests']} requests over HTTP, {args.mode} mode, on {machine['cpu']} "
+          f"({', '.join(machine['cpu_features'])})")
+    print(f"  sequential  {result['sequential_s']:.1f} s for {result['sequential_audio_s']:.1f} s of audio "
+          f"({result['sequential_audio_per_s']:.3f} audio s/s)")
+    print(f"  concurrent  {result['concurrent_s']:.1f} s for {result['concurrent_audio_s']:.1f} s of audio "
+          f"({result['concurrent_audio_per_s']:.3f} audio s/s)")
+    print(f"  speedup     {result['concurrent_speedup']:.2f}x")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
