@@ -17,16 +17,15 @@ import numpy as np
 
 def serve(args: argparse.Namespace) -> int:
     gunicorn = shutil.which("gunicorn") or "gunicorn"
-    config = Path(__file__).with_name("gunicorn_conf.py")
-    os.execvp(gunicorn, [gunicorn, "-c", str(config), *args.gunicorn_args, "cosyvoice_lite.wsgi:app"])
+    config = Path(__file__).parent / "serve" / "gunicorn_conf.py"
+    os.execvp(gunicorn, [gunicorn, "-c", str(config), *args.gunicorn_args, "cosyvoice_lite.serve.wsgi:app"])
     return 1  # not reached
 
 
 def say(args: argparse.Namespace) -> int:
     from . import audio
-    from .engines import SynthesisError
-    from .engines import StartupError, load_engine
-    from .settings import Settings
+    from .engines import StartupError, SynthesisError, load_engine
+    from .serve.settings import Settings
 
     try:
         engine = load_engine(Settings.from_env())

@@ -80,7 +80,7 @@ class Gate:
 @pytest.fixture
 def make_app():
     """make_app(engine, **settings) -> a Flask app whose synthesis thread is started and warmed up."""
-    from cosyvoice_lite.server import create_app
+    from cosyvoice_lite.serve import create_app
 
     apps = []
 

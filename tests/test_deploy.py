@@ -61,7 +61,7 @@ def test_autoscaler_scales_the_deployment():
 
 
 def test_grace_period_outlasts_the_servers_graceful_timeout():
-    source = (ROOT / "cosyvoice_lite" / "gunicorn_conf.py").read_text()
+    source = (ROOT / "cosyvoice_lite" / "serve" / "gunicorn_conf.py").read_text()
     match = re.search(r'graceful_timeout = int\(os.environ.get\("GRACEFUL_TIMEOUT", "(\d+)"\)\)', source)
     assert match, "gunicorn_conf.py no longer sets graceful_timeout from GRACEFUL_TIMEOUT"
     grace = manifests()["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

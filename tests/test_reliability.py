@@ -614,7 +614,7 @@ def test_bad_model_dir_clear_error_nonzero_exit_port_never_listens(tmp_path, tin
 def _routes():
     """Every (method, path) the app serves, from its url_map: a route added later is covered automatically."""
     from cosyvoice_lite.engines.piper import PiperEngine
-    from cosyvoice_lite.server import PUBLIC_ENDPOINTS, create_app
+    from cosyvoice_lite.serve import PUBLIC_ENDPOINTS, create_app
 
     app = create_app({"engine": PiperEngine()})
     routes = []
@@ -667,7 +667,7 @@ def test_api_key_guards_every_route_but_the_public_ones_and_never_logs(tmp_path)
 def test_settings_refuse_a_port_out_of_range_and_an_unknown_log_level():
     """Regression: PORT=99999 got as far as gunicorn's bind (OverflowError) and LOG_LEVEL=verbose stopped gunicorn
     with only "Unable to configure logger 'gunicorn.error'"; now both name the variable."""
-    from cosyvoice_lite.settings import Settings
+    from cosyvoice_lite.serve.settings import Settings
 
     for environ, name in (({"PORT": "99999"}, "PORT"), ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL")):
         with pytest.raises(ValueError, match=name):

@@ -87,7 +87,6 @@ def test_default_mode_converts_llm_and_flow_linears(default):
     assert remaining == ["spk_embed_affine_layer"]
     assert isinstance(default.llm.llm_decoder, Fp16Linear)
     assert isinstance(default.llm.llm.encoders[0].feed_forward.w_1, Int8Linear)
-    assert default.llm.llm.encoders[0].self_attn.linear_q is None  # fused into linear_qkv
     assert not any(isinstance(m, nn.Linear) for m in default.flow.decoder.estimator.modules())
     assert default.n_timesteps == 10
 

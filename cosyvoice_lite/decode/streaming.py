@@ -17,10 +17,10 @@ from typing import Callable, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..cancel import Cancelled
 from ..memory import release_free_memory
+from ..model.flow import stretch
 
 TOKEN_OVERLAP = 20        # tokens shared by consecutive flow chunks (official token_overlap_len)
 HIFT_CACHE_FRAMES = 20    # mel frames HiFT sees twice (official mel_cache_len)
@@ -134,20 +134,14 @@ class TokenStream:
         mu = torch.cat([flow.encode(token[i:i + 1]) for i in range(len(streams))])  # (B, 80, F)
         z = torch.cat([torch.randn(mu[:1].shape, generator=s.generator) if s.generator is not None
                        else torch.randn_like(mu[:1]) for s in streams])
-        for i, s in enumerate(streams):  # the overlap frames start from the previous chunk's noise and mu
-            n = s.flow_cache.shape[2]
-            if n:
-                z[i, :, :n] = s.flow_cache[0, :, :, 0]
-                mu[i, :, :n] = s.flow_cache[0, :, :, 1]
-            s.flow_cache = torch.stack([z[i:i + 1, :, -s.mel_overlap:], mu[i:i + 1, :, -s.mel_overlap:]], dim=-1)
-
         def check(step):
             if all(s.stop is not None and s.stop() for s in streams):
                 raise Cancelled()
 
-        t_span = flow.decoder.t_span(first.n_timesteps, dtype=mu.dtype)
-        mel = flow.decoder.solve_euler(z, t_span, mu, mu.new_ones(1, 1, mu.shape[2]), spks, torch.zeros_like(mu),
-                                       on_step=check)
+        mel, caches = flow.solve(mu, spks, z, first.n_timesteps, caches=[s.flow_cache for s in streams],
+                                 keep=[s.mel_overlap for s in streams], on_step=check)
+        for s, cache in zip(streams, caches):
+            s.flow_cache = cache
         return list(mel.split(1, dim=0))
 
     def _vocode(self, mel: torch.Tensor, final: bool) -> torch.Tensor:
@@ -158,8 +152,7 @@ class TokenStream:
         if not final:
             self.mel_tail = mel[:, :, -self.mel_overlap:]
             mel = mel[:, :, :-self.mel_overlap]
-        if self.speed != 1.0:
-            mel = F.interpolate(mel, size=max(1, int(mel.shape[2] / self.speed)), mode="linear")
+        mel = stretch(mel, self.speed)
         if self.hift_cache is not None:
             mel = torch.cat([self.hift_cache["mel"], mel], dim=2)
             cache_source = self.hift_cache["source"]

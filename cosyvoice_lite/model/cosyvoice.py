@@ -5,8 +5,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
-
+from .flow import stretch
 from .lm_decoder import LMDecoder
 from .speed import SETTINGS
 
@@ -67,14 +66,7 @@ class CosyVoiceSFT:
         """Yield speech token ids one by one (KV-cached decoding); ``sampling`` overrides the LLM's length
         ratios (min_token_text_ratio, max_token_text_ratio)."""
         text = torch.as_tensor(text_token, dtype=torch.int64).reshape(1, -1)
-        if self.mode.name == "exact":
-            yield from self.llm.generate(text, self.embedding(speaker), **sampling)
-            return
-        seq = self.decoder.start(text, self.embedding(speaker), **sampling)
-        while not seq.finished:
-            token = self.decoder.step([seq])[0]
-            if token is not None:
-                yield token
+        yield from self.decoder.tokens(self.decoder.start(text, self.embedding(speaker), **sampling))
 
     @torch.inference_mode()
     def tokens_to_mel(self, speech_token: Sequence[int] | torch.Tensor, speaker: str, n_timesteps: int | None = None,
@@ -101,6 +93,5 @@ class CosyVoiceSFT:
         if not tokens:
             return torch.zeros(1, 0)
         mel = self.tokens_to_mel(tokens, speaker, n_timesteps=n_timesteps)
-        if speed != 1.0:
-            mel = F.interpolate(mel, size=max(1, int(mel.shape[2] / speed)), mode="linear")
+        mel = stretch(mel, speed)
         return self.mel_to_wav(mel)

@@ -44,6 +44,13 @@ class InterpolateRegulator(nn.Module):
         return self.model(x)  # (B, C_out, n_frames)
 
 
+def stretch(mel: torch.Tensor, speed: float) -> torch.Tensor:
+    """The official tempo change: the mel (B, 80, F) stretched in time to F / speed frames before the vocoder."""
+    if speed == 1.0:
+        return mel
+    return F.interpolate(mel, size=max(1, int(mel.shape[2] / speed)), mode="linear")
+
+
 class MaskedDiffWithXvec(nn.Module):
     def __init__(self, input_size: int = 512, output_size: int = 80, spk_embed_dim: int = 192,
                  output_type: str = "mel", vocab_size: int = 4096, input_frame_rate: int = 50,
@@ -82,12 +89,28 @@ class MaskedDiffWithXvec(nn.Module):
         return self.length_regulator.inference(h, self.n_frames(T), self.input_frame_rate, self.sample_rate,
                                                self.hop_size)  # (1, 80, F)
 
-    def solve(self, mu: torch.Tensor, spks: torch.Tensor, z: torch.Tensor, n_timesteps: int = 10) -> torch.Tensor:
-        """Integrate from noise z (1, 80, F) to the mel, conditioned on mu (1, 80, F) and spks (1, 80)."""
+    def solve(self, mu: torch.Tensor, spks: torch.Tensor, z: torch.Tensor, n_timesteps: int = 10,
+              caches=None, keep=0, on_step=None):
+        """Integrate from noise z (B, 80, F) to the mel (B, 80, F), conditioned on mu (B, 80, F) and spks (B, 80).
+
+        Chunked (streaming) inference, the official v1 flow cache: ``caches[i]`` (1, 80, n, 2) holds the noise and
+        mu of the previous chunk's last n frames of row i, which replace row i's first n frames (so the overlap
+        is integrated from the same start); with ``keep`` frames (one number, or one per row) the call returns
+        (mel, the new caches) instead of the mel. ``on_step(step)`` runs after every Euler step (it may raise to stop)."""
+        if caches is not None:
+            z, mu = z.clone(), mu.clone()
+            for i, cache in enumerate(caches):
+                n = cache.shape[2]
+                if n:
+                    z[i, :, :n], mu[i, :, :n] = cache[0, :, :, 0], cache[0, :, :, 1]
+        keeps = [keep] * z.shape[0] if isinstance(keep, int) else list(keep)
+        kept = [torch.stack([z[i:i + 1, :, z.shape[2] - k:], mu[i:i + 1, :, z.shape[2] - k:]], dim=-1)
+                for i, k in enumerate(keeps)]
         mask = mu.new_ones(1, 1, mu.shape[2])
         cond = torch.zeros_like(mu)  # SFT: no prompt mel
         t_span = self.decoder.t_span(n_timesteps, dtype=mu.dtype, device=mu.device)
-        return self.decoder.solve_euler(z, t_span, mu, mask, spks, cond)
+        mel = self.decoder.solve_euler(z, t_span, mu, mask, spks, cond, on_step=on_step)
+        return (mel, kept) if any(keeps) else mel
 
     @torch.inference_mode()
     def inference(self, token: torch.Tensor, embedding: torch.Tensor, n_timesteps: int = 10,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .lm_decoder import LMDecoder
 from .transformer import KVCache
 
 
@@ -160,20 +161,7 @@ class TransformerLM(nn.Module):
         sampling overrides the yaml ras_sampling arguments (top_p, top_k, win_size, tau_r).
         on_logits(step, raw_logits (1, V+1)) is called at every step before sampling (for tests / inspection).
         """
-        kwargs = {**self.sampling, **(sampling or {})}
-        text_len = text_token.size(1)
-        min_len, max_len = self.length_limits(text_len, min_token_text_ratio, max_token_text_ratio)
-
-        lm_input = self.prefix(text_token, embedding)  # (1, L+3, D)
-        cache = self.new_cache()
-        decoded: List[int] = []
-        for i in range(max_len):
-            logits = self.step(lm_input, cache)  # (1, V+1)
-            if on_logits is not None:
-                on_logits(i, logits)
-            token = self.choose(logits, decoded, allow_eos=i >= min_len, sampling=kwargs)
-            if token == self.eos_token:
-                break
-            yield token
-            decoded.append(token)
-            lm_input = self.speech_embedding.weight[token].reshape(1, 1, -1)
+        decoder = LMDecoder(self, batched=False)
+        seq = decoder.start(text_token, embedding, min_token_text_ratio, max_token_text_ratio, sampling,
+                            on_logits=on_logits)
+        yield from decoder.tokens(seq)

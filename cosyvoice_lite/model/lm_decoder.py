@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ class Sequence:
     generator: Optional[torch.Generator] = None
     decoded: List[int] = field(default_factory=list)
     finished: bool = False
+    on_logits: Optional[Callable[[int, Tensor], None]] = None  # (step, raw logits (1, V+1)), for inspection
     slots: Optional["_KVSlots"] = None  # the cache as the batched step writes it (made at its first batched step)
 
     @property
@@ -79,11 +80,22 @@ class LMDecoder:
     @torch.inference_mode()
     def start(self, text_token: Tensor, embedding: Optional[Tensor], min_token_text_ratio: float = 2,
               max_token_text_ratio: float = 20, sampling: Optional[Dict] = None,
-              generator: Optional[torch.Generator] = None) -> Sequence:
-        """A new sequence for text_token (1, L) and a raw speaker embedding (1, spk_embed_dim) or None."""
+              generator: Optional[torch.Generator] = None, on_logits=None) -> Sequence:
+        """A new sequence for text_token (1, L) and a raw speaker embedding (1, spk_embed_dim) or None. EOS cannot
+        be drawn before int(L * min_token_text_ratio) tokens; at most int(L * max_token_text_ratio) are decoded;
+        ``sampling`` overrides the yaml's ras_sampling arguments; without ``generator`` draws use torch's global
+        RNG (as the official code does)."""
         min_len, max_len = self.llm.length_limits(text_token.size(1), min_token_text_ratio, max_token_text_ratio)
         return Sequence(self.llm.new_cache(), self.llm.prefix(text_token, embedding), min_len, max_len,
-                        {**self.llm.sampling, **(sampling or {})}, generator, finished=max_len <= 0)
+                        {**self.llm.sampling, **(sampling or {})}, generator, finished=max_len <= 0,
+                        on_logits=on_logits)
+
+    def tokens(self, seq: Sequence) -> Iterator[int]:
+        """Decode one sequence to its end, yielding each speech token as it is drawn."""
+        while not seq.finished:
+            token = self.step([seq])[0]
+            if token is not None:
+                yield token
 
     @torch.inference_mode()
     def logits(self, seqs: List[Sequence]) -> Tensor:
@@ -123,6 +135,8 @@ class LMDecoder:
         if live:
             logits = self.logits(live)
             for i, s in enumerate(live):
+                if s.on_logits is not None:
+                    s.on_logits(s.steps, logits[i:i + 1])
                 token = self.llm.choose(logits[i:i + 1], s.decoded, allow_eos=s.steps >= s.min_len,
                                         sampling=s.sampling, generator=s.generator)
                 tokens[id(s)] = self.push(s, token)
@@ -244,7 +258,6 @@ class _LayerPlan:
     directly (a module call costs more than a 1-row layer norm), the position biases shaped for the heads."""
 
     def __init__(self, layer):
-
         attn, ff = layer.self_attn, layer.feed_forward
         self.heads, self.d_k = attn.h, attn.d_k
         self.width = attn.h * attn.d_k
@@ -252,7 +265,7 @@ class _LayerPlan:
         self.bias_u = attn.pos_bias_u.unsqueeze(1)  # (H, 1, d_k)
         self.bias_v = attn.pos_bias_v.unsqueeze(1)
         self.norm1, self.norm2 = _direct_norm(layer.norm1), _direct_norm(layer.norm2)
-        self.qkv = _direct(attn.linear_qkv) if attn.linear_qkv is not None else _separate_qkv(attn)
+        self.qkv = _direct(attn.linear_qkv)
         self.out = _direct(attn.linear_out)
         self.w2 = _direct(ff.w_2)
         if isinstance(ff.w_1, Int8Linear) and isinstance(ff.activation, nn.ReLU):
@@ -281,6 +294,3 @@ def _direct_norm(norm: nn.LayerNorm):
     shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
     return lambda x: torch.layer_norm(x, shape, weight, bias, eps)
 
-
-def _separate_qkv(attn):
-    return lambda x: torch.cat([attn.linear_q(x), attn.linear_k(x), attn.linear_v(x)], dim=-1)

@@ -18,6 +18,7 @@ from .cosyvoice import CosyVoiceSFT
 from .hift import normalize_hift_state_dict
 from .mapping import clear_mappings, copy_out_of_mappings, register_mapping, release_pages
 from .speed import apply_mode, quantize_llm, settings
+from .transformer import fuse_qkv_keys
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def load_state(module: torch.nn.Module, state: dict, filename: str, assign: bool
     takes the given tensors as its parameters (no copy: used with meta-device modules and mapped checkpoints)."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{filename} is not a state dict of tensors")
+    state = fuse_qkv_keys(module, state, on_fused=lambda tensors: [release_pages(t) for t in tensors])
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

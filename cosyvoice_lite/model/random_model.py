@@ -14,6 +14,7 @@ import yaml
 
 from .config import Config, _Loader
 from .loader import build_networks
+from .transformer import split_qkv_keys
 
 SPEAKERS = ["中文女", "中文男", "日语男", "粤语女", "英文女", "英文男", "韩语女"]
 
@@ -210,8 +211,8 @@ def write_random_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "cosyvoice.yaml").write_text(text, encoding="utf-8")
-    torch.save(llm.state_dict(), out_dir / "llm.pt")
-    torch.save(flow.state_dict(), out_dir / "flow.pt")
+    torch.save(split_qkv_keys(llm, llm.state_dict()), out_dir / "llm.pt")
+    torch.save(split_qkv_keys(flow, flow.state_dict()), out_dir / "flow.pt")
     torch.save(legacy_weight_norm(hift.state_dict()), out_dir / "hift.pt")
     generator = torch.Generator().manual_seed(seed + 1)
     speakers = {name: {"embedding": torch.randn(1, 192, generator=generator)} for name in SPEAKERS}

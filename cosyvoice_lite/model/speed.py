@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mapping import release_pages
-from .transformer import RelPositionMultiHeadedAttention
 
 MODES = ("exact", "default", "fast")
 MODE_ENV = "COSYVOICE_MODE"  # environment variable the engine reads when no mode is passed
@@ -242,8 +241,7 @@ def quantize_linears(module: nn.Module, kind: str = "int8", fp16: Iterable[str] 
     """Replace every nn.Linear below `module` by a KINDS[kind] layer; returns how many were replaced.
 
     Linears whose dotted path ends with a name in `fp16` become Fp16Linear, those ending with a name in `skip`
-    stay float32. Attention blocks get their q/k/v projections fused into one matmul (``linear_qkv``). The float32
-    weights are dropped (and their pages released if they were memory-mapped) one layer at a time.
+    stay float32. The float32 weights are dropped (and their pages released if they were memory-mapped) one layer at a time.
     """
     def choice(path):
         if any(path == n or path.endswith("." + n) for n in skip):
@@ -253,15 +251,6 @@ def quantize_linears(module: nn.Module, kind: str = "int8", fp16: Iterable[str] 
     count = 0
     for name, child in list(module.named_children()):
         path = f"{_path}.{name}" if _path else name
-        if isinstance(child, RelPositionMultiHeadedAttention) and child.linear_qkv is None \
-                and choice(path + ".linear_q"):
-            parts = (child.linear_q, child.linear_k, child.linear_v)
-            weight = torch.cat([p.weight for p in parts], dim=0)
-            biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
-            child.linear_qkv = KINDS[choice(path + ".linear_q")](weight, torch.cat(biases))
-            release(*(t for p in parts for t in (p.weight, p.bias) if t is not None))
-            child.linear_q = child.linear_k = child.linear_v = None
-            count += 3
         if isinstance(child, nn.Linear):
             if choice(path):
                 setattr(module, name, KINDS[choice(path)].from_linear(child))

@@ -167,26 +167,20 @@ class RelPositionMultiHeadedAttention(nn.Module):
         assert n_feat % n_head == 0, "attention width must be divisible by the number of heads"
         self.d_k = n_feat // n_head
         self.h = n_head
-        self.linear_q = nn.Linear(n_feat, n_feat)
-        self.linear_k = nn.Linear(n_feat, n_feat, bias=key_bias)
-        self.linear_v = nn.Linear(n_feat, n_feat)
+        # q, k and v in one (3 * n_feat, n_feat) projection, one matmul per call; the checkpoint's separate
+        # linear_q/k/v keys are fused at load (fuse_qkv_keys), a key bias absent from it (key_bias=False) is zero.
+        self.linear_qkv = nn.Linear(n_feat, 3 * n_feat)
+        self.key_bias = key_bias
         self.linear_out = nn.Linear(n_feat, n_feat)
         self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(self.h, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(self.h, self.d_k))
-        # Set by the fast modes (speed.py): one projection producing [q, k, v] in place of the three above.
-        self.linear_qkv: Optional[nn.Module] = None
 
     def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """x (B, t, D) -> q (B, t, H, d_k), k and v (B, H, t, d_k)."""
         B, t, _ = x.shape
-        if self.linear_qkv is not None:
-            q, k, v = self.linear_qkv(x).view(B, t, 3, self.h, self.d_k).unbind(2)
-            return q, k.transpose(1, 2), v.transpose(1, 2)
-        q = self.linear_q(x).view(B, t, self.h, self.d_k)
-        k = self.linear_k(x).view(B, t, self.h, self.d_k).transpose(1, 2)
-        v = self.linear_v(x).view(B, t, self.h, self.d_k).transpose(1, 2)
-        return q, k, v
+        q, k, v = self.linear_qkv(x).view(B, t, 3, self.h, self.d_k).unbind(2)
+        return q, k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: Tensor, pos_emb: Optional[Tensor], mask: Optional[Tensor] = None,
                 cache: Optional[LayerCache] = None, new_pos: Optional[Tensor] = None) -> Tensor:
@@ -227,6 +221,44 @@ class RelPositionMultiHeadedAttention(nn.Module):
         out = torch.matmul(attn, v)  # (B, H, t, d_k)
         out = out.transpose(1, 2).contiguous().view(B, t, self.h * self.d_k)
         return self.linear_out(out)
+
+
+def fuse_qkv_keys(module: nn.Module, state: dict, on_fused=None) -> dict:
+    """Checkpoint key adapter: the official '<attn>.linear_{q,k,v}.{weight,bias}' of every attention block of
+    `module` become '<attn>.linear_qkv.{weight,bias}' (rows q, k, v). on_fused(tensors) gets the separate tensors
+    once they are copied (the loader releases their mapped pages). Other keys pass through unchanged."""
+    state = dict(state)
+    for name, sub in module.named_modules():
+        if not isinstance(sub, RelPositionMultiHeadedAttention):
+            continue
+        p = f"{name}." if name else ""
+        weights = [state.get(f"{p}linear_{x}.weight") for x in "qkv"]
+        if any(w is None for w in weights):
+            continue  # not in the official layout: the strict load reports what is missing
+        biases = [state.pop(f"{p}linear_{x}.bias", None) for x in "qkv"]
+        biases = [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype) for b, w in zip(biases, weights)]
+        for x in "qkv":
+            del state[f"{p}linear_{x}.weight"]
+        state[f"{p}linear_qkv.weight"] = torch.cat(weights, dim=0)
+        state[f"{p}linear_qkv.bias"] = torch.cat(biases, dim=0)
+        if on_fused is not None:
+            on_fused(weights + biases)
+    return state
+
+
+def split_qkv_keys(module: nn.Module, state: dict) -> dict:
+    """The inverse of fuse_qkv_keys: our state dict in the official layout (for writing checkpoints)."""
+    state = dict(state)
+    for name, sub in module.named_modules():
+        if not isinstance(sub, RelPositionMultiHeadedAttention):
+            continue
+        p = f"{name}." if name else ""
+        weight, bias = state.pop(f"{p}linear_qkv.weight"), state.pop(f"{p}linear_qkv.bias")
+        for x, w, b in zip("qkv", weight.chunk(3, dim=0), bias.chunk(3, dim=0)):
+            state[f"{p}linear_{x}.weight"] = w.clone()
+            if x != "k" or sub.key_bias:
+                state[f"{p}linear_{x}.bias"] = b.clone()
+    return state
 
 
 def rel_shift(x: Tensor, n_keys: int) -> Tensor:

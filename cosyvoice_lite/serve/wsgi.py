@@ -1,9 +1,9 @@
 """The WSGI app for gunicorn (``app:app`` at the project root re-exports it; settings come from environment variables;
-see cosyvoice_lite/settings.py)."""
+see cosyvoice_lite/serve/settings.py)."""
 import logging
 import sys
 
-from cosyvoice_lite.server import StartupError, create_app
+from cosyvoice_lite.serve import StartupError, create_app
 
 if not logging.getLogger().handlers:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

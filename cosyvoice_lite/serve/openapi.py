@@ -1,9 +1,10 @@
 """The OpenAPI 3.0 description served at /openapi.json (limits and speakers filled in from the running service)."""
 from __future__ import annotations
 
-from . import audio
+from .. import audio
+from .schema import SPEED_RANGE
 
-SPEED = {"type": "number", "minimum": 0.25, "maximum": 4.0, "default": 1.0}
+SPEED = {"type": "number", "minimum": SPEED_RANGE[0], "maximum": SPEED_RANGE[1], "default": 1.0}
 
 
 def _error(description: str) -> dict:

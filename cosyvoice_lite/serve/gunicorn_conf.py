@@ -1,4 +1,4 @@
-"""gunicorn settings for cosyvoice-lite, from the same environment variables as the app (cosyvoice_lite/settings.py).
+"""gunicorn settings for cosyvoice-lite, from the same environment variables as the app (serve/settings.py).
 
 Process model: WORKERS processes, the model loaded once in the master before the fork (preload_app) so that the
 workers share the weights' memory pages. Each worker is a gthread worker: every admitted request's thread hands it
@@ -8,7 +8,7 @@ to the engine's scheduler (MAX_BATCH decoded side by side, QUEUE_SIZE more waiti
 import os
 import sys
 
-from cosyvoice_lite.settings import Settings
+from cosyvoice_lite.serve.settings import Settings
 
 try:
     _settings = Settings.from_env()

@@ -1,0 +1,42 @@
+"""The Flask app factory: settings, engine, admission, hooks, error handlers and routes in one app."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from ..engines import Engine, load_engine
+from .context import Service
+from .errors import register_error_handlers
+from .hooks import register_hooks
+from .openapi import openapi_spec
+from .routes import STATIC_DIR, register_routes
+from .settings import Settings
+
+log = logging.getLogger("cosyvoice_lite")
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the app. ``config`` overrides settings by field name (e.g. {'queue_size': 2}); 'engine' may be an
+    Engine instance to serve instead of the one ``load_engine`` would pick. The engine warms up on the first
+    request or on ``app.extensions['cosyvoice_lite'].synth.ensure_started()`` (gunicorn does it after fork)."""
+    config = dict(config or {})
+    engine = config.pop("engine") if isinstance(config.get("engine"), Engine) else None
+    settings = Settings.from_env(config)
+    if engine is None:
+        engine = load_engine(settings)
+    service = Service(settings, engine, openapi_spec(settings, engine))
+
+    app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.ensure_ascii = False
+    app.json.sort_keys = False
+    app.extensions["cosyvoice_lite"] = service
+    register_hooks(app, service)
+    register_error_handlers(app)
+    register_routes(app, service)
+    log.info("cosyvoice-lite app created: engine=%s speakers=%s in_progress=%d queue=%d timeout=%ss max_chars=%d "
+             "auth=%s", engine.name, ",".join(s.alias for s in engine.speakers()), service.synth.max_batch,
+             settings.queue_size,
+             settings.request_timeout, settings.max_text_chars, "on" if settings.api_key else "off")
+    return app

@@ -1,0 +1,86 @@
+"""Reading a request body under gunicorn with bounds Werkzeug does not give (size of chunked bodies, stalls), and
+noticing a client that hung up."""
+from __future__ import annotations
+
+import json
+import socket
+
+from flask import current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from .errors import ApiError
+
+
+def _read_body(limit: int, timeout: float) -> bytes:
+    """The request body, read with two guards that Werkzeug does not give under gunicorn:
+
+    - size: past ``limit`` bytes -> 413. With a Content-Length Werkzeug refuses before reading, but a chunked body
+      has none, and there Werkzeug silently stopped at the limit: a valid JSON body just over it was cut and
+      answered '400 malformed JSON'. We read one byte past the limit to tell the two apart.
+    - time: gunicorn's socket has no timeout, so a client that stopped sending its body (a wrong Content-Length,
+      a dead peer, a slowloris) held a request thread for ever; QUEUE_SIZE + 9 of them froze the worker, /health
+      included. Now a body that stalls for ``timeout`` seconds is answered 408 and the thread is free again.
+    """
+    environ = request.environ
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestEntityTooLarge()
+    if not environ.get("wsgi.input_terminated"):  # not gunicorn (e.g. the test client): Werkzeug bounds the stream
+        return request.get_data(cache=False)
+    sock = environ.get("gunicorn.socket")
+    previous = sock.gettimeout() if sock is not None else None
+    try:
+        if sock is not None:
+            sock.settimeout(timeout)  # per read; restored before the response goes out
+        raw = environ["wsgi.input"].read(limit + 1)  # gunicorn stops at Content-Length or the last chunk
+    except TimeoutError:
+        if sock is not None:
+            try:  # the rest of the body will never be read: no drain after the 408, the connection closes
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        raise ApiError(408, f"the request body stopped arriving (nothing for {timeout:g} s)",
+                       code="body_timeout") from None
+    finally:
+        if sock is not None:
+            try:
+                sock.settimeout(previous)
+            except OSError:
+                pass
+    if len(raw) > limit:
+        raise RequestEntityTooLarge()
+    return raw
+
+
+def read_json_object(body_timeout: float) -> dict:
+    if not request.is_json:
+        raise ApiError(415, "send a JSON body with 'Content-Type: application/json'", code="unsupported_media_type")
+    raw = _read_body(current_app.config["MAX_CONTENT_LENGTH"], body_timeout)
+    try:
+        body = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not valid UTF-8", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the JSON body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:
+        raise ApiError(400, f"malformed JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the JSON body must be an object", code="invalid_json")
+    return body
+
+
+
+
+def client_gone_check(environ):
+    """A cheap test of whether the client hung up: its socket reads EOF. (gunicorn exposes the socket.)"""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return lambda: False
+
+    def gone() -> bool:
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except (OSError, ValueError):
+            return True
+    return gone

@@ -1,0 +1,64 @@
+"""Per-app state shared by the routes, and the bookkeeping of one request (its log line and metrics)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from .. import audio
+from ..engines import Engine, Speaker
+from .admission import Admission, Job
+from .metrics import Metrics
+from .settings import Settings
+
+request_log = logging.getLogger("cosyvoice_lite.request")
+
+
+class Service:
+    """Per-app state shared by the routes."""
+
+    def __init__(self, settings: Settings, engine: Engine, spec: dict):
+        self.settings = settings
+        self.engine = engine
+        self.metrics = Metrics()
+        self.synth = Admission(engine, settings.queue_size, settings.max_batch, on_change=self.metrics.set_queue)
+        self.spec = spec  # openapi.json
+
+    def default_speaker(self) -> Speaker:
+        return self.engine.speakers()[0]
+
+
+
+
+@dataclass
+class RequestRecord:
+    id: str
+    method: str
+    path: str
+    endpoint: str
+    started: float
+    speaker: str = "-"
+    chars: int = 0
+    fmt: str = "-"
+    stream: bool = False
+    job: Job | None = None
+    outcome: str = "-"
+    logged: bool = False
+
+
+
+def finish_request(service: Service, rec: RequestRecord, status: int) -> None:
+    """The one log line and the metrics of a request, when its last byte is out (later calls do nothing)."""
+    if rec.logged:
+        return
+    rec.logged = True
+    seconds = time.monotonic() - rec.started
+    job = rec.job
+    audio_s = job.samples / audio.SAMPLE_RATE if job else 0.0
+    synth_s = job.synth_seconds if job else 0.0
+    rtf = f"{synth_s / audio_s:.3f}" if audio_s > 0 else "-"
+    service.metrics.observe_request(rec.endpoint, status, seconds if job else None, chars=rec.chars if job else 0,
+                                    audio_seconds=audio_s, synth_seconds=synth_s)
+    request_log.info("request id=%s %s %s status=%d speaker=%s chars=%d audio_s=%.2f synth_s=%.2f rtf=%s "
+                    "total_s=%.3f format=%s stream=%s outcome=%s", rec.id, rec.method, rec.path, status, rec.speaker,
+                    rec.chars, audio_s, synth_s, rtf, seconds, rec.fmt, str(rec.stream).lower(), rec.outcome)
