@@ -407,3 +407,32 @@ def test_scheduler_cancel_stops_the_request(exact, scheduler):
 def test_scheduler_rejects_unknown_speaker(exact, scheduler):
     with pytest.raises(KeyError):
         scheduler.submit(_segments(exact), "nobody")
+
+
+def test_requests_a_few_tokens_apart_share_their_flow_passes(default):
+    """A request that arrives a few LLM steps after another catches up for the flow: their equal chunks run as
+    one batch instead of one after the other."""
+    speaker = next(iter(default.speakers))
+    s = Scheduler(default, max_batch=2, first_hop=20)
+    events, results, threads = [], {}, []
+    fixed = dict(min_token_text_ratio=8, max_token_text_ratio=8)
+
+    def run(name):
+        results[name] = _collect(s.submit(_segments(default)[:1], speaker, seed=len(name), **fixed))
+
+    def trace(event, seconds, batch=1):
+        events.append((event, batch))
+        if event == "llm" and len(events) == 3:  # the first request has 3 tokens: the second one arrives
+            threads.append(threading.Thread(target=run, args=("late",)))
+            threads[-1].start()
+
+    s.trace = trace
+    try:
+        run("early")
+        for t in threads:
+            t.join(120)
+    finally:
+        s.close()
+    assert set(results) == {"early", "late"}
+    vocodes = [batch for event, batch in events if event == "vocode"]
+    assert vocodes and vocodes[0] == 2, events

@@ -34,6 +34,10 @@ from .streaming import TokenStream
 
 log = logging.getLogger(__name__)
 
+# LLM steps a due chunk may wait for other requests to reach a chunk of the same size, so that the flow runs them
+# as one batch: requests that arrive a few tokens apart would otherwise never be due at the same step.
+JOIN_LAG = 6
+
 _DONE = object()
 _START_LOCK = threading.Lock()
 
@@ -53,6 +57,7 @@ class Request:
     seq: Optional[Sequence] = None
     streams: Deque[list] = field(default_factory=collections.deque)  # [TokenStream, llm_done] oldest first
     audio_samples: int = 0
+    waited: int = 0                          # LLM steps its due chunk has waited for equal chunks of others
     abandoned: bool = False
 
     def cancelled(self) -> bool:
@@ -194,6 +199,12 @@ class Scheduler:
             key = self._chunk_key(request)
             if self.model.mode.batched:  # equal chunks of other requests share the flow pass
                 group += [r for r in due if r is not request and self._chunk_key(r) == key][:self.max_batch - 1]
+                if (len(group) < self.max_batch and request.waited < JOIN_LAG
+                        and self._catching_up(key, exclude=group)):
+                    request.waited += 1
+                    self._step()
+                    return
+            request.waited = 0
             try:
                 started = time.perf_counter()
                 self._vocode(group)
@@ -208,6 +219,24 @@ class Scheduler:
                 for r in group:
                     self._finish(r, error)
             return
+        self._step()
+
+    def _catching_up(self, key: tuple, exclude: List[Request]) -> bool:
+        """Whether another request decoding its first stream is at most JOIN_LAG tokens short of a chunk of the
+        same (non-final) size."""
+        final, size = key
+        if final:
+            return False
+        for r in self._active:
+            if r in exclude or r.seq is None or len(r.streams) != 1:
+                continue
+            stream = r.streams[0][0]
+            if stream.hop + stream.overlap == size and 0 < size - len(stream.tokens) <= JOIN_LAG:
+                return True
+        return False
+
+    def _step(self) -> None:
+        """One LLM step for every decoding request, in one batch."""
         decoding = [r for r in self._active if r.seq is not None]
         if not decoding:
             return

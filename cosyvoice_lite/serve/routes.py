@@ -7,7 +7,7 @@ from pathlib import Path
 from flask import Flask, Response, g, jsonify, request, send_from_directory
 
 from .. import audio
-from ..cancel import CLIENT_GONE, TIMEOUT, Cancelled
+from ..cancel import STOPPING, TIMEOUT, Cancelled
 from ..engines import Speaker, SynthesisError
 from ..engines.piper import GET_COSYVOICE_HINT
 from .admission import EngineFailure, Job, QueueFull
@@ -96,8 +96,12 @@ def _synthesis_error(rec: RequestRecord, e: BaseException) -> BaseException:
     if isinstance(e, Cancelled) and e.reason == TIMEOUT:
         rec.outcome = "timeout"
         return ApiError(504, "synthesis took longer than REQUEST_TIMEOUT; try a shorter text", code="timeout")
+    if isinstance(e, Cancelled) and e.reason == STOPPING:
+        rec.outcome = "stopping"
+        return ApiError(503, "the service is stopping; retry on another instance", code="stopping",
+                        headers={"Retry-After": "1"})
     if isinstance(e, Cancelled):
-        rec.outcome = "client_gone" if e.reason == CLIENT_GONE else e.reason
+        rec.outcome = "client_gone"
         return ApiError(499, "client closed the connection", code="client_closed")
     if isinstance(e, SynthesisError):
         rec.outcome = "rejected"
@@ -106,8 +110,6 @@ def _synthesis_error(rec: RequestRecord, e: BaseException) -> BaseException:
         rec.outcome = "engine_error"
         return ApiError(500, f"synthesis failed: {e} (request id {rec.id})", code="synthesis_failed")
     return e
-
-
 
 
 def register_routes(app: Flask, service: Service) -> None:
