@@ -62,26 +62,30 @@ def post(port: int, body: dict, timeout: float = 900.0) -> float:
         conn.close()
 
 
-def run(port: int, n: int, speakers: list[str]) -> dict:
+def run(port: int, n: int, speakers: list[str], rounds: int = 1) -> dict:
+    """``rounds`` times: n requests one after another, then n at once (sampled lengths vary: rounds average it)."""
     bodies = [{"text": TEXT, "speaker": speakers[i % len(speakers)]} for i in range(n)]
-    started = time.perf_counter()
-    sequential = [post(port, body) for body in bodies]
-    sequential_s = time.perf_counter() - started
-    concurrent: list[float] = [0.0] * n
+    sequential_s = concurrent_s = sequential_audio = concurrent_audio = 0.0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        sequential_audio += sum(post(port, body) for body in bodies)
+        sequential_s += time.perf_counter() - started
+        audio: list[float] = [0.0] * n
 
-    def one(i):
-        concurrent[i] = post(port, bodies[i])
+        def one(i):
+            audio[i] = post(port, bodies[i])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    concurrent_s = time.perf_counter() - started
-    seq_rate, con_rate = sum(sequential) / sequential_s, sum(concurrent) / concurrent_s
-    return {"requests": n, "sequential_s": sequential_s, "concurrent_s": concurrent_s,
-            "sequential_audio_s": sum(sequential), "concurrent_audio_s": sum(concurrent),
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        concurrent_s += time.perf_counter() - started
+        concurrent_audio += sum(audio)
+    seq_rate, con_rate = sequential_audio / sequential_s, concurrent_audio / concurrent_s
+    return {"requests": n, "rounds": rounds, "sequential_s": sequential_s, "concurrent_s": concurrent_s,
+            "sequential_audio_s": sequential_audio, "concurrent_audio_s": concurrent_audio,
             "sequential_audio_per_s": seq_rate, "concurrent_audio_per_s": con_rate,
             "concurrent_speedup": con_rate / seq_rate}
 
@@ -92,6 +96,7 @@ def main() -> int:
     parser.add_argument("--mode", default="default", help="COSYVOICE_MODE of the server")
     parser.add_argument("--requests", type=int, default=4, help="requests (and MAX_BATCH)")
     parser.add_argument("--threads", type=int, default=2, help="TORCH_THREADS")
+    parser.add_argument("--rounds", type=int, default=2, help="sequential + concurrent rounds to sum")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cosyvoice-bench-http-") as tmp:
@@ -109,11 +114,11 @@ def main() -> int:
             speakers = [s["id"] for s in json.loads(conn.getresponse().read())["speakers"]]
             conn.close()
             post(server.port, {"text": "你好。", "speaker": speakers[0]})  # warm-up
-            result = {"machine": machine_info(), "mode": args.mode, **run(server.port, args.requests, speakers)}
+            result = {"machine": machine_info(), "mode": args.mode, **run(server.port, args.requests, speakers, args.rounds)}
         finally:
             server.stop()
     machine = result["machine"]
-    print(f"{result['requests']} requests over HTTP, {args.mode} mode, on {machine['cpu']} "
+    print(f"{result['requests']} requests over HTTP x {result['rounds']} rounds, {args.mode} mode, on {machine['cpu']} "
           f"({', '.join(machine['cpu_features'])})")
     print(f"  sequential  {result['sequential_s']:.1f} s for {result['sequential_audio_s']:.1f} s of audio "
           f"({result['sequential_audio_per_s']:.3f} audio s/s)")
