@@ -262,8 +262,9 @@ class Client(threading.Thread):
                     conn.close()
                     conn = None
             except (OSError, http.client.HTTPException) as e:
-                self.record(client=self.index, started=started, status=f"error:{type(e).__name__}", seconds=time.monotonic() - started, ttfb=None,
-                            retry_after=None, audio=0.0, json_message=False)
+                self.record(client=self.index, started=started, status=f"error:{type(e).__name__}",
+                            seconds=time.monotonic() - started, ttfb=None, retry_after=None, audio=0.0,
+                            json_message=False)
                 conn.close()
                 conn = None
                 status = None

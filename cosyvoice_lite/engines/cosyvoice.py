@@ -51,7 +51,8 @@ class CosyVoiceEngine(Engine):
         self.frontend = TextFrontend()
         self.n_timesteps = n_timesteps or self.mode.n_timesteps
         self.max_batch = max(1, max_batch)
-        self.scheduler = Scheduler(self.model, max_batch=self.max_batch, first_hop=first_hop, n_timesteps=self.n_timesteps)
+        self.scheduler = Scheduler(self.model, max_batch=self.max_batch, first_hop=first_hop,
+                                   n_timesteps=self.n_timesteps)
         self.description = f"CosyVoice-300M-SFT from {model_dir} ({self.mode.name} mode)"
         self._speakers = [Speaker(sid, *COSYVOICE_SPEAKERS.get(sid, (sid, "und")), engine=self.name)
                           for sid in self.model.speakers]

@@ -19,8 +19,9 @@ class StartupError(RuntimeError):
 
 def load_engine(settings) -> Engine:
     """CosyVoice when MODEL_DIR holds a CosyVoice model (cosyvoice.yaml), the offline Piper voice when MODEL_DIR
-    is missing or empty (``settings``: the service's Settings; model_dir, engine, threads and max_batch are read). Anything else (a file, a directory of something else, a broken checkpoint) is a
-    StartupError: better no server than one that silently speaks with the wrong voice."""
+    is missing or empty. Anything else (a file, a directory of something else, a broken checkpoint) is a
+    StartupError: better no server than one that silently speaks with the wrong voice. ``settings``: the
+    service's Settings (model_dir, engine, threads and max_batch are read)."""
     model_dir = Path(settings.model_dir)
     wants = settings.engine
     has_model = (model_dir / "cosyvoice.yaml").is_file()

@@ -96,7 +96,8 @@ class MaskedDiffWithXvec(nn.Module):
         Chunked (streaming) inference, the official v1 flow cache: ``caches[i]`` (1, 80, n, 2) holds the noise and
         mu of the previous chunk's last n frames of row i, which replace row i's first n frames (so the overlap
         is integrated from the same start); with ``keep`` frames (one number, or one per row) the call returns
-        (mel, the new caches) instead of the mel. ``on_step(step)`` runs after every Euler step (it may raise to stop)."""
+        (mel, the new caches) instead of the mel. ``on_step(step)`` runs after every Euler step (it may raise to
+        stop)."""
         if caches is not None:
             z, mu = z.clone(), mu.clone()
             for i, cache in enumerate(caches):

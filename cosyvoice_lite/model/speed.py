@@ -153,8 +153,9 @@ class TimeMajorConv1d(nn.Module):
     """Conv1d / ConvTranspose1d run as a 2-D convolution on channels-last (time-major) tensors.
 
     A (B, C, T) tensor whose memory is laid out (B, T, C) is, seen as (B, C, 1, T), channels-last: oneDNN's direct
-    kernels are faster in that layout than on (B, C, T) memory for HiFT's long 128/256-channel sequences. The output keeps the time-major layout, and elementwise operations keep
-    the layout of their input, so a stack of these converts the input once. Same arithmetic up to float rounding
+    kernels are faster in that layout than on (B, C, T) memory for HiFT's long 128/256-channel sequences. The
+    output keeps the time-major layout, and elementwise operations keep the layout of their input, so a stack of
+    these converts the input once. Same arithmetic up to float rounding
     (~1e-6 relative). Any input layout is accepted.
     """
 

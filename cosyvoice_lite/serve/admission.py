@@ -1,4 +1,4 @@
-"""Admission in front of the engine: how many requests a worker holds, and the one path from a request to its audio.
+"""Admission in front of the engine: how many requests a worker holds, and the path from a request to its audio.
 
 Why bounded admission: a worker decodes ``max_batch`` requests side by side (CosyVoice's scheduler batches their
 LLM steps and flow chunks) and keeps at most ``queue_size`` more waiting. Anything beyond gets an immediate 503

@@ -10,7 +10,7 @@ from .context import Service
 from .errors import register_error_handlers
 from .hooks import register_hooks
 from .openapi import openapi_spec
-from .routes import STATIC_DIR, register_routes
+from .routes import STATIC_DIR, routes
 from .settings import Settings
 
 log = logging.getLogger("cosyvoice_lite")
@@ -34,7 +34,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["cosyvoice_lite"] = service
     register_hooks(app, service)
     register_error_handlers(app)
-    register_routes(app, service)
+    app.register_blueprint(routes(service))
     log.info("cosyvoice-lite app created: engine=%s speakers=%s in_progress=%d queue=%d timeout=%ss max_chars=%d "
              "auth=%s", engine.name, ",".join(s.alias for s in engine.speakers()), service.synth.max_batch,
              settings.queue_size,

@@ -12,7 +12,7 @@ from .context import RequestRecord, Service, finish_request
 from .errors import ApiError
 from .settings import Settings
 
-PUBLIC_ENDPOINTS = {"health", "ready", "page", "static"}  # reachable without API_KEY
+PUBLIC_ENDPOINTS = {"api.health", "api.ready", "api.page", "static"}  # reachable without API_KEY
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -53,8 +53,13 @@ def _printable(text: str, limit: int = 200) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
 
 
+def _endpoint_name() -> str:
+    """The route's name without its blueprint ('api.tts' -> 'tts'; 'static' stays 'static')."""
+    return (request.endpoint or "").rsplit(".", 1)[-1]
+
+
 def _endpoint_label() -> str:
-    endpoint = request.endpoint or ""
+    endpoint = _endpoint_name()
     return {"tts": "tts", "openai_speech": "speech", "openai_voices": "voices", "speakers": "speakers",
             "health": "health", "ready": "ready", "metrics": "metrics", "openapi": "openapi", "page": "page",
             "static": "page"}.get(endpoint, "other")

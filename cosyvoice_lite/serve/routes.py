@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flask import Flask, Response, g, jsonify, request, send_from_directory
+from flask import Blueprint, Response, g, jsonify, request, send_from_directory
 
 from .. import audio
 from ..cancel import STOPPING, TIMEOUT, Cancelled
@@ -112,7 +112,9 @@ def _synthesis_error(rec: RequestRecord, e: BaseException) -> BaseException:
     return e
 
 
-def register_routes(app: Flask, service: Service) -> None:
+def routes(service: Service) -> Blueprint:
+    """The service's routes, as a blueprint bound to ``service``."""
+    api = Blueprint("api", __name__)
     engine = service.engine
 
     def speaker_json(s: Speaker) -> dict:
@@ -124,14 +126,14 @@ def register_routes(app: Flask, service: Service) -> None:
             info["hint"] = f"Offline fallback voice. For CosyVoice, {GET_COSYVOICE_HINT} and restart."
         return info
 
-    @app.post("/tts")
+    @api.post("/tts")
     def tts():
         body = read_json_object(service.settings.body_timeout)
         req = parse_speech_request(body, service, text_key="text", speaker_key="speaker", format_key="format",
                                    default_format="wav")
         return synthesize_response(service, req)
 
-    @app.post("/v1/audio/speech")
+    @api.post("/v1/audio/speech")
     def openai_speech():
         body = read_json_object(service.settings.body_timeout)
         model = body.get("model")
@@ -148,20 +150,20 @@ def register_routes(app: Flask, service: Service) -> None:
                                    default_format="mp3")
         return synthesize_response(service, req)
 
-    @app.get("/v1/audio/voices")
+    @api.get("/v1/audio/voices")
     def openai_voices():
         return jsonify({"voices": [{"id": s.alias, "name": s.id, "language": s.language} for s in engine.speakers()]})
 
-    @app.get("/speakers")
+    @api.get("/speakers")
     def speakers():
         return jsonify({**engine_json(), "default": service.default_speaker().id,
                         "speakers": [speaker_json(s) for s in engine.speakers()]})
 
-    @app.get("/health")
+    @api.get("/health")
     def health():
         return jsonify({"status": "ok", "engine": engine.name})
 
-    @app.get("/ready")
+    @api.get("/ready")
     def ready():
         synth = service.synth
         if synth.failure:
@@ -173,16 +175,18 @@ def register_routes(app: Flask, service: Service) -> None:
                         "queue": {"waiting": synth.waiting, "running": synth.running, "max_batch": synth.max_batch,
                                   "capacity": synth.capacity}})
 
-    @app.get("/metrics")
+    @api.get("/metrics")
     def metrics():
         text = service.metrics.render(engine.name, service.synth.ready.is_set() and not service.synth.failure,
                                       service.synth.capacity)
         return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/openapi.json")
+    @api.get("/openapi.json")
     def openapi():
         return jsonify(service.spec)
 
-    @app.get("/")
+    @api.get("/")
     def page():
         return send_from_directory(STATIC_DIR, "index.html", max_age=0)
+
+    return api
