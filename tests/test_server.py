@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 import struct
 import threading
@@ -519,6 +520,7 @@ def test_one_log_line_per_request_with_the_numbers(client, caplog):
     for field in ("id=req-42", "status=200", "speaker=joe", "chars=17", "audio_s=", "synth_s=", "rtf=0.",
                   "outcome=ok"):
         assert field in line, line
+    assert re.search(r" first_audio_s=\d+\.\d{3} ", line), line
 
 
 # ---- start-up: which engine serves --------------------------------------------------------------------------

@@ -59,6 +59,8 @@ def finish_request(service: Service, rec: RequestRecord, status: int) -> None:
     rtf = f"{synth_s / audio_s:.3f}" if audio_s > 0 else "-"
     service.metrics.observe_request(rec.endpoint, status, seconds if job else None, chars=rec.chars if job else 0,
                                     audio_seconds=audio_s, synth_seconds=synth_s)
+    first = f"{job.first_audio:.3f}" if job and job.first_audio is not None else "-"
     request_log.info("request id=%s %s %s status=%d speaker=%s chars=%d audio_s=%.2f synth_s=%.2f rtf=%s "
-                    "total_s=%.3f format=%s stream=%s outcome=%s", rec.id, rec.method, rec.path, status, rec.speaker,
-                    rec.chars, audio_s, synth_s, rtf, seconds, rec.fmt, str(rec.stream).lower(), rec.outcome)
+                     "first_audio_s=%s total_s=%.3f format=%s stream=%s outcome=%s", rec.id, rec.method, rec.path,
+                     status, rec.speaker, rec.chars, audio_s, synth_s, rtf, first, seconds, rec.fmt,
+                     str(rec.stream).lower(), rec.outcome)
