@@ -30,7 +30,8 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
         service.synth.submit(job)
     except QueueFull as e:
         rec.outcome = "queue_full"
-        message = f"the server is busy ({service.synth.capacity} requests in progress); retry in {e.retry_after} s"
+        message = (f"the server is busy ({service.synth.capacity} requests in progress or waiting); "
+                   f"retry in {e.retry_after} s")
         raise ApiError(503, message, code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
     rec.job = job
     chunks = service.synth.results(job)
