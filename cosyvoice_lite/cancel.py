@@ -5,9 +5,10 @@ checks it between units of work (LLM steps, Euler steps, chunks), and whoever no
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 TIMEOUT = "timeout"
 CLIENT_GONE = "client_gone"
@@ -62,10 +63,6 @@ class CancelToken:
                     return True
         return False
 
-    def raise_if_set(self) -> None:
-        if self.poll():
-            raise Cancelled(self.reason)
-
 
 def poll(cancel) -> bool:
     """True when ``cancel`` (a CancelToken, a threading.Event or None) says stop."""
@@ -76,3 +73,23 @@ def poll(cancel) -> bool:
 
 def reason(cancel) -> str:
     return getattr(cancel, "reason", None) or CANCELLED
+
+
+DONE = object()  # put on a result queue after the last item
+
+
+def results(out: queue.SimpleQueue, cancel) -> Iterator:
+    """Items from a worker thread's result queue until DONE; an exception on it is raised here, and while the
+    queue is empty the waiting thread polls ``cancel`` (it may look at this thread's client) and raises Cancelled."""
+    while True:
+        try:
+            item = out.get(timeout=0.05)
+        except queue.Empty:
+            if poll(cancel):
+                raise Cancelled(reason(cancel)) from None
+            continue
+        if item is DONE:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

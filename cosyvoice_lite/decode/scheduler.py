@@ -27,7 +27,7 @@ from typing import Deque, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from ..cancel import Cancelled, poll, reason
+from ..cancel import DONE, Cancelled, reason, results
 from ..memory import release_free_memory
 from ..model.lm_decoder import Sequence
 from .streaming import TokenStream
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 # as one batch: requests that arrive a few tokens apart would otherwise never be due at the same step.
 JOIN_LAG = 6
 
-_DONE = object()
 _START_LOCK = threading.Lock()
 
 
@@ -64,7 +63,7 @@ class Request:
         return self.abandoned or (self.cancel is not None and self.cancel.is_set())
 
     def error(self) -> Cancelled:
-        return Cancelled(reason(self.cancel) if self.cancel is not None else None)
+        return Cancelled(reason(self.cancel))
 
 
 class Scheduler:
@@ -103,18 +102,7 @@ class Scheduler:
             self._inbox.append(request)
             self._wakeup.notify()
         try:
-            while True:
-                try:
-                    item = request.out.get(timeout=0.05)
-                except queue.Empty:
-                    if poll(request.cancel):  # the waiting thread also asks whether its client is gone
-                        raise request.error() from None
-                    continue
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from results(request.out, request.cancel)
         finally:
             request.abandoned = True  # no-op when finished; stops the worker's work otherwise
 
@@ -183,7 +171,7 @@ class Scheduler:
     def _finish(self, request: Request, error: Optional[BaseException] = None) -> None:
         if request in self._active:
             self._active.remove(request)
-        request.out.put(error if error is not None else _DONE)
+        request.out.put(error if error is not None else DONE)
 
     def _work(self) -> None:
         """One unit of work: a vocoder chunk if one is due, else one LLM step for every decoding request."""

@@ -17,10 +17,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..cancel import Cancelled, poll, reason
+from ..cancel import DONE, Cancelled, poll, reason, results
 
 OUTPUT_RATE = 24000
-_DONE = object()
 
 
 class SynthesisError(ValueError):
@@ -59,18 +58,7 @@ class SerialExecutor:
         gone = threading.Event()
         self._inbox.put((make, out, cancel, gone))
         try:
-            while True:
-                try:
-                    item = out.get(timeout=0.05)
-                except queue.Empty:
-                    if poll(cancel):
-                        raise Cancelled(reason(cancel)) from None
-                    continue
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from results(out, cancel)
         finally:
             gone.set()  # the worker drops this job at its next chunk
 
@@ -85,7 +73,7 @@ class SerialExecutor:
                     if gone.is_set():
                         break
                     out.put(chunk)
-                out.put(_DONE)
+                out.put(DONE)
             except BaseException as error:  # handed to the waiting caller, who decides what it means
                 out.put(error)
 

@@ -15,8 +15,6 @@ class StartupError(RuntimeError):
     """The service cannot start (bad MODEL_DIR, broken checkpoint, ...). The message says what to fix."""
 
 
-
-
 def load_engine(settings) -> Engine:
     """CosyVoice when MODEL_DIR holds a CosyVoice model (cosyvoice.yaml), the offline Piper voice when MODEL_DIR
     is missing or empty. Anything else (a file, a directory of something else, a broken checkpoint) is a

@@ -106,12 +106,12 @@ class MaskedDiffWithXvec(nn.Module):
                     z[i, :, :n], mu[i, :, :n] = cache[0, :, :, 0], cache[0, :, :, 1]
         keeps = [keep] * z.shape[0] if isinstance(keep, int) else list(keep)
         kept = [torch.stack([z[i:i + 1, :, z.shape[2] - k:], mu[i:i + 1, :, z.shape[2] - k:]], dim=-1)
-                for i, k in enumerate(keeps)]
+                for i, k in enumerate(keeps)] if any(keeps) else None
         mask = mu.new_ones(1, 1, mu.shape[2])
         cond = torch.zeros_like(mu)  # SFT: no prompt mel
         t_span = self.decoder.t_span(n_timesteps, dtype=mu.dtype, device=mu.device)
         mel = self.decoder.solve_euler(z, t_span, mu, mask, spks, cond, on_step=on_step)
-        return (mel, kept) if any(keeps) else mel
+        return mel if kept is None else (mel, kept)
 
     @torch.inference_mode()
     def inference(self, token: torch.Tensor, embedding: torch.Tensor, n_timesteps: int = 10,

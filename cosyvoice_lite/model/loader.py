@@ -108,7 +108,7 @@ def load_state(module: torch.nn.Module, state: dict, filename: str, assign: bool
     takes the given tensors as its parameters (no copy: used with meta-device modules and mapped checkpoints)."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{filename} is not a state dict of tensors")
-    state = fuse_qkv_keys(module, state, on_fused=lambda tensors: [release_pages(t) for t in tensors])
+    state = fuse_qkv_keys(module, state, on_fused=release_pages)
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -225,8 +225,8 @@ class RelPositionMultiHeadedAttention(nn.Module):
 
 def fuse_qkv_keys(module: nn.Module, state: dict, on_fused=None) -> dict:
     """Checkpoint key adapter: the official '<attn>.linear_{q,k,v}.{weight,bias}' of every attention block of
-    `module` become '<attn>.linear_qkv.{weight,bias}' (rows q, k, v). on_fused(tensors) gets the separate tensors
-    once they are copied (the loader releases their mapped pages). Other keys pass through unchanged."""
+    `module` become '<attn>.linear_qkv.{weight,bias}' (rows q, k, v). on_fused(tensor) is called with each separate
+    tensor once it is copied (the loader releases its mapped pages). Other keys pass through unchanged."""
     state = dict(state)
     for name, sub in module.named_modules():
         if not isinstance(sub, RelPositionMultiHeadedAttention):
@@ -242,7 +242,8 @@ def fuse_qkv_keys(module: nn.Module, state: dict, on_fused=None) -> dict:
         state[f"{p}linear_qkv.weight"] = torch.cat(weights, dim=0)
         state[f"{p}linear_qkv.bias"] = torch.cat(biases, dim=0)
         if on_fused is not None:
-            on_fused(weights + biases)
+            for tensor in weights + biases:
+                on_fused(tensor)
     return state
 
 

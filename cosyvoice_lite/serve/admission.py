@@ -38,10 +38,9 @@ class Job:
         self.text, self.speaker, self.speed, self.normalize = text, speaker, speed, normalize
         self.request_id = request_id
         self.cancel = CancelToken(deadline, client_gone)  # the one cancellation of this request
-        self.state = "new"   # new -> admitted -> done
         self.created = time.monotonic()
         self.started: float | None = None
-        self.first_audio: float | None = None  # seconds from admission to the first chunk
+        self.first_audio: float | None = None  # seconds from the start of synthesis to the first chunk
         self.samples = 0
         self.synth_seconds = 0.0
 
@@ -108,10 +107,6 @@ class Admission:
 
     # ---- state ------------------------------------------------------------------------------------------
     @property
-    def admitted(self) -> int:
-        return len(self._jobs)
-
-    @property
     def running(self) -> int:
         return min(len(self._jobs), self.max_batch)
 
@@ -131,7 +126,6 @@ class Admission:
             if self._stopping or len(self._jobs) >= self.capacity:
                 raise QueueFull(self.retry_after())
             self._jobs.add(job)
-            job.state = "admitted"
         self._changed()
 
     def abandon(self, job: Job) -> None:
@@ -144,7 +138,6 @@ class Admission:
             if job not in self._jobs:
                 return
             self._jobs.discard(job)
-            job.state = "done"
             if job.samples:
                 self._recent.append(time.monotonic() - job.created)
         self._changed()
