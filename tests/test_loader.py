@@ -151,3 +151,17 @@ def test_unknown_speaker_lists_the_known_ones():
     model = load_model(GOLDEN_MODEL)
     with pytest.raises(KeyError, match="known: 中文女, 中文男"):
         model.embedding("nobody")
+
+
+def test_a_model_copy_has_the_fingerprint_of_its_original_and_a_changed_file_does_not(tmp_path, tiny_model_dir):
+    import shutil
+
+    from cosyvoice_lite.model.fingerprint import model_fingerprint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert model_fingerprint(copy) == model_fingerprint(tiny_model_dir)
+    with open(copy / "spk2info.pt", "ab") as f:
+        f.write(b"\0")
+    assert model_fingerprint(copy) != model_fingerprint(tiny_model_dir)
+    assert model_fingerprint(copy, ("flow.pt",)) == model_fingerprint(tiny_model_dir, ("flow.pt",))

@@ -7,6 +7,12 @@ from dataclasses import dataclass, field, fields
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+def default_cache_dir() -> str:
+    """$XDG_CACHE_HOME/cosyvoice-lite, else ~/.cache/cosyvoice-lite."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cosyvoice-lite")
+
+
 @dataclass
 class Settings:
     # field = default              # ENV VAR: meaning
@@ -25,6 +31,9 @@ class Settings:
     # API_KEY: when set, everything but /health, /ready, / and /static needs 'Authorization: Bearer API_KEY'
     api_key: str = field(default="", repr=False)
     log_level: str = "info"         # LOG_LEVEL: debug | info | warning | error
+    # CACHE_DIR: on-disk caches of derived data (compiled models, synthesised audio), shared by a machine's
+    # workers; empty = $XDG_CACHE_HOME/cosyvoice-lite, else ~/.cache/cosyvoice-lite
+    cache_dir: str = ""
 
     ENV = {
         "model_dir": "MODEL_DIR", "engine": "ENGINE", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
@@ -32,6 +41,7 @@ class Settings:
         "max_batch": "MAX_BATCH",
         "request_timeout": "REQUEST_TIMEOUT", "body_timeout": "BODY_TIMEOUT", "port": "PORT",
         "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY", "log_level": "LOG_LEVEL",
+        "cache_dir": "CACHE_DIR",
     }
 
     @classmethod
@@ -76,6 +86,10 @@ class Settings:
         if self.torch_threads:
             return self.torch_threads
         return max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
+    def cache_root(self) -> str:
+        return self.cache_dir or default_cache_dir()
 
     @property
     def cors_origin_list(self) -> list[str]:
