@@ -468,7 +468,8 @@ def test_api_key_required_everywhere_but_health_ready_and_page(make_app, piper_e
     client = make_app(piper_engine, api_key=key).test_client()
     with caplog.at_level(logging.DEBUG):
         for method, path in (("POST", "/tts"), ("GET", "/speakers"), ("POST", "/v1/audio/speech"),
-                             ("GET", "/v1/audio/voices"), ("GET", "/metrics"), ("GET", "/openapi.json")):
+                             ("GET", "/v1/audio/voices"), ("GET", "/v1/models"), ("GET", "/v1/models/tts-1"),
+                             ("GET", "/metrics"), ("GET", "/openapi.json")):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
                 response = client.open(path, method=method, json={"text": "Hi."}, headers=headers)
                 assert error_of(response, 401)["code"] == "unauthorized", (path, headers)

@@ -17,8 +17,10 @@ def _error(description: str) -> dict:
 def _audio_responses(sse: bool = False) -> dict:
     content = {ctype.split(";")[0]: {"schema": {"type": "string", "format": "binary"}}
                for ctype, _ in audio.FORMATS.values()}
-    if sse:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+    if sse:  # OpenAPI 3.0: the schema of one event; its data is the JSON of SpeechAudioDeltaEvent or ...DoneEvent
+        content["text/event-stream"] = {"schema": {"type": "object", "required": ["data"], "properties": {
+            "data": {"type": "string", "description": "JSON: a SpeechAudioDeltaEvent or a SpeechAudioDoneEvent"},
+            "event": {"type": "string"}}}}
     return {
         "200": {"description": "24 kHz mono audio. wav/pcm/flac are 16-bit; pcm is raw little-endian samples. "
                                "Streamed (stream=true; the default of /v1/audio/speech for wav, pcm and mp3), the "
@@ -107,6 +109,16 @@ def openapi_spec(settings, engine) -> dict:
                     "type": "object", "properties": {"id": {"type": "string"}, "name": {"type": "string"},
                                                      "language": {"type": "string"},
                                                      "speaker": {"type": "string"}}}}}},
+                "SpeechAudioDeltaEvent": {"type": "object", "required": ["type", "audio"], "properties": {
+                    "type": {"type": "string", "enum": ["speech.audio.delta"]},
+                    "audio": {"type": "string", "format": "byte", "description": "the next bytes of the file"}}},
+                "SpeechAudioDoneEvent": {"type": "object", "required": ["type", "usage"], "properties": {
+                    "type": {"type": "string", "enum": ["speech.audio.done"]},
+                    "usage": {"type": "object", "required": ["input_tokens", "output_tokens", "total_tokens"],
+                              "description": "no tokens are billed: input_tokens counts the input's characters",
+                              "properties": {"input_tokens": {"type": "integer"},
+                                             "output_tokens": {"type": "integer"},
+                                             "total_tokens": {"type": "integer"}}}}},
                 "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
                     "id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
                     "created": {"type": "integer"}, "owned_by": {"type": "string"}}},
