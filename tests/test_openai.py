@@ -218,6 +218,11 @@ def test_voice_map_naming_a_missing_speaker_stops_the_start(make_app, cosyvoice_
         make_app(cosyvoice_engine, wait=False, voice_map="alloy=nobody")
 
 
+def test_voice_map_name_that_is_a_speaker_stops_the_start(make_app, cosyvoice_engine):
+    with pytest.raises(StartupError, match="VOICE_MAP name 'zh-female' is already a speaker"):
+        make_app(cosyvoice_engine, wait=False, voice_map="zh-female=zh-male")
+
+
 def test_voice_map_malformed_is_a_settings_error():
     for bad in ("alloy", "alloy=", "=zh-female", "alloy:zh-female"):
         with pytest.raises(ValueError, match="VOICE_MAP entries are name=speaker"):
@@ -271,8 +276,16 @@ def test_sse_of_a_whole_file_format_is_one_delta_then_done(client):
 
 
 def test_sse_with_stream_false_is_a_contradiction(client):
-    response = client.post("/v1/audio/speech", json={"input": "Hi.", "stream_format": "sse", "stream": False})
-    assert response.status_code == 400 and response.json["error"]["code"] == "invalid_stream"
+    for stream in (False, "yes"):
+        response = client.post("/v1/audio/speech", json={"input": "Hi.", "stream_format": "sse", "stream": stream})
+        assert response.status_code == 400 and response.json["error"]["code"] == "invalid_stream", stream
+
+
+def test_sse_with_stream_true_streams_any_format(client):
+    response = client.post("/v1/audio/speech", json={"input": "Hi.", "stream_format": "sse", "stream": True,
+                                                     "response_format": "opus"})
+    assert response.status_code == 200 and response.content_type == "text/event-stream"
+    assert [e["type"] for e in sse_events(response.data)] == ["speech.audio.delta", "speech.audio.done"]
 
 
 def test_openai_speech_stream_format_must_be_audio_or_sse(client):

@@ -8,6 +8,8 @@ import logging
 
 from .. import audio
 from ..engines import Engine, Speaker, StartupError
+from .errors import ApiError
+from .schema import optional
 from .settings import parse_voice_map
 
 log = logging.getLogger("cosyvoice_lite")
@@ -37,6 +39,10 @@ class VoiceTable:
         default = engine.speakers()[0]
         user = parse_voice_map(voice_map)
         self.mapped: dict[str, Speaker] = {}
+        for name in user:
+            if engine.resolve_speaker(name) is not None:
+                raise StartupError(f"VOICE_MAP name {name!r} is already a speaker of the {engine.name} engine; "
+                                   "choose another name")
         for name, target in {**DEFAULT_VOICE_MAP, **user}.items():
             speaker = engine.resolve_speaker(target)
             if speaker is None:
@@ -77,6 +83,35 @@ def model_ids(engine: Engine) -> list[str]:
 def model_object(model_id: str, created: int) -> dict:
     """An OpenAI Model object; ``created`` is when this service loaded its engine (Unix seconds)."""
     return {"id": model_id, "object": "model", "created": created, "owned_by": "cosyvoice-lite"}
+
+
+def openai_fields(body: dict, engine: Engine) -> tuple[dict, bool]:
+    """The fields only OpenAI's request has (model, instructions, stream_format, a voice object), checked; ->
+    (the body for parse_speech_request, whether the answer is server-sent events)."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", code="invalid_model", param="model")
+    instructions = optional(body, "instructions", "")
+    if not isinstance(instructions, str):
+        raise ApiError(400, "'instructions' must be a string", code="invalid_instructions", param="instructions")
+    if instructions.strip():
+        raise ApiError(400, f"'instructions' is not supported by this model ({engine_model_id(engine)}): its "
+                       "speakers have fixed voices; leave it out and choose a voice instead",
+                       code="unsupported_instructions", param="instructions")
+    stream_format = optional(body, "stream_format", "audio")
+    if stream_format not in ("audio", "sse"):
+        raise ApiError(400, "'stream_format' must be 'audio' or 'sse'", code="invalid_stream_format",
+                       param="stream_format")
+    voice = body.get("voice")
+    if isinstance(voice, dict) and set(voice) == {"id"}:  # OpenAI's custom voice reference {"id": ...}
+        body = {**body, "voice": voice["id"]}
+    sse = stream_format == "sse"
+    if sse and body.get("stream") is False:
+        raise ApiError(400, "stream_format 'sse' streams events; leave out 'stream': false, or use "
+                       "stream_format 'audio'", code="invalid_stream", param="stream")
+    if sse and body.get("stream") is True:  # events stream whatever the format: no "cannot be streamed"
+        body = {**body, "stream": None}
+    return body, sse
 
 
 class SseEncoder(audio.Encoder):

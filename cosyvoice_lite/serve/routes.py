@@ -15,8 +15,8 @@ from .admission import EngineFailure, Job, QueueFull
 from .body import client_gone_check, read_json_object
 from .context import RequestRecord, Service, finish_request
 from .errors import ApiError, error_response
-from .openai import SseEncoder, VoiceTable, engine_model_id, model_ids, model_object
-from .schema import SpeechRequest, optional, parse_speech_request
+from .openai import SseEncoder, VoiceTable, model_ids, model_object, openai_fields
+from .schema import SpeechRequest, parse_speech_request
 
 log = logging.getLogger("cosyvoice_lite")
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -147,28 +147,8 @@ def routes(service: Service) -> Blueprint:
     @api.post("/v1/audio/speech")
     def openai_speech():
         body = read_json_object(service.settings.body_timeout)
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            raise ApiError(400, "'model' must be a string", code="invalid_model", param="model")
-        instructions = optional(body, "instructions", "")
-        if not isinstance(instructions, str):
-            raise ApiError(400, "'instructions' must be a string", code="invalid_instructions", param="instructions")
-        if instructions.strip():
-            raise ApiError(400, f"'instructions' is not supported by this model ({engine_model_id(engine)}): its "
-                           "speakers have fixed voices; leave it out and choose a voice instead",
-                           code="unsupported_instructions", param="instructions")
-        stream_format = optional(body, "stream_format", "audio")
-        if stream_format not in ("audio", "sse"):
-            raise ApiError(400, "'stream_format' must be 'audio' or 'sse'", code="invalid_stream_format",
-                           param="stream_format")
-        voice = body.get("voice")
-        if isinstance(voice, dict) and set(voice) == {"id"}:  # OpenAI's custom voice reference {"id": ...}
-            body = {**body, "voice": voice["id"]}
-        sse = stream_format == "sse"
-        if sse and body.get("stream") is False:
-            raise ApiError(400, "stream_format 'sse' streams events; leave out 'stream': false, or use "
-                           "stream_format 'audio'", code="invalid_stream", param="stream")
-        req = parse_speech_request({**body, "stream": None} if sse else body, service, text_key="input",
+        body, sse = openai_fields(body, engine)
+        req = parse_speech_request(body, service, text_key="input",
                                    speaker_key="voice", format_key="response_format", default_format="mp3",
                                    default_stream=True, resolve=voices.resolve, more_names=voices.names())
         if sse:
