@@ -34,6 +34,9 @@ class GatedEngine(Engine):
     def speakers(self):
         return self.inner.speakers()
 
+    def unreadable(self, text):
+        return self.inner.unreadable(text)
+
     def warmup(self):
         if self._mode() == "warmup":
             self._wait(None)

@@ -67,7 +67,8 @@ def test_tts_wav_over_http(plain_server):
 @pytest.mark.parametrize("fmt", ["wav", "pcm", "mp3", "opus", "flac"])
 def test_openai_speech_over_http(plain_server, fmt):
     status, headers, body = plain_server.request("POST", "/v1/audio/speech", {
-        "model": "tts-1", "input": "Speech through the OpenAI endpoint.", "voice": "joe", "response_format": fmt})
+        "model": "tts-1", "input": "Speech through the OpenAI endpoint.", "voice": "joe", "response_format": fmt,
+        "stream": False})
     assert status == 200
     duration = float(headers["x-audio-duration"])
     if fmt == "pcm":

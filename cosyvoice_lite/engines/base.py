@@ -97,6 +97,11 @@ class Engine:
                 return speaker
         return None
 
+    def unreadable(self, text: str) -> str | None:
+        """Why this engine cannot read ``text`` at all (a message for the client), or None. Checked before the
+        request queues, so that it is answered at once."""
+        return None
+
     def synthesize(self, text: str, speaker: Speaker, speed: float = 1.0, normalize: bool = True,
                    cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
         """Yield float32 mono chunks at OUTPUT_RATE; raise SynthesisError for text with nothing to speak and

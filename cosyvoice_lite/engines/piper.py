@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,16 @@ class PiperEngine(Engine):
 
     def speakers(self) -> list[Speaker]:
         return [self._speaker]
+
+    def unreadable(self, text: str) -> str | None:
+        # espeak's English voice reads a Chinese character as "Chinese letter": refuse rather than say that.
+        # Text without letters or digits at all is left to synthesis ("nothing to speak").
+        if not any(ch.isalnum() for ch in text) or any(
+                (ch.isascii() and ch.isalnum()) or unicodedata.name(ch, "").startswith("LATIN") for ch in text):
+            return None
+        return ("the offline English voice (engine piper) cannot read this text: it has no Latin letters or digits. "
+                f"No CosyVoice model is loaded; to speak Chinese, Japanese, Cantonese or Korean, {GET_COSYVOICE_HINT} "
+                "and restart")
 
     def _load_voice(self):
         """The PiperVoice of this process (created on first use after any fork)."""

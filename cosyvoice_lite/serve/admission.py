@@ -44,6 +44,12 @@ class Job:
         self.samples = 0
         self.synth_seconds = 0.0
 
+    def synthesis_seconds(self) -> float | None:
+        """Seconds of synthesis: until it ended, or so far while it runs; None if it never started."""
+        if self.started is None:
+            return None
+        return self.synth_seconds or time.perf_counter() - self.started
+
 
 class Admission:
     """Bounded admission in front of one engine: at most ``max_batch`` requests in progress and ``queue_size``

@@ -12,6 +12,7 @@ from .metrics import Metrics
 from .settings import Settings
 
 request_log = logging.getLogger("cosyvoice_lite.request")
+PROBES = ("health", "ready")  # endpoint labels of liveness and readiness probes
 
 
 class Service:
@@ -43,6 +44,7 @@ class RequestRecord:
     stream: bool = False
     job: Job | None = None
     outcome: str = "-"
+    error: str = "-"  # the error answer's code
     logged: bool = False
 
 
@@ -55,12 +57,14 @@ def finish_request(service: Service, rec: RequestRecord, status: int) -> None:
     seconds = time.monotonic() - rec.started
     job = rec.job
     audio_s = job.samples / audio.SAMPLE_RATE if job else 0.0
-    synth_s = job.synth_seconds if job else 0.0
-    rtf = f"{synth_s / audio_s:.3f}" if audio_s > 0 else "-"
+    synth_s = job.synthesis_seconds() if job else None
+    rtf = f"{synth_s / audio_s:.3f}" if synth_s is not None and audio_s > 0 else "-"
     service.metrics.observe_request(rec.endpoint, status, seconds if job else None, chars=rec.chars if job else 0,
-                                    audio_seconds=audio_s, synth_seconds=synth_s)
+                                    audio_seconds=audio_s, synth_seconds=synth_s or 0.0)
     first = f"{job.first_audio:.3f}" if job and job.first_audio is not None else "-"
-    request_log.info("request id=%s %s %s status=%d speaker=%s chars=%d audio_s=%.2f synth_s=%.2f rtf=%s "
-                     "first_audio_s=%s total_s=%.3f format=%s stream=%s outcome=%s", rec.id, rec.method, rec.path,
-                     status, rec.speaker, rec.chars, audio_s, synth_s, rtf, first, seconds, rec.fmt,
-                     str(rec.stream).lower(), rec.outcome)
+    # Probes come every few seconds from Kubernetes or Docker: their lines only at debug level.
+    level = logging.DEBUG if rec.endpoint in PROBES else logging.INFO
+    request_log.log(level, "request id=%s %s %s status=%d speaker=%s chars=%d audio_s=%.2f synth_s=%s rtf=%s "
+                    "first_audio_s=%s total_s=%.3f format=%s stream=%s outcome=%s error=%s", rec.id, rec.method,
+                    rec.path, status, rec.speaker, rec.chars, audio_s, "-" if synth_s is None else f"{synth_s:.2f}",
+                    rtf, first, seconds, rec.fmt, str(rec.stream).lower(), rec.outcome, rec.error)

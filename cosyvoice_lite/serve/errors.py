@@ -30,6 +30,9 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 
 def error_response(status: int, message: str, code: str, param: str | None = None, headers: dict | None = None,
                    **extra) -> Response:
+    rec = g.get("rec")
+    if rec is not None:
+        rec.error = code  # for the request's log line
     body = {"message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"), "param": param,
             "code": code, **extra}
     response = jsonify({"error": body})

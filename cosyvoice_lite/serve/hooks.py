@@ -60,7 +60,8 @@ def _endpoint_name() -> str:
 
 def _endpoint_label() -> str:
     endpoint = _endpoint_name()
-    return {"tts": "tts", "openai_speech": "speech", "openai_voices": "voices", "speakers": "speakers",
+    return {"tts": "tts", "openai_speech": "speech", "openai_voices": "voices", "openai_models": "models",
+            "openai_model": "models", "speakers": "speakers",
             "health": "health", "ready": "ready", "metrics": "metrics", "openapi": "openapi", "page": "page",
             "static": "page"}.get(endpoint, "other")
 

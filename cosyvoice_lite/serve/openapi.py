@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from .. import audio
+from .openai import VoiceTable, model_ids
 from .schema import SPEED_RANGE
 
-SPEED = {"type": "number", "minimum": SPEED_RANGE[0], "maximum": SPEED_RANGE[1], "default": 1.0}
+# Every optional field may be null, meaning its default.
+SPEED = {"type": "number", "minimum": SPEED_RANGE[0], "maximum": SPEED_RANGE[1], "default": 1.0, "nullable": True}
 
 
 def _error(description: str) -> dict:
@@ -12,19 +14,27 @@ def _error(description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _audio_responses() -> dict:
+def _audio_responses(sse: bool = False) -> dict:
     content = {ctype.split(";")[0]: {"schema": {"type": "string", "format": "binary"}}
                for ctype, _ in audio.FORMATS.values()}
+    if sse:  # OpenAPI 3.0: the schema of one event; its data is the JSON of SpeechAudioDeltaEvent or ...DoneEvent
+        content["text/event-stream"] = {"schema": {"type": "object", "required": ["data"], "properties": {
+            "data": {"type": "string", "description": "JSON: a SpeechAudioDeltaEvent or a SpeechAudioDoneEvent"},
+            "event": {"type": "string"}}}}
     return {
         "200": {"description": "24 kHz mono audio. wav/pcm/flac are 16-bit; pcm is raw little-endian samples. "
-                               "With stream=true the body is chunked and starts before synthesis ends (a WAV "
-                               "header with unknown length, raw PCM, or MP3 frames).",
+                               "Streamed (stream=true; the default of /v1/audio/speech for wav, pcm and mp3), the "
+                               "body is chunked and starts before synthesis ends (a WAV header with unknown "
+                               "length, raw PCM, or MP3 frames). With stream_format=sse (/v1/audio/speech) it is "
+                               "text/event-stream: speech.audio.delta events (base64 audio), then one "
+                               "speech.audio.done event.",
                 "headers": {"X-Request-ID": {"schema": {"type": "string"}},
                             "X-Audio-Duration": {"schema": {"type": "string"},
                                                  "description": "seconds (absent when streaming)"}},
                 "content": content},
         "400": _error("Invalid request: bad JSON, missing/empty/non-string text, unknown speaker (the error lists "
-                      "the valid ones), bad speed or format, nothing to speak"),
+                      "the valid ones), bad speed or format, nothing to speak, text the engine cannot read (the "
+                      "offline English voice and text without Latin letters or digits)"),
         "401": _error("API_KEY is set and the bearer token is missing or wrong"),
         "408": _error("The request body stopped arriving for BODY_TIMEOUT seconds"),
         "413": _error("Text longer than MAX_TEXT_CHARS or body larger than MAX_BODY_BYTES"),
@@ -39,6 +49,7 @@ def openapi_spec(settings, engine) -> dict:
     names = []
     for s in engine.speakers():
         names += [s.id] if s.alias == s.id else [s.id, s.alias]
+    voices = names + VoiceTable(engine, settings.voice_map).names()
     text = {"type": "string", "minLength": 1, "maxLength": settings.max_text_chars}
     formats = list(audio.FORMATS)
     secured = [{"bearer": []}] if settings.api_key else []
@@ -59,24 +70,35 @@ def openapi_spec(settings, engine) -> dict:
                                    "param": {"type": "string", "nullable": True}, "code": {"type": "string"}}}}},
                 "TtsRequest": {"type": "object", "required": ["text"], "properties": {
                     "text": text,
-                    "speaker": {"type": "string", "enum": names, "description": "speaker id or alias (GET /speakers); "
-                                                                               "default: the first speaker"},
+                    "speaker": {"type": "string", "enum": names, "nullable": True,
+                                "description": "speaker id or alias (GET /speakers); default: the first speaker"},
                     "speed": SPEED,
-                    "format": {"type": "string", "enum": formats, "default": "wav"},
-                    "stream": {"type": "boolean", "default": False,
+                    "format": {"type": "string", "enum": formats, "default": "wav", "nullable": True},
+                    "stream": {"type": "boolean", "default": False, "nullable": True,
                                "description": f"chunked streaming; formats {', '.join(audio.STREAMABLE_FORMATS)}"},
-                    "normalize": {"type": "boolean", "default": True,
+                    "normalize": {"type": "boolean", "default": True, "nullable": True,
                                   "description": "text normalisation (numbers, dates, ...)"}}},
                 "SpeechRequest": {"type": "object", "required": ["input"], "properties": {
-                    "model": {"type": "string", "description": "accepted and ignored (one model is served)"},
+                    "model": {"type": "string", "nullable": True,
+                              "description": f"accepted and ignored: one engine serves every model name "
+                                             f"(GET /v1/models lists {', '.join(model_ids(engine))})"},
                     "input": text,
-                    "voice": {"type": "string", "enum": names, "description": "see GET /v1/audio/voices"},
-                    "response_format": {"type": "string", "enum": formats, "default": "mp3"},
+                    "voice": {"type": "string", "enum": voices, "nullable": True,
+                              "description": "a speaker id or alias, or an OpenAI voice name mapped by VOICE_MAP "
+                                             "(GET /v1/audio/voices)"},
+                    "response_format": {"type": "string", "enum": formats, "default": "mp3", "nullable": True,
+                                        "description": "aac is not available (400)"},
                     "speed": SPEED,
-                    "instructions": {"type": "string", "description": "accepted and ignored"},
-                    "stream_format": {"type": "string", "enum": ["audio"], "default": "audio"},
-                    "stream": {"type": "boolean", "default": False, "description": "extension: chunked streaming"},
-                    "normalize": {"type": "boolean", "default": True, "description": "extension: text normalisation"}}},
+                    "instructions": {"type": "string", "nullable": True,
+                                     "description": "not supported by this model: a non-empty value is a 400"},
+                    "stream_format": {"type": "string", "enum": ["audio", "sse"], "default": "audio",
+                                      "nullable": True,
+                                      "description": "sse: speech.audio.delta / speech.audio.done events"},
+                    "stream": {"type": "boolean", "default": True, "nullable": True,
+                               "description": "extension: false sends the whole file at the end; wav, pcm and mp3 "
+                                              "stream by default, opus and flac come whole"},
+                    "normalize": {"type": "boolean", "default": True, "nullable": True,
+                                  "description": "extension: text normalisation"}}},
                 "Speaker": {"type": "object", "properties": {
                     "id": {"type": "string"}, "alias": {"type": "string"}, "language": {"type": "string"},
                     "engine": {"type": "string"}}},
@@ -84,7 +106,25 @@ def openapi_spec(settings, engine) -> dict:
                     "engine": {"type": "string"}, "description": {"type": "string"}, "default": {"type": "string"},
                     "speakers": {"type": "array", "items": {"$ref": "#/components/schemas/Speaker"}}}},
                 "Voices": {"type": "object", "properties": {"voices": {"type": "array", "items": {
-                    "type": "object", "properties": {"id": {"type": "string"}, "name": {"type": "string"}}}}}},
+                    "type": "object", "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                                     "language": {"type": "string"},
+                                                     "speaker": {"type": "string"}}}}}},
+                "SpeechAudioDeltaEvent": {"type": "object", "required": ["type", "audio"], "properties": {
+                    "type": {"type": "string", "enum": ["speech.audio.delta"]},
+                    "audio": {"type": "string", "format": "byte", "description": "the next bytes of the file"}}},
+                "SpeechAudioDoneEvent": {"type": "object", "required": ["type", "usage"], "properties": {
+                    "type": {"type": "string", "enum": ["speech.audio.done"]},
+                    "usage": {"type": "object", "required": ["input_tokens", "output_tokens", "total_tokens"],
+                              "description": "no tokens are billed: input_tokens counts the input's characters",
+                              "properties": {"input_tokens": {"type": "integer"},
+                                             "output_tokens": {"type": "integer"},
+                                             "total_tokens": {"type": "integer"}}}}},
+                "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
+                    "id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
+                    "created": {"type": "integer"}, "owned_by": {"type": "string"}}},
+                "Models": {"type": "object", "required": ["object", "data"], "properties": {
+                    "object": {"type": "string", "enum": ["list"]},
+                    "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}},
                 "Status": {"type": "object", "properties": {"status": {"type": "string"},
                                                             "engine": {"type": "string"}}},
             },
@@ -96,10 +136,18 @@ def openapi_spec(settings, engine) -> dict:
             "/v1/audio/speech": {"post": {"summary": "OpenAI-compatible text to speech", "operationId": "speech",
                                           "security": secured,
                                           "requestBody": json_body("#/components/schemas/SpeechRequest"),
-                                          "responses": _audio_responses()}},
+                                          "responses": _audio_responses(sse=True)}},
             "/v1/audio/voices": {"get": {"summary": "Voices for the OpenAI endpoint", "operationId": "voices",
                                          "security": secured,
                                          "responses": simple("#/components/schemas/Voices", "voices")}},
+            "/v1/models": {"get": {"summary": "Models (OpenAI shape): one engine serves them all",
+                                   "operationId": "models", "security": secured,
+                                   "responses": simple("#/components/schemas/Models", "models")}},
+            "/v1/models/{model}": {"get": {"summary": "One model", "operationId": "model", "security": secured,
+                                           "parameters": [{"name": "model", "in": "path", "required": True,
+                                                           "schema": {"type": "string"}}],
+                                           "responses": {**simple("#/components/schemas/Model", "model"),
+                                                         "404": _error("no such model")}}},
             "/speakers": {"get": {"summary": "Speakers of the loaded model", "operationId": "speakers",
                                   "security": secured,
                                   "responses": simple("#/components/schemas/Speakers", "speakers")}},

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from flask import Blueprint, Response, g, jsonify, request, send_from_directory
@@ -14,6 +15,7 @@ from .admission import EngineFailure, Job, QueueFull
 from .body import client_gone_check, read_json_object
 from .context import RequestRecord, Service, finish_request
 from .errors import ApiError, error_response
+from .openai import SseEncoder, VoiceTable, model_ids, model_object, openai_fields
 from .schema import SpeechRequest, parse_speech_request
 
 log = logging.getLogger("cosyvoice_lite")
@@ -35,10 +37,13 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
         raise ApiError(503, message, code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
     rec.job = job
     chunks = service.synth.results(job)
-    encoder = audio.make_encoder(req.fmt, streaming=req.stream)
+    encoder = audio.make_encoder(req.fmt, streaming=req.stream and req.fmt in audio.STREAMABLE_FORMATS)
     headers = {"X-Engine": service.engine.name, "X-Speaker": req.speaker.alias, "Cache-Control": "no-store",
                "X-Sample-Rate": str(audio.SAMPLE_RATE), "X-Channels": "1",
                "Content-Disposition": f'inline; filename="speech.{audio.FORMATS[req.fmt][1]}"'}
+    if req.sse:
+        encoder = SseEncoder(encoder, len(req.text))
+        del headers["Content-Disposition"]
     try:
         first = next(chunks, None)  # errors before the first audio still get a proper status
         if not req.stream:
@@ -78,10 +83,12 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
             rec.outcome = "error_mid_stream"
             log.warning("stream %s ended early: %s", rec.id, e)
         finally:
+            chunks.close()  # ends the synthesis generator here, so that its time is known for the log line
             service.synth.abandon(job)
             finish_request(service, rec, 200)
 
     def closed():  # also when the server closes the stream before its first byte (the generator never ran)
+        chunks.close()
         service.synth.abandon(job)
         if rec.outcome == "-":
             rec.outcome = "client_gone"
@@ -134,26 +141,34 @@ def routes(service: Service) -> Blueprint:
                                    default_format="wav")
         return synthesize_response(service, req)
 
+    voices = VoiceTable(engine, service.settings.voice_map)
+    loaded = int(time.time())
+
     @api.post("/v1/audio/speech")
     def openai_speech():
         body = read_json_object(service.settings.body_timeout)
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            raise ApiError(400, "'model' must be a string", code="invalid_model", param="model")
-        instructions = body.get("instructions")
-        if instructions is not None and not isinstance(instructions, str):
-            raise ApiError(400, "'instructions' must be a string", code="invalid_instructions", param="instructions")
-        stream_format = body.get("stream_format", "audio")
-        if stream_format != "audio":
-            raise ApiError(400, "only stream_format 'audio' is supported", code="invalid_stream_format",
-                           param="stream_format")
-        req = parse_speech_request(body, service, text_key="input", speaker_key="voice", format_key="response_format",
-                                   default_format="mp3")
+        body, sse = openai_fields(body, engine)
+        req = parse_speech_request(body, service, text_key="input",
+                                   speaker_key="voice", format_key="response_format", default_format="mp3",
+                                   default_stream=True, resolve=voices.resolve, more_names=voices.names())
+        if sse:
+            req.stream = req.sse = True
         return synthesize_response(service, req)
 
     @api.get("/v1/audio/voices")
     def openai_voices():
-        return jsonify({"voices": [{"id": s.alias, "name": s.id, "language": s.language} for s in engine.speakers()]})
+        return jsonify({"voices": voices.listing()})
+
+    @api.get("/v1/models")
+    def openai_models():
+        return jsonify({"object": "list", "data": [model_object(m, loaded) for m in model_ids(engine)]})
+
+    @api.get("/v1/models/<path:model>")
+    def openai_model(model: str):
+        if model not in model_ids(engine):
+            raise ApiError(404, f"no model {model[:80]!r}; this service serves {', '.join(model_ids(engine))}",
+                           code="model_not_found", param="model")
+        return jsonify(model_object(model, loaded))
 
     @api.get("/speakers")
     def speakers():

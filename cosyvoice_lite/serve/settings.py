@@ -13,6 +13,19 @@ def default_cache_dir() -> str:
     return os.path.join(base, "cosyvoice-lite")
 
 
+def parse_voice_map(text: str) -> dict[str, str]:
+    """VOICE_MAP 'alloy=zh-female,echo=zh-male' as {voice name (lower case): speaker id or alias}."""
+    entries = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, sep, target = item.partition("=")
+        if not sep or not name.strip() or not target.strip():
+            raise ValueError(f"VOICE_MAP entries are name=speaker separated by commas, got {item.strip()!r}")
+        entries[name.strip().lower()] = target.strip()
+    return entries
+
+
 @dataclass
 class Settings:
     # field = default              # ENV VAR: meaning
@@ -34,6 +47,9 @@ class Settings:
     # CACHE_DIR: on-disk caches of derived data (compiled models, synthesised audio), shared by a machine's
     # workers; empty = $XDG_CACHE_HOME/cosyvoice-lite, else ~/.cache/cosyvoice-lite
     cache_dir: str = ""
+    # VOICE_MAP: OpenAI voice names -> speakers on /v1/audio/speech, 'alloy=zh-female,echo=zh-male' (speaker id or
+    # alias); laid over the built-in table (serve/openai.py, README)
+    voice_map: str = ""
 
     ENV = {
         "model_dir": "MODEL_DIR", "engine": "ENGINE", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
@@ -41,7 +57,7 @@ class Settings:
         "max_batch": "MAX_BATCH",
         "request_timeout": "REQUEST_TIMEOUT", "body_timeout": "BODY_TIMEOUT", "port": "PORT",
         "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY", "log_level": "LOG_LEVEL",
-        "cache_dir": "CACHE_DIR",
+        "cache_dir": "CACHE_DIR", "voice_map": "VOICE_MAP",
     }
 
     @classmethod
@@ -79,6 +95,7 @@ class Settings:
         if self.log_level.lower() not in LOG_LEVELS:
             # else gunicorn stops with only "Unable to configure logger 'gunicorn.error'"
             raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        parse_voice_map(self.voice_map)  # raises on a malformed VOICE_MAP
 
     @property
     def threads(self) -> int:
@@ -94,3 +111,4 @@ class Settings:
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
