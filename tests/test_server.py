@@ -471,7 +471,7 @@ def test_api_key_required_everywhere_but_health_ready_and_page(make_app, piper_e
                 response = client.open(path, method=method, json={"text": "Hi."}, headers=headers)
                 assert error_of(response, 401)["code"] == "unauthorized", (path, headers)
                 assert response.headers["WWW-Authenticate"].startswith("Bearer")
-        for path in ("/health", "/ready", "/", "/static/app.js"):
+        for path in ("/health", "/ready", "/", "/static/app.js", "/favicon.ico"):
             response = client.get(path)
             assert response.status_code == 200, path
             response.close()

@@ -193,4 +193,8 @@ def routes(service: Service) -> Blueprint:
     def page():
         return send_from_directory(STATIC_DIR, "index.html", max_age=0)
 
+    @api.get("/favicon.ico")
+    def favicon():
+        return send_from_directory(STATIC_DIR, "favicon.svg", mimetype="image/svg+xml", max_age=86400)
+
     return api
