@@ -107,9 +107,25 @@ def test_grace_period_covers_the_pre_stop_delay_and_a_drain_as_long_as_the_reque
     assert pod["terminationGracePeriodSeconds"] >= int(sleep[1]) + graceful + 5
 
 
-def test_gunicorn_takes_its_graceful_timeout_from_the_environment():
-    source = (ROOT / "cosyvoice_lite" / "serve" / "gunicorn_conf.py").read_text()
-    assert re.search(r'graceful_timeout = int\(os.environ.get\("GRACEFUL_TIMEOUT", "(\d+)"\)\)', source)
+def _gunicorn_graceful_timeout(env: dict) -> int:
+    code = ("import sys; sys.argv = ['gunicorn']; import runpy; "
+            "print(runpy.run_path('cosyvoice_lite/serve/gunicorn_conf.py')['graceful_timeout'])")
+    base = {k: v for k, v in os.environ.items() if k not in ("GRACEFUL_TIMEOUT", "REQUEST_TIMEOUT")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**base, **env}, capture_output=True,
+                         text=True, timeout=60, check=True)
+    return int(out.stdout.strip())
+
+
+def test_gunicorn_drains_as_long_as_the_request_timeout_unless_told_otherwise():
+    assert _gunicorn_graceful_timeout({"REQUEST_TIMEOUT": "120"}) == 120
+    assert _gunicorn_graceful_timeout({"REQUEST_TIMEOUT": "120", "GRACEFUL_TIMEOUT": "45"}) == 45
+
+
+def test_compose_stop_grace_period_covers_the_drain():
+    (service,) = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"].values()
+    env = service["environment"]
+    assert int(env["GRACEFUL_TIMEOUT"]) >= int(env["REQUEST_TIMEOUT"])
+    assert int(service["stop_grace_period"].rstrip("s")) >= int(env["GRACEFUL_TIMEOUT"]) + 5
 
 
 def test_api_key_comes_from_a_secret():
