@@ -177,14 +177,14 @@ def test_page_defaults_to_text_in_the_engines_language_and_renders_the_hint(page
     result = run_in_page(page.browser, r"""
       await until(() => $("speaker").options.length > 0, "speakers");
       return {text: $("text").value, speakers: [...$("speaker").options].map((o) => o.value),
-              note: $("engine").textContent, code: $("engine").querySelector("code")?.textContent,
+              note: $("engine").textContent, code: [...$("engine").querySelectorAll("code")].map((c) => c.textContent),
               speedRange: [$("speed").min, $("speed").max], normalize: $("normalize").checked,
               formats: [...$("format").options].map((o) => o.value), downloadShown: $("download").offsetParent !== null,
               favicon: document.querySelector("link[rel=icon]").href};
     """)
     assert result["speakers"] == ["en_US-joe-medium"]
     assert result["text"].startswith("Hello!") and not any("\u4e00" <= ch <= "\u9fff" for ch in result["text"])
-    assert "piper" in result["note"] and "`" not in result["note"] and "download_model.py" in result["code"]
+    assert "piper" in result["note"] and "`" not in result["note"] and "./run download" in result["code"]
     assert result["speedRange"] == ["0.25", "4"] and result["normalize"] is True
     assert result["formats"] == ["wav", "pcm"]
     assert result["downloadShown"] is False  # no audio yet: no Download button
