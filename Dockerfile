@@ -5,7 +5,8 @@
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
-# Where pip finds the CPU build of torch (PyPI's own Linux torch wheel is the multi-GB GPU build).
+# Where pip finds the CPU build of torch, torch==X+cpu (PyPI's own Linux torch wheel is the multi-GB GPU build);
+# scripts/install_torch.sh falls back to the usual indexes when it is unreachable.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Optional local wheel folder (used by scripts/container_test.sh on machines without the PyTorch index).
 ARG PIP_FIND_LINKS=
@@ -22,8 +23,9 @@ WORKDIR /app
 RUN useradd --create-home --uid 10001 app
 
 COPY requirements.txt requirements-nodeps.txt ./
-RUN if [ -n "$PIP_FIND_LINKS" ]; then pip install --find-links "$PIP_FIND_LINKS" torch==2.13.0; \
-    else pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0; fi \
+COPY scripts/install_torch.sh ./scripts/
+RUN if [ -z "$PIP_FIND_LINKS" ]; then unset PIP_FIND_LINKS; fi \
+ && sh scripts/install_torch.sh pip \
  && pip install -r requirements.txt \
  && pip install --no-deps -r requirements-nodeps.txt \
  && find /usr/local/lib /usr/lib -name '__pycache__' -prune -exec rm -rf {} + 2>/dev/null; true

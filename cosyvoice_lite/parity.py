@@ -1,7 +1,7 @@
 """Compare our implementation with outputs of the official CosyVoice code stored in a golden directory.
 
 A golden directory holds ``model/`` (an official model directory), ``manifest.json`` (cases and their arrays),
-one folder of ``.npy`` arrays per case and, optionally, ``frontend.json`` (see shared/golden/README.md for
+one folder of ``.npy`` arrays per case and, optionally, ``frontend.json`` (see tests/golden/README.md for
 the format). Every stage is fed the official inputs of that stage, so an error points at one component; the
 ``mel`` of a flow case and the ``e2e`` stages run the whole chain.
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 TEXT = "希望你以后能够做得比我还好哟。今天天气很好，我们一起去公园散步吧。"
 STREAM_TEXT = "Hello, and welcome to the show. Today we talk about speech synthesis on small computers."
 CONCURRENT_TEXT = "今天天气很好，我们一起去公园散步吧。"
-GOLDEN = ROOT.parent / "shared" / "golden"
+GOLDEN = ROOT / "tests" / "golden"
 
 
 def peak_rss_mb() -> float:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Check our implementation against official outputs in a golden directory.
 
-    python scripts/check_parity.py ../shared/golden            # every model stage and frontend case
-    python scripts/check_parity.py GOLDEN --only model         # or: --only frontend
+    .venv/bin/python scripts/check_parity.py                   # the golden set in tests/golden (or $GOLDEN_DIR)
+    .venv/bin/python scripts/check_parity.py GOLDEN_DIR        # any golden set in the same layout
+    .venv/bin/python scripts/check_parity.py --only model      # or: --only frontend
 
 Prints one line per case and stage (max-abs error, or mismatch count for exact stages), then a summary.
 Exit status 1 if any stage is over its tolerance or any case could not run.
@@ -10,11 +11,13 @@ Exit status 1 if any stage is over its tolerance or any case could not run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -23,7 +26,9 @@ from cosyvoice_lite.parity import TOLERANCE, Golden, frontend_checks, model_chec
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("golden_dir", type=Path)
+    parser.add_argument("golden_dir", type=Path, nargs="?",
+                        default=Path(os.environ.get("GOLDEN_DIR") or ROOT / "tests" / "golden"),
+                        help="golden directory (default: $GOLDEN_DIR, else tests/golden)")
     parser.add_argument("--only", choices=["model", "frontend"], help="run one part only")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the golden sets used 2)")
     args = parser.parse_args()

@@ -1,5 +1,7 @@
-"""The web page in a real headless browser (Debian's chromium, /usr/bin/chromium) against a real gunicorn:
-speakers load, typing text and clicking Speak plays synthesised audio in the page and offers a download.
+"""The web page in a real headless browser (Debian's chromium, /usr/bin/chromium) against a real gunicorn (the
+offline voice behind the test gate, so that a stream can be held after its first chunk): playback starts with the
+first chunk, progress and a waveform show, Stop cancels the request, clips are kept to replay and download, and an
+error clears the last clip instead of leaving it on the page.
 
 Chromium is driven over the DevTools protocol on a pipe (--remote-debugging-pipe: fd 3 in, fd 4 out, JSON messages
 ending in NUL), so the test needs no driver and no Python package beyond the standard library."""
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import gunicorn
+from conftest import Gate, gunicorn
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -115,38 +117,28 @@ class Chromium:
         os.close(self._from_browser)
 
 
-# Runs in the page: wait for the speaker list, type, click Speak, wait for the result, play it, check the download.
-SPEAK_IN_PAGE = r"""
-(async () => {
-  const $ = (id) => document.getElementById(id);
-  const until = async (check, what, ms = 30000) => {
-    const end = Date.now() + ms;
-    while (!check()) {
-      if (Date.now() > end) throw new Error("timed out waiting for " + what + "; status: " + $("status").textContent);
-      await new Promise((r) => setTimeout(r, 50));
-    }
-  };
-  await until(() => $("speaker").options.length > 0, "speakers");
-  const speakers = [...$("speaker").options].map((o) => o.value);
-  $("text").value = "Hello from the browser test. This page speaks.";
-  $("speed").value = "1.25";
-  $("speed").dispatchEvent(new Event("input"));
-  $("speak").click();
-  await until(() => $("status").textContent.startsWith("Done") || $("status").className === "error", "synthesis");
-  const player = $("player");
-  await until(() => player.readyState >= 1 && player.duration > 0, "audio metadata");
-  await until(() => player.currentTime > 0.2, "playback to advance", 15000);
-  const link = $("download");
-  const blob = await (await fetch(link.href)).blob();
-  const head = new Uint8Array(await blob.slice(0, 12).arrayBuffer());
-  return {
-    speakers, engineNote: $("engine").textContent, status: $("status").textContent,
-    statusClass: $("status").className, duration: player.duration, playing: !player.paused,
-    src: player.src, downloadName: link.download, downloadHidden: link.hidden, blobSize: blob.size,
-    blobType: blob.type, head: String.fromCharCode(...head), speedLabel: $("speed-value").textContent,
-  };
-})()
+# In the page: helpers for the scripts below.
+PAGE_HELPERS = r"""
+const $ = (id) => document.getElementById(id);
+const until = async (check, what, ms = 30000) => {
+  const end = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > end) throw new Error("timed out waiting for " + what + "; status: " + $("status").textContent);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+};
+const inkedColumns = () => {
+  const c = $("wave"), data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  const columns = new Set();
+  for (let i = 3; i < data.length; i += 4) if (data[i]) columns.add(((i - 3) / 4) % c.width);
+  return columns.size;
+};
+const bytesOf = async (url) => new Uint8Array(await (await fetch(url)).arrayBuffer());
 """
+
+
+def run_in_page(browser, body: str):
+    return browser.evaluate("(async () => {" + PAGE_HELPERS + body + "})()")
 
 
 @pytest.fixture(scope="module")
@@ -159,17 +151,143 @@ def browser(tmp_path_factory):
     chrome.close()
 
 
-def test_web_page_speaks_plays_and_offers_download(browser, tmp_path):
-    with gunicorn(tmp_path) as server:
+@pytest.fixture(scope="module")
+def page(browser, tmp_path_factory):
+    """A gunicorn with the offline voice behind a gate, MAX_TEXT_CHARS=300, and the page open in chromium."""
+    tmp = tmp_path_factory.mktemp("page")
+    gate = Gate(tmp / "gate")
+    with gunicorn(tmp, {"GATE_DIR": str(gate.path), "MAX_TEXT_CHARS": "300"}, app="gated_engine:make_app()") as server:
         browser.open_page(f"http://127.0.0.1:{server.port}/")
-        result = browser.evaluate(SPEAK_IN_PAGE)
-        browser.screenshot(tmp_path / "page.png")
-        log = server.log()
+        server.gate, server.browser = gate, browser
+        yield server
+
+
+@pytest.fixture
+def held(page):
+    """The page's server with its engine held after the first chunk of every request until gate.open()."""
+    page.gate.mode("after_first")
+    page.gate.close()
+    yield page
+    page.gate.open()
+    page.gate.mode("")
+    page.wait_for(lambda: page.metric("cosyvoice_in_progress") == 0, 15, "idle server")
+
+
+def test_page_defaults_to_text_in_the_engines_language_and_renders_the_hint(page):
+    result = run_in_page(page.browser, r"""
+      await until(() => $("speaker").options.length > 0, "speakers");
+      return {text: $("text").value, speakers: [...$("speaker").options].map((o) => o.value),
+              note: $("engine").textContent, code: [...$("engine").querySelectorAll("code")].map((c) => c.textContent),
+              speedRange: [$("speed").min, $("speed").max], normalize: $("normalize").checked,
+              formats: [...$("format").options].map((o) => o.value), downloadShown: $("download").offsetParent !== null,
+              favicon: document.querySelector("link[rel=icon]").href};
+    """)
     assert result["speakers"] == ["en_US-joe-medium"]
-    assert "piper" in result["engineNote"] and "download_model.py" in result["engineNote"]
-    assert result["status"].startswith("Done") and result["statusClass"] == ""
-    assert result["src"].startswith("blob:") and 1.0 < result["duration"] < 10
-    assert result["downloadName"] == "speech.wav" and not result["downloadHidden"]
-    assert result["head"][:4] == "RIFF" and result["head"][8:12] == "WAVE" and result["blobSize"] > 24000
-    assert result["blobType"] == "audio/wav" and result["speedLabel"] == "1.25"
-    assert "POST /tts status=200" in log and "chars=46" in log
+    assert result["text"].startswith("Hello!") and not any("\u4e00" <= ch <= "\u9fff" for ch in result["text"])
+    assert "piper" in result["note"] and "`" not in result["note"] and "./run download" in result["code"]
+    assert result["speedRange"] == ["0.25", "4"] and result["normalize"] is True
+    assert result["formats"] == ["wav", "pcm"]
+    assert result["downloadShown"] is False  # no audio yet: no Download button
+    status, headers, body = page.request("GET", "/favicon.ico")
+    assert status == 200 and headers["content-type"].startswith("image/svg+xml") and body.startswith(b"<svg")
+
+
+def test_playback_starts_with_the_first_chunk_and_the_clip_is_kept_for_download(held):
+    first = run_in_page(held.browser, r"""
+      await until(() => $("speaker").options.length > 0, "speakers");
+      $("text").value = "The first sentence plays at once. The second one waits for the gate. And a third.";
+      $("text").dispatchEvent(new Event("input"));
+      $("speed").value = "1.5";
+      $("speed").dispatchEvent(new Event("input"));
+      $("format").value = "wav";
+      $("speak").click();
+      await until(() => $("status").textContent.startsWith("Playing"), "the first chunk");
+      const t0 = state.ctx.currentTime;
+      await until(() => state.ctx.currentTime > t0 + 0.3, "playback to advance", 10000);
+      return {status: $("status").textContent, progress: $("progress").textContent, stopShown: !$("stop").hidden,
+              speakDisabled: $("speak").disabled, downloadHidden: $("download").hidden, inked: inkedColumns(),
+              playing: state.sources.length, speed: $("speed-value").textContent};
+    """)
+    # the request is still held after its first chunk: everything above happened while synthesis was going on
+    assert held.metric("cosyvoice_in_progress") == 1
+    assert first["stopShown"] and first["speakDisabled"] and first["downloadHidden"]
+    assert first["playing"] >= 1 and first["inked"] > 10 and first["speed"] == "1.50"
+    assert " s of audio in " in first["progress"] and "RTF" in first["progress"] and "first audio" in first["progress"]
+    held.gate.open()
+    done = run_in_page(held.browser, r"""
+      await until(() => $("status").textContent.startsWith("Done"), "the end of the stream");
+      const link = $("download"), clip = state.clips[0];
+      const wav = await bytesOf(link.href);
+      const view = new DataView(wav.buffer);
+      return {status: $("status").textContent, history: $("history").children.length, name: link.download,
+              shown: link.offsetParent !== null, head: String.fromCharCode(...wav.slice(0, 4), ...wav.slice(8, 12)),
+              rate: view.getUint32(24, true), dataBytes: view.getUint32(40, true), size: wav.length,
+              samples: clip.samples.length, stopShown: !$("stop").hidden, inked: inkedColumns()};
+    """)
+    assert done["history"] >= 1 and done["shown"] and not done["stopShown"]
+    assert done["name"].endswith(".wav") and done["head"] == "RIFFWAVE" and done["rate"] == 24000
+    assert done["dataBytes"] == 2 * done["samples"] == done["size"] - 44 and done["samples"] > 24000
+    assert done["inked"] > 300
+    held.browser.screenshot(held.log_path.parent / "page.png")
+    lines = [line for line in held.log().splitlines() if "POST /tts status=200" in line]
+    assert lines and "format=pcm stream=true" in lines[-1]  # the page streams PCM whatever it offers to download
+
+
+def test_stop_cancels_the_request_and_keeps_no_clip(held):
+    result = run_in_page(held.browser, r"""
+      await until(() => $("speaker").options.length > 0, "speakers");
+      const before = $("history").children.length;
+      $("text").value = "This one is cancelled. It never gets to the second sentence.";
+      $("speak").click();
+      await until(() => $("status").textContent.startsWith("Playing"), "the first chunk");
+      $("stop").click();
+      await until(() => $("status").textContent.startsWith("Cancelled"), "the cancellation");
+      return {status: $("status").textContent, history: $("history").children.length, before,
+              playing: state.sources.length, inked: inkedColumns(), downloadHidden: $("download").hidden,
+              speakEnabled: !$("speak").disabled, stopHidden: $("stop").hidden};
+    """)
+    assert result["history"] == result["before"] and result["playing"] == 0 and result["inked"] == 0
+    assert result["downloadHidden"] and result["speakEnabled"] and result["stopHidden"]
+    # the server saw the client go and stopped synthesising (the gate is still closed)
+    held.wait_for(lambda: held.metric("cosyvoice_in_progress") == 0, 10, "the cancelled synthesis to stop")
+    held.wait_for(lambda: "client_gone" in held.log(), 10, "the log line of the cancelled request")
+
+
+def test_history_replays_and_downloads_raw_pcm(page):
+    result = run_in_page(page.browser, r"""
+      await until(() => $("speaker").options.length > 0, "speakers");
+      $("text").value = "Raw samples, please.";
+      $("format").value = "pcm";
+      $("speak").click();
+      await until(() => $("status").textContent.startsWith("Done"), "synthesis");
+      const item = $("history").children[0];
+      const link = item.querySelector("a");
+      const pcm = await bytesOf(link.href);
+      item.querySelector("button.replay").click();
+      const playing = state.sources.length;
+      return {name: link.download, size: pcm.length, samples: state.clips[0].samples.length, playing,
+              head: String.fromCharCode(...pcm.slice(0, 4)), items: $("history").children.length,
+              status: $("status").textContent};
+    """)
+    assert result["name"].endswith(".pcm") and result["size"] == 2 * result["samples"] > 0
+    assert result["head"] != "RIFF" and result["playing"] == 1 and result["status"].startswith("Playing clip")
+    assert 1 <= result["items"] <= 5
+
+
+def test_an_error_is_shown_and_clears_the_last_clip(page):
+    result = run_in_page(page.browser, r"""
+      await until(() => $("speaker").options.length > 0, "speakers");
+      $("text").value = "A clip first.";
+      $("speak").click();
+      await until(() => $("status").textContent.startsWith("Done"), "synthesis");
+      const inkedBefore = inkedColumns(), shownBefore = !$("download").hidden;
+      $("text").value = "Too long. ".repeat(40);
+      $("speak").click();
+      await until(() => $("status").className === "error", "the error");
+      return {status: $("status").textContent, inkedBefore, shownBefore, inked: inkedColumns(),
+              downloadHidden: $("download").hidden, progress: $("progress").textContent,
+              speakEnabled: !$("speak").disabled};
+    """)
+    assert result["shownBefore"] and result["inkedBefore"] > 0
+    assert "300" in result["status"]  # the server's message names the limit
+    assert result["downloadHidden"] and result["inked"] == 0 and result["progress"] == "" and result["speakEnabled"]

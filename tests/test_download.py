@@ -2,13 +2,11 @@
 import functools
 import http.server
 import threading
-from pathlib import Path
 
 import pytest
+from golden_data import GOLDEN_MODEL
 
 from cosyvoice_lite import download
-
-GOLDEN_MODEL = Path(__file__).resolve().parents[2] / "shared" / "golden" / "model"
 
 
 @pytest.fixture

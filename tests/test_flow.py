@@ -1,9 +1,9 @@
 """Parity of the flow (tokens -> mel) with the official CosyVoice v1 outputs stored in the golden set."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden_data import GOLDEN
 
 from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.flow import EDGE_TOKENS
@@ -11,7 +11,6 @@ from cosyvoice_lite.model.loader import build, load_state
 from cosyvoice_lite.model.transformer import split_qkv_keys
 from cosyvoice_lite.parity import Golden
 
-GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"
 MODEL_DIR = GOLDEN / "model"
 TOL = 1e-3
 

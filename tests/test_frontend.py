@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from golden_data import GOLDEN
 
 from cosyvoice_lite.frontend import NothingToSpeak, TextFrontend
 from cosyvoice_lite.frontend import rules
@@ -16,7 +17,6 @@ from cosyvoice_lite.frontend.wetext_tn import (EN_ORDERS, FST_SHA256, MAX_CHUNK,
                                                find_fst_dir, reorder_tags)
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT.parent / "shared" / "golden"
 FRONTEND_JSON = GOLDEN / "frontend.json"
 ITEMS = json.loads(FRONTEND_JSON.read_text(encoding="utf-8"))["items"] if FRONTEND_JSON.is_file() else []
 COLUMNS = {"none": False, "wetext": True}  # golden column -> our normalize flag

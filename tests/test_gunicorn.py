@@ -164,6 +164,24 @@ def test_full_queue_gets_immediate_503_with_retry_after(gserver):
         assert result[0][0] == 200
 
 
+def test_ready_is_503_while_the_queue_is_full_and_200_again_after(gserver):
+    """Kubernetes takes a full pod out of the Service's endpoints instead of sending it requests to refuse."""
+    gserver.gate.mode("start")
+    gserver.gate.close()
+    held = [in_background(gserver.request, "POST", "/tts", {"text": f"Request {i}."}) for i in range(2)]
+    gserver.wait_for(lambda: gserver.metric("cosyvoice_in_progress") == 1
+                     and gserver.metric("cosyvoice_queue_depth") == 1, what="one running and one waiting")
+    status, headers, body = gserver.request("GET", "/ready")
+    assert status == 503 and json.loads(body)["error"]["code"] == "queue_full"
+    assert int(headers["retry-after"]) >= 1
+    assert gserver.request("GET", "/health")[0] == 200  # alive all the same: no restart
+    gserver.gate.open()
+    for thread, result in held:
+        thread.join(30)
+        assert result[0][0] == 200
+    assert gserver.request("GET", "/ready")[0] == 200
+
+
 def test_timeout_gives_504_and_the_worker_recovers(gserver):
     gserver.gate.mode("start")
     gserver.gate.close()

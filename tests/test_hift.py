@@ -1,19 +1,18 @@
-"""HiFT vocoder parity against the official CosyVoice v1 golden data (/work/shared/golden)."""
+"""HiFT vocoder parity against the official CosyVoice v1 golden data (tests/golden, or GOLDEN_DIR)."""
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch.nn.utils.parametrizations import weight_norm
+from golden_data import GOLDEN
 
 from cosyvoice_lite.model import load_model
 from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.hift import ConvRNNF0Predictor, HiFTGenerator, normalize_hift_state_dict
 from cosyvoice_lite.model.loader import build
 
-GOLDEN = (Path(__file__).parents[1] / ".." / "shared" / "golden").resolve()
 MODEL_DIR = GOLDEN / "model"
 TOL = 1e-3
 

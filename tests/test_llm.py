@@ -1,17 +1,16 @@
 """TransformerLM parity with the official CosyVoice v1 LLM (golden cases of kind 'llm' and 'e2e_sft')."""
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden_data import GOLDEN
 
 from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.llm import TransformerLM, nucleus_sampling, ras_sampling, token_limit
 from cosyvoice_lite.model.loader import build, load_state
 from cosyvoice_lite.parity import Golden
 
-GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"
 TOL = 1e-3
 
 

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden_data import GOLDEN_MODEL
 
 from cosyvoice_lite.model import ModelLoadError, load_model
 from cosyvoice_lite.model.config import ConfigError, read_config
 from cosyvoice_lite.model.random_model import write_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_MODEL = ROOT.parent / "shared" / "golden" / "model"
 MODEL_FILES = ["cosyvoice.yaml", "llm.pt", "flow.pt", "hift.pt", "spk2info.pt"]
 
 

@@ -634,7 +634,7 @@ def test_api_key_guards_every_route_but_the_public_ones_and_never_logs(tmp_path)
     routes = _routes()
     assert {path for _, path, public in routes if not public} >= {"/tts", "/v1/audio/speech", "/speakers",
                                                                   "/v1/audio/voices", "/metrics", "/openapi.json"}
-    assert {path for _, path, public in routes if public} == {"/health", "/ready", "/", "/static/app.js"}
+    assert {path for _, path, public in routes if public} == {"/health", "/ready", "/", "/static/app.js", "/favicon.ico"}
     with gunicorn(tmp_path, {"API_KEY": key, "LOG_LEVEL": "debug"}) as server:
         body = {"text": "Hi.", "input": "Hi."}
         for method, path, public in routes:

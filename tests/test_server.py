@@ -255,10 +255,12 @@ def test_web_page_and_its_assets(client):
     page = client.get("/")
     assert page.status_code == 200 and page.content_type.startswith("text/html")
     html = page.data.decode()
-    for element in ('id="text"', 'id="speaker"', 'id="speed"', 'id="speak"', 'id="player"', 'id="download"'):
+    for element in ('id="text"', 'id="speaker"', 'id="speed"', 'id="normalize"', 'id="speak"', 'id="stop"',
+                    'id="download"', 'id="wave"', 'id="history"'):
         assert element in html
     assert "http://" not in html and "https://" not in html  # no CDN
-    for asset, ctype in (("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
+    for asset, ctype in (("/static/app.js", "javascript"), ("/static/style.css", "text/css"),
+                         ("/favicon.ico", "image/svg+xml")):
         response = client.get(asset)
         assert response.status_code == 200 and ctype in response.content_type
         response.close()
@@ -474,7 +476,7 @@ def test_api_key_required_everywhere_but_health_ready_and_page(make_app, piper_e
                 response = client.open(path, method=method, json={"text": "Hi."}, headers=headers)
                 assert error_of(response, 401)["code"] == "unauthorized", (path, headers)
                 assert response.headers["WWW-Authenticate"].startswith("Bearer")
-        for path in ("/health", "/ready", "/", "/static/app.js"):
+        for path in ("/health", "/ready", "/", "/static/app.js", "/favicon.ico"):
             response = client.get(path)
             assert response.status_code == 200, path
             response.close()

@@ -3,12 +3,12 @@
 Speed itself is never asserted here (scripts/bench.py measures it); these tests pin down behaviour and quality.
 """
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from golden_data import GOLDEN
 
 from cosyvoice_lite.decode import streaming
 from cosyvoice_lite.model import load_model
@@ -19,7 +19,6 @@ from cosyvoice_lite.model.speed import MODE_ENV, SETTINGS, Fp16Linear, Int8Linea
 from cosyvoice_lite.decode.streaming import HIFT_CACHE_FRAMES, TOKEN_OVERLAP, TokenStream
 from cosyvoice_lite.parity import Golden
 
-GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"
 MODEL_DIR = GOLDEN / "model"
 GREEDY_STEPS = 40
 

@@ -1,16 +1,16 @@
 """The flow/HiFT layers of the non-exact speed modes (speed.TimeMajorConv1d, speed.ExpMish): same functions as the
 float32 modules they replace, in any input layout. Speed is never asserted (scripts/bench.py measures it)."""
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from golden_data import GOLDEN_MODEL
 
 from cosyvoice_lite.model import load_model
 from cosyvoice_lite.model.speed import ExpMish, Int8Conv1d, TimeMajorConv1d, replace_mish, time_major_convs
 
-MODEL_DIR = Path(__file__).parents[1] / ".." / "shared" / "golden" / "model"
+MODEL_DIR = GOLDEN_MODEL
 
 
 def rel(a, b):

@@ -1,17 +1,16 @@
 """ESPnet-style encoders: golden flow encoder stage, masking rules, incremental decoding, config guards."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden_data import GOLDEN
 
 from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.loader import build, load_state
 from cosyvoice_lite.model.transformer import ConformerEncoder, EspnetRelPositionalEncoding, TransformerEncoder
 from cosyvoice_lite.parity import Golden
 
-GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"
 TOL = 1e-3
 
 

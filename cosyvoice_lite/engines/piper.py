@@ -20,7 +20,7 @@ from ..audio import SAMPLE_RATE, Resampler
 from ..cancel import Cancelled
 from .base import Engine, Speaker, SynthesisError
 
-GET_COSYVOICE_HINT = "run `python scripts/download_model.py` to get CosyVoice-300M-SFT"
+GET_COSYVOICE_HINT = "run `./run download` (or `.venv/bin/python scripts/download_model.py`) to get CosyVoice-300M-SFT"
 
 # One ONNX call renders at most this many phonemes, so that a giant sentence (or a 4,000-letter "word") is spoken
 # in pieces: memory stays bounded and a cancelled request stops within one piece.

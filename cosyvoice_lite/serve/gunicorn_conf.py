@@ -5,6 +5,7 @@ workers share the weights' memory pages. Each worker is a gthread worker: every 
 to the engine's scheduler (MAX_BATCH decoded side by side, QUEUE_SIZE more waiting), spare threads keep /health,
 /ready and /metrics answering during long syntheses, and a request beyond the bound gets a 503 at once.
 """
+import math
 import os
 import sys
 
@@ -24,7 +25,9 @@ worker_class = "gthread"
 threads = _settings.queue_size + _settings.max_batch + 8
 preload_app = True
 timeout = 60                     # a worker silent this long (its main loop stuck) is killed and replaced
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))  # SIGTERM: in-flight requests get this long
+# SIGTERM: in-flight requests get this long to finish; by default as long as REQUEST_TIMEOUT allows them, so that a
+# restart or a rollout cuts no admitted request.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT") or math.ceil(_settings.request_timeout))
 keepalive = 5
 max_requests = int(os.environ.get("MAX_REQUESTS", "0"))  # recycle workers after N requests (0 = never)
 max_requests_jitter = max_requests // 10

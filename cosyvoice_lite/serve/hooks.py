@@ -12,7 +12,7 @@ from .context import RequestRecord, Service, finish_request
 from .errors import ApiError
 from .settings import Settings
 
-PUBLIC_ENDPOINTS = {"api.health", "api.ready", "api.page", "static"}  # reachable without API_KEY
+PUBLIC_ENDPOINTS = {"api.health", "api.ready", "api.page", "api.favicon", "static"}  # reachable without API_KEY
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -63,7 +63,7 @@ def _endpoint_label() -> str:
     return {"tts": "tts", "openai_speech": "speech", "openai_voices": "voices", "openai_models": "models",
             "openai_model": "models", "speakers": "speakers",
             "health": "health", "ready": "ready", "metrics": "metrics", "openapi": "openapi", "page": "page",
-            "static": "page"}.get(endpoint, "other")
+            "static": "page", "favicon": "page"}.get(endpoint, "other")
 
 
 

@@ -187,6 +187,9 @@ def routes(service: Service) -> Blueprint:
         if not synth.ready.is_set():
             return error_response(503, "the model is loading and warming up", "warming_up",
                                   headers={"Retry-After": "2"})
+        if synth.running + synth.waiting >= synth.capacity:  # a load balancer should send new requests elsewhere
+            return error_response(503, f"the queue is full ({synth.capacity} requests in progress or waiting)",
+                                  "queue_full", headers={"Retry-After": str(synth.retry_after())})
         return jsonify({"status": "ready", **engine_json(), "speakers": len(engine.speakers()),
                         "queue": {"waiting": synth.waiting, "running": synth.running, "max_batch": synth.max_batch,
                                   "capacity": synth.capacity}})
@@ -204,5 +207,9 @@ def routes(service: Service) -> Blueprint:
     @api.get("/")
     def page():
         return send_from_directory(STATIC_DIR, "index.html", max_age=0)
+
+    @api.get("/favicon.ico")
+    def favicon():
+        return send_from_directory(STATIC_DIR, "favicon.svg", mimetype="image/svg+xml", max_age=86400)
 
     return api
