@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 from .. import audio
+from ..cache import open_cache
 from ..engines import Engine, Speaker
 from .admission import Admission, Job
 from .metrics import Metrics
@@ -21,6 +22,11 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.metrics = Metrics()
+        # the sentence-level audio cache, for engines that can use one
+        self.cache = open_cache(settings.cache, settings.cache_root, settings.cache_max_mb, settings.cache_ttl,
+                                count=self.metrics.count_cache) if engine.caches_segments else None
+        if self.cache is not None:
+            engine.cache_identity()  # hashes the checkpoint once, before gunicorn forks the workers
         self.synth = Admission(engine, settings.queue_size, settings.max_batch, on_change=self.metrics.set_queue)
         self.spec = spec  # openapi.json
 
@@ -42,6 +48,7 @@ class RequestRecord:
     fmt: str = "-"
     stream: bool = False
     job: Job | None = None
+    cache: str = "-"
     outcome: str = "-"
     logged: bool = False
 
@@ -61,6 +68,6 @@ def finish_request(service: Service, rec: RequestRecord, status: int) -> None:
                                     audio_seconds=audio_s, synth_seconds=synth_s)
     first = f"{job.first_audio:.3f}" if job and job.first_audio is not None else "-"
     request_log.info("request id=%s %s %s status=%d speaker=%s chars=%d audio_s=%.2f synth_s=%.2f rtf=%s "
-                     "first_audio_s=%s total_s=%.3f format=%s stream=%s outcome=%s", rec.id, rec.method, rec.path,
-                     status, rec.speaker, rec.chars, audio_s, synth_s, rtf, first, seconds, rec.fmt,
-                     str(rec.stream).lower(), rec.outcome)
+                     "first_audio_s=%s total_s=%.3f format=%s stream=%s cache=%s outcome=%s", rec.id, rec.method,
+                     rec.path, status, rec.speaker, rec.chars, audio_s, synth_s, rtf, first, seconds, rec.fmt,
+                     str(rec.stream).lower(), rec.cache, rec.outcome)

@@ -5,6 +5,8 @@ from .. import audio
 from .schema import SPEED_RANGE
 
 SPEED = {"type": "number", "minimum": SPEED_RANGE[0], "maximum": SPEED_RANGE[1], "default": 1.0}
+CACHE = {"type": "boolean", "default": True,
+         "description": "false: neither read nor write the sentence-level audio cache for this request"}
 
 
 def _error(description: str) -> dict:
@@ -21,7 +23,10 @@ def _audio_responses() -> dict:
                                "header with unknown length, raw PCM, or MP3 frames).",
                 "headers": {"X-Request-ID": {"schema": {"type": "string"}},
                             "X-Audio-Duration": {"schema": {"type": "string"},
-                                                 "description": "seconds (absent when streaming)"}},
+                                                 "description": "seconds (absent when streaming)"},
+                            "X-Cache": {"schema": {"type": "string", "enum": ["hit", "partial", "miss", "off"]},
+                                        "description": "sentences found in the audio cache before the first "
+                                                       "byte: all, some, none; off = not looked up"}},
                 "content": content},
         "400": _error("Invalid request: bad JSON, missing/empty/non-string text, unknown speaker (the error lists "
                       "the valid ones), bad speed or format, nothing to speak"),
@@ -66,7 +71,8 @@ def openapi_spec(settings, engine) -> dict:
                     "stream": {"type": "boolean", "default": False,
                                "description": f"chunked streaming; formats {', '.join(audio.STREAMABLE_FORMATS)}"},
                     "normalize": {"type": "boolean", "default": True,
-                                  "description": "text normalisation (numbers, dates, ...)"}}},
+                                  "description": "text normalisation (numbers, dates, ...)"},
+                    "cache": CACHE}},
                 "SpeechRequest": {"type": "object", "required": ["input"], "properties": {
                     "model": {"type": "string", "description": "accepted and ignored (one model is served)"},
                     "input": text,
@@ -76,7 +82,8 @@ def openapi_spec(settings, engine) -> dict:
                     "instructions": {"type": "string", "description": "accepted and ignored"},
                     "stream_format": {"type": "string", "enum": ["audio"], "default": "audio"},
                     "stream": {"type": "boolean", "default": False, "description": "extension: chunked streaming"},
-                    "normalize": {"type": "boolean", "default": True, "description": "extension: text normalisation"}}},
+                    "normalize": {"type": "boolean", "default": True, "description": "extension: text normalisation"},
+                    "cache": CACHE}},
                 "Speaker": {"type": "object", "properties": {
                     "id": {"type": "string"}, "alias": {"type": "string"}, "language": {"type": "string"},
                     "engine": {"type": "string"}}},

@@ -21,6 +21,7 @@ class SpeechRequest:
     fmt: str
     stream: bool
     normalize: bool
+    cache: bool = True  # may read and write the audio cache
 
 
 
@@ -80,10 +81,11 @@ def parse_speech_request(body: dict, service: Service, *, text_key: str, speaker
                        param=format_key)
     stream = body.get("stream", False)
     normalize = body.get("normalize", True)
-    for key, value in (("stream", stream), ("normalize", normalize)):
+    cache = body.get("cache", True)
+    for key, value in (("stream", stream), ("normalize", normalize), ("cache", cache)):
         if not isinstance(value, bool):
             raise ApiError(400, f"'{key}' must be true or false", code=f"invalid_{key}", param=key)
     if stream and fmt not in audio.STREAMABLE_FORMATS:
         raise ApiError(400, f"{fmt} cannot be streamed; stream one of {', '.join(audio.STREAMABLE_FORMATS)}",
                        code="invalid_format", param=format_key)
-    return SpeechRequest(text, speaker, speed, fmt, stream, normalize)
+    return SpeechRequest(text, speaker, speed, fmt, stream, normalize, cache)
