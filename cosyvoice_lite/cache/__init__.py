@@ -134,19 +134,25 @@ class AudioCache:
 
     def _trouble(self, kind: str, what: str) -> None:
         with self._lock:
-            new = kind not in self._incidents
+            # one warning per incident: a Redis that is down fails its reads and then its writes
+            same = (kind,) if kind == "corrupt" else ("read", "write")
+            new = not any(k in self._incidents for k in same)
             self._incidents[kind] = what
-        if new:
-            action = ("a corrupt entry is dropped and synthesised again" if kind == "corrupt" else
-                      f"requests are synthesised without it, retried every {RETRY_AFTER:.0f} s")
-            log.warning("audio cache (%s) %s failed: %s; %s", self.backend.name, kind, what, action)
+        if not new:
+            return
+        if kind == "corrupt":
+            log.warning("audio cache (%s) has a corrupt entry: %s; it is synthesised again", self.backend.name, what)
+        else:
+            log.warning("audio cache (%s) %s failed: %s; requests are synthesised without it, retried every %.0f s",
+                        self.backend.name, kind, what, RETRY_AFTER)
 
     def _recovered(self, kind: str) -> None:
         if kind in self._incidents:
             with self._lock:
                 what = self._incidents.pop(kind, None)
-            if what is not None:
-                log.info("audio cache (%s) %s works again (after: %s)", self.backend.name, kind, what)
+                over = kind == "corrupt" or not any(k in self._incidents for k in ("read", "write"))
+            if what is not None and over:
+                log.info("audio cache (%s) works again (after: %s)", self.backend.name, what)
 
     def _count(self, name: str, amount: float) -> None:
         if amount and self._count_cb is not None:

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 REDIS_TIMEOUT = 0.25
 # SQLite waits at most this long for another process's write lock on the disk cache.
 DISK_LOCK_TIMEOUT = 1.0
+OVERSHOOT = 1.1  # the disk cache may exceed its bound by this factor before it evicts more than one entry a write
 
 
 class DiskBackend:
@@ -35,8 +36,10 @@ class DiskBackend:
                     import diskcache
 
                     os.makedirs(self.directory, exist_ok=True)
+                    # cull_limit: entries evicted per write while over the bound (diskcache's 10 would empty a
+                    # small cache at once, recently used entries included; put() catches up on an overshoot)
                     self._cache = diskcache.Cache(self.directory, timeout=DISK_LOCK_TIMEOUT,
-                                                  size_limit=self.max_bytes,
+                                                  size_limit=self.max_bytes, cull_limit=1,
                                                   eviction_policy="least-recently-used")
                     self._pid = os.getpid()
         return self._cache
@@ -51,6 +54,8 @@ class DiskBackend:
         with cache.transact():  # the count before and after belong to this write alone
             before = len(cache)
             added = cache.add(key, value, expire=self.ttl or None)
+            if cache.volume() > OVERSHOOT * self.max_bytes:  # new entries larger than the ones they replaced
+                cache.cull()
             after = len(cache)
         return max(0, before + int(added) - after)
 
