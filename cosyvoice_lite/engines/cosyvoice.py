@@ -94,11 +94,11 @@ class CosyVoiceEngine(Engine):
         tokens = [t for t in tokens if len(t)]
         if not tokens:
             raise SynthesisError("nothing to speak")
-        # seeded or re-tuned runs (tests, parity, benchmarks) are not what the cache stands for
-        store = cache.cache if cache is not None and seed is None and not sampling else None
+        # a seeded run draws each segment from one random stream, which the cache cannot reproduce: not cached
+        store = cache.cache if cache is not None and seed is None else None
         found = [None] * len(tokens)
         if store is not None:
-            identity = self.cache_identity()
+            identity = self.cache_identity() + "".join(f";{k}={v!r}" for k, v in sorted(sampling.items()))
 
             def key(i: int, lead: bool) -> str:
                 return segment_key(identity, speaker.id, speed, lead, tokens[i])
