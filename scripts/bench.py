@@ -176,10 +176,10 @@ def bench_concurrency(engine, n_requests: int, n_tokens: int) -> dict:
             "concurrent_speedup": (concurrent_audio / concurrent_s) / (sequential_audio / sequential_s)}
 
 
-CACHE_TEXTS = ("The first sentence of the cache test is long enough to be a segment of its own, and it keeps going "
-               "with many more words, so that the splitter cuts the text right after it ends here.",
-               "The second sentence is just as long as the first one, and it goes on with even more words after "
-               "that, until the splitter has no choice but to make it a segment of its own as well.")
+CACHE_TEXTS = tuple(f"This sentence is about {topic}, and it is long enough to stand on its own as one segment of "
+                    f"the text, since it has many words in it and goes on for quite a while before it finally ends, "
+                    f"so that the splitter never packs it together with the sentence before it or the one after it."
+                    for topic in ("apples", "rivers"))
 
 
 def bench_cache(engine, n_tokens: int) -> dict:

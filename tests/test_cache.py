@@ -168,6 +168,27 @@ def test_a_corrupt_entry_is_dropped_and_synthesised_again(disk_app, tmp_path, ca
     assert parse_metrics(client.get("/metrics").data.decode())["cosyvoice_cache_corrupt_total"] == 1
 
 
+def test_a_cache_database_that_is_not_one_falls_back_to_synthesis(make_app, cosyvoice_engine, tmp_path, caplog):
+    audio_dir = tmp_path / "cache" / "audio"
+    audio_dir.mkdir(parents=True)
+    (audio_dir / "cache.db").write_bytes(b"not a database " * 1000)
+    client = make_app(cosyvoice_engine, cache="disk", cache_dir=str(tmp_path / "cache")).test_client()
+    with caplog.at_level(logging.WARNING, logger="cosyvoice_lite"):
+        assert [post(client, SHORT)[0] for _ in range(2)] == ["miss", "miss"]
+    assert len([r for r in caplog.records if r.message.startswith("audio cache (disk) read failed")]) == 1
+    assert client.get("/ready").json["cache"]["state"] == "failing"
+
+
+@pytest.mark.parametrize("env, problem", [({"CACHE": "memcached://x"}, "CACHE must be"),
+                                          ({"CACHE_MAX_MB": "0"}, "CACHE_MAX_MB"),
+                                          ({"CACHE_TTL": "-1"}, "CACHE_TTL")])
+def test_bad_cache_settings_stop_the_start(env, problem):
+    from cosyvoice_lite.serve.settings import Settings
+
+    with pytest.raises(ValueError, match=problem):
+        Settings.from_env(environ=env)
+
+
 def test_a_full_size_bound_evicts_the_least_recently_used(tmp_path):
     backend = DiskBackend(str(tmp_path / "audio"), max_bytes=600_000)
     counts = {}
@@ -348,3 +369,12 @@ def test_redis_killed_or_stalled_mid_test_still_answers(make_app, cosyvoice_engi
     assert looked_up < 60  # bounded: the socket timeout, then synthesis
     ready = client.get("/ready").json["cache"]
     assert ready["backend"] == "redis" and ready["url"] == redis_server.url
+
+
+@pytest.mark.parametrize("url, shown", [("redis://:secret@cache:6379/0", "redis://:***@cache:6379/0"),
+                                        ("rediss://app:secret@cache/1", "rediss://app:***@cache/1"),
+                                        ("redis://cache:6379/0", "redis://cache:6379/0")])
+def test_ready_never_shows_the_redis_password(url, shown):
+    from cosyvoice_lite.cache import RedisBackend
+
+    assert RedisBackend(url).describe()["url"] == shown
