@@ -161,8 +161,8 @@ def test_a_corrupt_entry_is_dropped_and_synthesised_again(disk_app, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="cosyvoice_lite"):
         status, again = post(client, SHORT)
     assert status == "miss" and again[:4] == b"RIFF" and again != first
-    assert [r.message for r in caplog.records if "corrupt" in r.message][0].startswith(
-        "audio cache (disk) has a corrupt entry")
+    (warning,) = [r.message for r in caplog.records if "corrupt" in r.message]
+    assert warning.startswith("audio cache (disk) has a corrupt entry")
     assert unpack(store.get(key)).size * 2 == len(pcm_of_wav(again))  # replaced by an intact entry
     assert post(client, SHORT) == ("hit", again)
     assert parse_metrics(client.get("/metrics").data.decode())["cosyvoice_cache_corrupt_total"] == 1
@@ -229,7 +229,8 @@ def test_two_gunicorn_workers_share_hits_through_the_disk(tiny_model_dir, tmp_pa
         (writer,) = [pid for pid, rid, _ in request_log(server) if rid == "first"]
         for round_ in range(20):  # concurrent requests reach both workers
             with ThreadPoolExecutor(4) as pool:
-                answers = list(pool.map(lambda i: tts(server, SHORT, rid=f"again-{round_}-{i}"), range(4)))
+                answers = list(pool.map(lambda rid: tts(server, SHORT, rid=rid),
+                                        [f"again-{round_}-{i}" for i in range(4)]))
             assert all(answer == answers[0] for answer in answers) and answers[0][0] == "hit"
             if {pid for pid, rid, cache in request_log(server) if rid.startswith("again")} - {writer}:
                 break
@@ -336,7 +337,7 @@ def test_two_servers_share_hits_through_redis(tiny_model_dir, tmp_path, tmp_dirs
 
 
 @pytest.fixture
-def tmp_dirs(tmp_path):
+def tmp_dirs(tmp_path):  # one directory per gunicorn server
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
 

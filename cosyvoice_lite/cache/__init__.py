@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class CacheUse:
     """One request's use of the cache: the cache it may read and write (None: the service's cache is off or the
     request said ``"cache": false``), and what the engine's lookups found, set before its first chunk: 'hit'
     (every segment), 'partial', 'miss', or 'off' (no lookup made)."""
-    cache: "AudioCache | None" = None
+    cache: AudioCache | None = None
     status: str = "off"
 
 
@@ -164,8 +165,6 @@ class AudioCache:
 
 def open_cache(setting: str, cache_root: str, max_mb: int, ttl: int, count=None) -> AudioCache | None:
     """The AudioCache a CACHE setting asks for: 'disk' (under ``<cache_root>/audio``), 'off' (None) or a Redis URL."""
-    import os
-
     setting = setting.strip()
     if setting.lower() == "off":
         return None
