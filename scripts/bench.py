@@ -176,6 +176,50 @@ def bench_concurrency(engine, n_requests: int, n_tokens: int) -> dict:
             "concurrent_speedup": (concurrent_audio / concurrent_s) / (sequential_audio / sequential_s)}
 
 
+CACHE_TEXTS = tuple(f"This sentence is about {topic}, and it is long enough to stand on its own as one segment of "
+                    f"the text, since it has many words in it and goes on for quite a while before it finally ends, "
+                    f"so that the splitter never packs it together with the sentence before it or the one after it."
+                    for topic in ("apples", "rivers"))
+
+
+def bench_cache(engine, n_tokens: int) -> dict:
+    """The sentence-level audio cache (disk, in a fresh temporary directory): the same text twice (cold, warm),
+    then that text with one more sentence (partial: only the new one is synthesised), against the two sentences
+    synthesised without the cache; each whole and timed."""
+    import numpy as np
+
+    from cosyvoice_lite.audio import to_pcm16
+    from cosyvoice_lite.cache import CacheUse, open_cache
+
+    speaker = engine.speakers()[0]
+    first, second = CACHE_TEXTS
+    assert len(engine.frontend.split(f"{first} {second}")) == 2
+    text_len = len(engine.frontend.tokenize(first))
+    sampling = forced(n_tokens, text_len)  # random weights never stop: n_tokens per sentence of this length
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = open_cache("disk", tmp, 1024, 0)
+
+        def run(text, use_cache=True):
+            use = CacheUse(cache if use_cache else None)
+            started = time.perf_counter()
+            first_chunk, chunks = None, []
+            for chunk in engine._synthesize(text, speaker, 1.0, True, None, cache=use, **sampling):
+                first_chunk = first_chunk or time.perf_counter() - started
+                chunks.append(chunk)
+            took = time.perf_counter() - started
+            return use.status, took, first_chunk, to_pcm16(np.concatenate(chunks))
+
+        uncached = run(f"{first} {second}", use_cache=False)
+        cold, warm, partial = run(first), run(first), run(f"{first} {second}")
+    assert (uncached[0], cold[0], warm[0], partial[0]) == ("off", "miss", "hit", "partial")
+    return {"cache_cold_s": cold[1], "cache_warm_s": warm[1], "cache_warm_first_chunk_s": warm[2],
+            "cache_partial_s": partial[1], "cache_partial_first_chunk_s": partial[2],
+            "cache_audio_s": len(cold[3]) / 2 / 24000, "cache_speedup": cold[1] / warm[1],
+            "cache_uncached_2_sentences_s": uncached[1], "cache_partial_vs_uncached": partial[1] / uncached[1],
+            "cache_partial_vs_cold": partial[1] / cold[1], "cache_identical": cold[3] == warm[3],
+            "cache_partial_starts_with_cached": partial[3].startswith(warm[3])}
+
+
 def worker(args) -> dict:
     import torch
 
@@ -199,6 +243,8 @@ def worker(args) -> dict:
         result.update(bench_stream_rtf(engine, n_tokens))
     if args.concurrency:
         result.update(bench_concurrency(engine, args.concurrency, int(args.concurrent_seconds * model.token_rate)))
+    if args.cache:
+        result.update(bench_cache(engine, n_tokens))
     result["serving_peak_rss_mb"] = peak_rss_mb()
     bench_stages(model, text_token, speaker, 25)  # warm-up
     result.update(bench_stages(model, text_token, speaker, n_tokens))
@@ -339,6 +385,11 @@ def table(results: dict, args) -> None:
         (f"{args.concurrency} sequential audio s/s", "sequential_audio_per_s", "{:.3f}"),
         (f"{args.concurrency} concurrent audio s/s", "concurrent_audio_per_s", "{:.3f}"),
         ("concurrent speedup", "concurrent_speedup", "{:.2f}x"),
+        ("cache: cold s", "cache_cold_s", "{:.2f}"),
+        ("cache: warm s", "cache_warm_s", "{:.4f}"),
+        ("cache: warm speedup", "cache_speedup", "{:.0f}x"),
+        ("cache: warm identical", "cache_identical", "{}"),
+        ("cache: partial/uncached", "cache_partial_vs_uncached", "{:.2f}"),
         ("load s", "load_s", "{:.1f}"),
         ("RSS after load MB", "rss_after_load_mb", "{:.0f}"),
         ("peak RSS MB (serving)", "serving_peak_rss_mb", "{:.0f}"),
@@ -393,6 +444,7 @@ def main() -> int:
                         help="modes that run the streaming and concurrency tests")
     parser.add_argument("--quality", action="store_true", help="also measure errors against float32")
     parser.add_argument("--quality-tokens", type=int, default=100, help="tokens per case on the full-size model")
+    parser.add_argument("--cache", action="store_true", help="also time the audio cache: cold, warm, partial")
     parser.add_argument("--quick", action="store_true", help="3 s utterance, 2 s concurrent requests, default+fast")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -418,6 +470,8 @@ def main() -> int:
                 "--concurrency", str(args.concurrency if mode in stream_modes else 0)]
         if not args.stream or mode not in stream_modes:
             argv.append("--no-stream")
+        if args.cache:
+            argv.append("--cache")
         print(f"[{mode}] ...", file=sys.stderr, flush=True)
         results[mode] = run_child(argv)
     table(results, args)

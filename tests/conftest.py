@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gated_engine import GatedEngine  # noqa: E402,F401  (re-exported to the test modules)
+
+# The audio cache would answer a repeated text without the engine: tests that compare two syntheses or count the
+# engine's work must not depend on what earlier tests left in it. Cache tests turn it on with a directory of
+# their own; nothing is ever written to ~/.cache (gunicorn servers inherit this environment).
+os.environ["CACHE"] = "off"
+os.environ["CACHE_DIR"] = tempfile.mkdtemp(prefix="cosyvoice-lite-tests-")
 
 
 # ---- engines ------------------------------------------------------------------------------------------------
@@ -161,7 +168,8 @@ class Server:
 
 
 def start_gunicorn(tmp_dir: Path, env: dict | None = None, app: str = "app:app", ready_timeout: float = 90.0,
-                   wait_ready: bool = True) -> Server:
+                   wait_ready: bool = True, prefix: tuple[str, ...] = ()) -> Server:
+    """``prefix``: a command gunicorn runs under (e.g. prlimit or setpriv)."""
     port = free_port()
     empty_models = tmp_dir / "no-model"
     empty_models.mkdir(exist_ok=True)
@@ -170,7 +178,7 @@ def start_gunicorn(tmp_dir: Path, env: dict | None = None, app: str = "app:app",
                 **(env or {})}
     log_path = tmp_dir / f"gunicorn-{port}.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), app],
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), app],
                                 cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     server = Server(proc, port, log_path)

@@ -159,7 +159,7 @@ def test_log_lines_of_errors_streams_and_probes(gserver):
     status, headers, _ = gserver.request("POST", "/v1/audio/speech", {"input": SENTENCES, "voice": "alloy"})
     assert status == 200 and headers["transfer-encoding"] == "chunked"
     line = log_line(gserver, headers["x-request-id"])
-    assert "stream=true outcome=ok error=-" in line
+    assert "stream=true cache=off outcome=ok error=-" in line
     assert re.search(r" audio_s=[1-9]\d*\.\d\d synth_s=\d+\.\d\d rtf=\d+\.\d{3} first_audio_s=\d+\.\d{3} ", line)
 
     rid = "probe-check"

@@ -40,6 +40,10 @@ JOIN_LAG = 6
 
 _START_LOCK = threading.Lock()
 
+# Yielded after the last chunk of each segment when submit(..., segment_ends=True): lets a caller cut the audio
+# into segments (the audio cache stores them one by one).
+SEGMENT_END = object()
+
 
 @dataclass(eq=False)
 class Request:
@@ -49,6 +53,7 @@ class Request:
     cancel: object                           # CancelToken, threading.Event or None
     generator: torch.Generator
     sampling: Dict                           # LLM overrides (min/max_token_text_ratio, sampling)
+    segment_ends: bool = False               # put SEGMENT_END after each segment's last chunk
     out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
     submitted: float = field(default_factory=time.monotonic)
     # worker-side state
@@ -85,14 +90,16 @@ class Scheduler:
 
     # ---- client side -------------------------------------------------------------------------------------
     def submit(self, segments: List, speaker: str, speed: float = 1.0, cancel: Optional[threading.Event] = None,
-               seed: Optional[int] = None, **sampling) -> Iterator[np.ndarray]:
-        """Yield float32 waveform chunks (model sample rate) for the text-token segments, in order; raises
-        Cancelled when `cancel` is set. Closing the iterator early stops the work too."""
+               seed: Optional[int] = None, segment_ends: bool = False, **sampling) -> Iterator[np.ndarray]:
+        """Yield float32 waveform chunks (model sample rate) for the text-token segments, in order (and
+        SEGMENT_END after each segment when `segment_ends`); raises Cancelled when `cancel` is set. Closing the
+        iterator early stops the work too. The first segment streams with the first-chunk rules (short first
+        hop, the mode's first join), the others with the regular ones."""
         self.model.embedding(speaker)  # unknown speaker: fail here, in the caller's thread
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
         request = Request([torch.as_tensor(s, dtype=torch.int64).reshape(1, -1) for s in segments], speaker,
-                          speed, cancel, generator, sampling)
+                          speed, cancel, generator, sampling, segment_ends)
         return self._results(request)
 
     def _results(self, request: Request) -> Iterator[np.ndarray]:
@@ -281,5 +288,7 @@ class Scheduler:
             if wav.numel():
                 request.audio_samples += wav.numel()
                 request.out.put(wav[0].numpy().astype(np.float32, copy=False))
+            if final and request.segment_ends:
+                request.out.put(SEGMENT_END)
             if not request.streams and request.seq is None and request.next_segment >= len(request.segments):
                 self._finish(request)

@@ -85,6 +85,7 @@ class Engine:
     name = "engine"
     description = ""
     max_batch = 1
+    caches_segments = False  # True: _synthesize takes cache= (a cache.CacheUse) and keys segments by cache_identity
     _executor: SerialExecutor | None = None
 
     def speakers(self) -> list[Speaker]:
@@ -103,21 +104,29 @@ class Engine:
         return None
 
     def synthesize(self, text: str, speaker: Speaker, speed: float = 1.0, normalize: bool = True,
-                   cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
+                   cancel: threading.Event | None = None, cache=None) -> Iterator[np.ndarray]:
         """Yield float32 mono chunks at OUTPUT_RATE; raise SynthesisError for text with nothing to speak and
-        Cancelled as soon as ``cancel`` (a cancel.CancelToken or a threading.Event) is set."""
+        Cancelled as soon as ``cancel`` (a cancel.CancelToken or a threading.Event) is set. ``cache``: the
+        request's cache.CacheUse, used by engines with ``caches_segments`` (its status says what was found)."""
+        extra = {"cache": cache} if cache is not None and self.caches_segments else {}
         if self.max_batch > 1:
-            chunks = self._synthesize(text, speaker, speed, normalize, cancel)
+            chunks = self._synthesize(text, speaker, speed, normalize, cancel, **extra)
         else:
             if self._executor is None:
                 self._executor = SerialExecutor(f"{self.name}-synthesis")
-            chunks = self._executor.run(lambda: self._synthesize(text, speaker, speed, normalize, cancel), cancel)
+            chunks = self._executor.run(lambda: self._synthesize(text, speaker, speed, normalize, cancel, **extra),
+                                        cancel)
         for chunk in chunks:
             if poll(cancel):
                 raise Cancelled(reason(cancel))
             yield chunk
 
     def _synthesize(self, text, speaker, speed, normalize, cancel) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def cache_identity(self) -> str:
+        """What besides speaker, tempo, position and text tokens decides a segment's audio (engines with
+        ``caches_segments``): part of every cache key."""
         raise NotImplementedError
 
     def warmup(self) -> None:

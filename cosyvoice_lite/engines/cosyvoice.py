@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-import soxr
 
-from ..decode.scheduler import Scheduler
+from ..audio import Resampler
+from ..cache import dequantize, quantize, segment_key
+from ..decode.scheduler import SEGMENT_END, Scheduler
 from ..frontend import NothingToSpeak, TextFrontend
 from ..memory import configure_process
 from ..model import load_model
+from ..model.fingerprint import model_fingerprint
 from ..model.speed import settings
 from .base import OUTPUT_RATE, Engine, Speaker, SynthesisError
 
@@ -34,7 +36,8 @@ COSYVOICE_SPEAKERS = {
 class CosyVoiceEngine(Engine):
     """CosyVoice-300M-SFT on the CPU, streamed: each text segment goes LLM -> flow -> HiFT in chunks (official v1
     streaming: the first audio comes after a few dozen speech tokens, not at the end of the segment), resampled
-    22050 -> 24000 Hz with one continuous soxr stream per request (no seams between chunks).
+    22050 -> 24000 Hz with one continuous soxr stream per segment (no seams between chunks; a segment's audio
+    does not depend on its neighbours, so the audio cache can store and serve it alone).
 
     ``mode`` is a speed mode of ``cosyvoice_lite.model.speed`` ('exact', 'default', 'fast'; None -> the
     COSYVOICE_MODE environment variable, else 'default'). Concurrent ``synthesize`` calls (one per request
@@ -42,11 +45,15 @@ class CosyVoiceEngine(Engine):
     """
 
     name = "cosyvoice"
+    caches_segments = True
 
     def __init__(self, model_dir, n_timesteps: int | None = None, mode: str | None = None, max_batch: int = 4,
                  first_hop: int | None = FIRST_HOP, threads: int | None = None):
         configure_process(threads)
         self.mode = settings(mode)
+        self.model_dir = model_dir
+        self.first_hop = first_hop
+        self._identity: str | None = None
         self.model = load_model(model_dir, mode=self.mode.name)
         self.frontend = TextFrontend()
         self.n_timesteps = n_timesteps or self.mode.n_timesteps
@@ -60,7 +67,24 @@ class CosyVoiceEngine(Engine):
     def speakers(self) -> list[Speaker]:
         return self._speakers
 
-    def _synthesize(self, text, speaker, speed, normalize, cancel, seed: int | None = None,
+    @property
+    def precision(self) -> str:
+        """The arithmetic of each network (the mode's; a backend that chooses per CPU reports its choice here)."""
+        m = self.mode
+        return f"llm={m.llm},flow={m.flow},hift={m.hift}"
+
+    def cache_identity(self) -> str:
+        """Model (hash of the checkpoint files, not the path), mode, precision, Euler steps and streaming rules:
+        what besides speaker, tempo, position and text tokens decides a segment's audio."""
+        if self._identity is None:
+            m = self.mode
+            parts = {"engine": self.name, "model": model_fingerprint(self.model_dir), "mode": m.name,
+                     "precision": self.precision, "steps": self.n_timesteps, "first_hop": self.first_hop,
+                     "first_join": f"{m.first_overlap}/{m.first_cache}", "rate": OUTPUT_RATE}
+            self._identity = ";".join(f"{k}={v}" for k, v in parts.items())
+        return self._identity
+
+    def _synthesize(self, text, speaker, speed, normalize, cancel, seed: int | None = None, cache=None,
                     **sampling) -> Iterator[np.ndarray]:
         try:
             segments = self.frontend.segments_or_raise(text, normalize)
@@ -70,15 +94,49 @@ class CosyVoiceEngine(Engine):
         tokens = [t for t in tokens if len(t)]
         if not tokens:
             raise SynthesisError("nothing to speak")
-        resampler = soxr.ResampleStream(self.model.sample_rate, OUTPUT_RATE, 1, dtype="float32", quality="HQ")
-        chunks = self.scheduler.submit(tokens, speaker.id, speed=speed, cancel=cancel, seed=seed, **sampling)
+        # a seeded run draws each segment from one random stream, which the cache cannot reproduce: not cached
+        store = cache.cache if cache is not None and seed is None else None
+        found = [None] * len(tokens)
+        if store is not None:
+            identity = self.cache_identity() + "".join(f";{k}={v!r}" for k, v in sorted(sampling.items()))
+
+            def key(i: int, lead: bool) -> str:
+                return segment_key(identity, speaker.id, speed, lead, tokens[i])
+
+            # The first segment a request synthesises streams with the first-chunk rules (lead). Segment 0 always
+            # is that one; a later one was if the segments before it came from the cache: either serves it.
+            found = store.lookup([[key(0, True)]] + [[key(i, False), key(i, True)] for i in range(1, len(tokens))])
+            hits = sum(pcm is not None for pcm in found)
+            cache.status = "hit" if hits == len(tokens) else "partial" if hits else "miss"
+        missing = [i for i, pcm in enumerate(found) if pcm is None]
+        chunks = self.scheduler.submit([tokens[i] for i in missing], speaker.id, speed=speed, cancel=cancel,
+                                       seed=seed, segment_ends=True, **sampling) if missing else None
         try:
-            for wav in chunks:
-                chunk = resampler.resample_chunk(wav)
-                if chunk.size:
-                    yield chunk
+            for i, pcm in enumerate(found):
+                if pcm is None:
+                    pcm = yield from self._segment(chunks, quantized=store is not None)
+                    if store is not None:
+                        store.store(key(i, i == missing[0]), pcm)
+                elif pcm.size:
+                    yield dequantize(pcm)
         finally:
-            chunks.close()
-        tail = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
-        if tail.size:
-            yield tail
+            if chunks is not None:
+                chunks.close()
+
+    def _segment(self, chunks, quantized: bool):
+        """Yield one segment's chunks from the scheduler at OUTPUT_RATE; return its int16 samples when
+        ``quantized`` (the chunks are then rounded to 16 bits, as the cache holds them)."""
+        resampler = Resampler(self.model.sample_rate, OUTPUT_RATE)
+        parts = []
+        for wav in chunks:
+            last = wav is SEGMENT_END
+            chunk = resampler.flush() if last else resampler.process(wav)
+            if quantized:
+                pcm = quantize(chunk)
+                parts.append(pcm)
+                chunk = dequantize(pcm)
+            if chunk.size:
+                yield chunk
+            if last:
+                return np.concatenate(parts) if quantized else None
+        raise RuntimeError("the scheduler ended a segment without its end mark")

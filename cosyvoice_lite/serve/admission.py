@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ..cache import CacheUse
 from ..cancel import CANCELLED, STOPPING, Cancelled, CancelToken
 from ..engines import Engine, Speaker, SynthesisError
 
@@ -34,8 +35,9 @@ class EngineFailure(Exception):
 
 class Job:
     def __init__(self, text: str, speaker: Speaker, speed: float = 1.0, normalize: bool = True, request_id: str = "",
-                 deadline: float | None = None, client_gone=None):
+                 deadline: float | None = None, client_gone=None, cache=None):
         self.text, self.speaker, self.speed, self.normalize = text, speaker, speed, normalize
+        self.cache = CacheUse(cache)  # the audio cache this request may use (None: off); status set by the engine
         self.request_id = request_id
         self.cancel = CancelToken(deadline, client_gone)  # the one cancellation of this request
         self.created = time.monotonic()
@@ -162,7 +164,8 @@ class Admission:
             raise EngineFailure(self.failure)
         job.started = time.perf_counter()
         try:
-            chunks = self.engine.synthesize(job.text, job.speaker, job.speed, job.normalize, job.cancel)
+            chunks = self.engine.synthesize(job.text, job.speaker, job.speed, job.normalize, job.cancel,
+                                            cache=job.cache)
             for chunk in chunks:
                 chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
                 if job.first_audio is None:

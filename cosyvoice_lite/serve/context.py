@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 from .. import audio
+from ..cache import open_cache
 from ..engines import Engine, Speaker
 from .admission import Admission, Job
 from .metrics import Metrics
@@ -22,6 +23,11 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.metrics = Metrics()
+        # the sentence-level audio cache, for engines that can use one
+        self.cache = open_cache(settings.cache, settings.cache_root, settings.cache_max_mb, settings.cache_ttl,
+                                count=self.metrics.count_cache) if engine.caches_segments else None
+        if self.cache is not None:
+            engine.cache_identity()  # hashes the checkpoint once, before gunicorn forks the workers
         self.synth = Admission(engine, settings.queue_size, settings.max_batch, on_change=self.metrics.set_queue)
         self.spec = spec  # openapi.json
 
@@ -43,6 +49,7 @@ class RequestRecord:
     fmt: str = "-"
     stream: bool = False
     job: Job | None = None
+    cache: str = "-"
     outcome: str = "-"
     error: str = "-"  # the error answer's code
     logged: bool = False
@@ -65,6 +72,6 @@ def finish_request(service: Service, rec: RequestRecord, status: int) -> None:
     # Probes come every few seconds from Kubernetes or Docker: their lines only at debug level.
     level = logging.DEBUG if rec.endpoint in PROBES else logging.INFO
     request_log.log(level, "request id=%s %s %s status=%d speaker=%s chars=%d audio_s=%.2f synth_s=%s rtf=%s "
-                    "first_audio_s=%s total_s=%.3f format=%s stream=%s outcome=%s error=%s", rec.id, rec.method,
-                    rec.path, status, rec.speaker, rec.chars, audio_s, "-" if synth_s is None else f"{synth_s:.2f}",
-                    rtf, first, seconds, rec.fmt, str(rec.stream).lower(), rec.outcome, rec.error)
+                    "first_audio_s=%s total_s=%.3f format=%s stream=%s cache=%s outcome=%s error=%s", rec.id,
+                    rec.method, rec.path, status, rec.speaker, rec.chars, audio_s,
+                    "-" if synth_s is None else f"{synth_s:.2f}", rtf, first, seconds, rec.fmt, str(rec.stream).lower(), rec.cache, rec.outcome, rec.error)

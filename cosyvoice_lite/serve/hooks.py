@@ -80,7 +80,7 @@ def _add_cors(response: Response, settings: Settings) -> None:
     else:
         return
     response.headers["Access-Control-Expose-Headers"] = ("X-Request-ID, Retry-After, X-Audio-Duration, X-Engine, "
-                                                        "X-Speaker, Content-Disposition")
+                                                        "X-Speaker, X-Cache, Content-Disposition")
     if request.method == "OPTIONS":
         response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
         response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Request-ID"

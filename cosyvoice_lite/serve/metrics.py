@@ -20,8 +20,20 @@ class Metrics:
     BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
     SLOTS = 64
 
+    # audio cache counters (cache.AudioCache's names) -> (metric, help)
+    CACHE_COUNTERS = {
+        "hits": ("cosyvoice_cache_hits_total", "Text segments served from the audio cache."),
+        "misses": ("cosyvoice_cache_misses_total", "Text segments looked up and not found (synthesised)."),
+        "bytes": ("cosyvoice_cache_stored_bytes_total", "Bytes of audio written to the cache."),
+        "evictions": ("cosyvoice_cache_evictions_total",
+                      "Entries the disk cache evicted to stay under CACHE_MAX_MB (Redis: its evicted_keys)."),
+        "corrupt": ("cosyvoice_cache_corrupt_total", "Corrupt cache entries detected and dropped."),
+        "errors": ("cosyvoice_cache_errors_total", "Cache operations that failed (request synthesised instead)."),
+    }
+
     # slot layout (float64 each)
-    _PID, _AUDIO, _SYNTH, _CHARS, _WAITING, _RUNNING, _DUR_SUM, _HEAD = range(8)
+    _PID, _AUDIO, _SYNTH, _CHARS, _WAITING, _RUNNING, _DUR_SUM, _CACHE = range(8)
+    _HEAD = _CACHE + len(CACHE_COUNTERS)
 
     def __init__(self):
         self._n_req = len(self.ENDPOINTS) * len(self.CODES)
@@ -69,12 +81,18 @@ class Metrics:
                 b = next(i for i, edge in enumerate(self.BUCKETS) if seconds <= edge)
                 slot[self._HEAD + self._n_req + b] += 1
 
+    def count_cache(self, name: str, amount: float) -> None:
+        slot = self._my_slot()
+        with self._lock:
+            slot[self._CACHE + list(self.CACHE_COUNTERS).index(name)] += amount
+
     def set_queue(self, waiting: int, running: int) -> None:
         slot = self._my_slot()
         slot[self._WAITING] = waiting
         slot[self._RUNNING] = running
 
-    def render(self, engine: str, ready: bool, capacity: int) -> str:
+    def render(self, engine: str, ready: bool, capacity: int, cache: dict | None = None) -> str:
+        """``cache``: None when the audio cache is off, else the backend's figures (AudioCache.stats())."""
         live = [row for row in self._table if row[self._PID] and _alive(int(row[self._PID]))]
         total = self._table.sum(axis=0)  # counters: every slot, dead workers' included
         if self._slot is self._private:
@@ -117,6 +135,12 @@ class Metrics:
         metric("cosyvoice_workers", "gauge", "Worker processes that have served a request.", [("", len(live))])
         metric("cosyvoice_ready", "gauge", "1 when this worker's engine is loaded and warmed up.",
                [("", 1 if ready else 0)])
+        if cache is not None:
+            for i, (name, (metric_name, help_text)) in enumerate(self.CACHE_COUNTERS.items()):
+                value = total[self._CACHE + i] + (cache.get("evictions", 0) if name == "evictions" else 0)
+                metric(metric_name, "counter", help_text, [("", value)])
+            if "bytes" in cache:
+                metric("cosyvoice_cache_bytes", "gauge", "Bytes the disk cache holds now.", [("", cache["bytes"])])
         metric("cosyvoice_engine_info", "gauge", "The engine serving requests.", [(f'{{engine="{engine}"}}', 1)])
         return "\n".join(out) + "\n"
 

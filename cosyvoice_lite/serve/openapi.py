@@ -7,6 +7,8 @@ from .schema import SPEED_RANGE
 
 # Every optional field may be null, meaning its default.
 SPEED = {"type": "number", "minimum": SPEED_RANGE[0], "maximum": SPEED_RANGE[1], "default": 1.0, "nullable": True}
+CACHE = {"type": "boolean", "default": True, "nullable": True,
+         "description": "false: neither read nor write the sentence-level audio cache for this request"}
 
 
 def _error(description: str) -> dict:
@@ -30,7 +32,10 @@ def _audio_responses(sse: bool = False) -> dict:
                                "speech.audio.done event.",
                 "headers": {"X-Request-ID": {"schema": {"type": "string"}},
                             "X-Audio-Duration": {"schema": {"type": "string"},
-                                                 "description": "seconds (absent when streaming)"}},
+                                                 "description": "seconds (absent when streaming)"},
+                            "X-Cache": {"schema": {"type": "string", "enum": ["hit", "partial", "miss", "off"]},
+                                        "description": "sentences found in the audio cache before the first "
+                                                       "byte: all, some, none; off = not looked up"}},
                 "content": content},
         "400": _error("Invalid request: bad JSON, missing/empty/non-string text, unknown speaker (the error lists "
                       "the valid ones), bad speed or format, nothing to speak, text the engine cannot read (the "
@@ -77,7 +82,8 @@ def openapi_spec(settings, engine) -> dict:
                     "stream": {"type": "boolean", "default": False, "nullable": True,
                                "description": f"chunked streaming; formats {', '.join(audio.STREAMABLE_FORMATS)}"},
                     "normalize": {"type": "boolean", "default": True, "nullable": True,
-                                  "description": "text normalisation (numbers, dates, ...)"}}},
+                                  "description": "text normalisation (numbers, dates, ...)"},
+                    "cache": CACHE}},
                 "SpeechRequest": {"type": "object", "required": ["input"], "properties": {
                     "model": {"type": "string", "nullable": True,
                               "description": f"accepted and ignored: one engine serves every model name "
@@ -98,7 +104,8 @@ def openapi_spec(settings, engine) -> dict:
                                "description": "extension: false sends the whole file at the end; wav, pcm and mp3 "
                                               "stream by default, opus and flac come whole"},
                     "normalize": {"type": "boolean", "default": True, "nullable": True,
-                                  "description": "extension: text normalisation"}}},
+                                  "description": "extension: text normalisation"},
+                    "cache": CACHE}},
                 "Speaker": {"type": "object", "properties": {
                     "id": {"type": "string"}, "alias": {"type": "string"}, "language": {"type": "string"},
                     "engine": {"type": "string"}}},

@@ -27,7 +27,7 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
     rec.speaker, rec.chars, rec.fmt, rec.stream = req.speaker.alias, len(req.text), req.fmt, req.stream
     job = Job(req.text, req.speaker, req.speed, req.normalize, request_id=rec.id,
               deadline=rec.started + service.settings.request_timeout,
-              client_gone=client_gone_check(request.environ))
+              client_gone=client_gone_check(request.environ), cache=service.cache if req.cache else None)
     try:
         service.synth.submit(job)
     except QueueFull as e:
@@ -46,6 +46,7 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
         del headers["Content-Disposition"]
     try:
         first = next(chunks, None)  # errors before the first audio still get a proper status
+        headers["X-Cache"] = rec.cache = job.cache.status  # the engine looked every segment up before that
         if not req.stream:
             parts = [encoder.start()]
             for chunk in ([] if first is None else [first]):
@@ -192,12 +193,13 @@ def routes(service: Service) -> Blueprint:
                                   "queue_full", headers={"Retry-After": str(synth.retry_after())})
         return jsonify({"status": "ready", **engine_json(), "speakers": len(engine.speakers()),
                         "queue": {"waiting": synth.waiting, "running": synth.running, "max_batch": synth.max_batch,
-                                  "capacity": synth.capacity}})
+                                  "capacity": synth.capacity},
+                        "cache": service.cache.describe() if service.cache else {"backend": "off"}})
 
     @api.get("/metrics")
     def metrics():
         text = service.metrics.render(engine.name, service.synth.ready.is_set() and not service.synth.failure,
-                                      service.synth.capacity)
+                                      service.synth.capacity, service.cache.stats() if service.cache else None)
         return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.get("/openapi.json")

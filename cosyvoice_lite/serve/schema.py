@@ -22,6 +22,7 @@ class SpeechRequest:
     stream: bool
     normalize: bool
     sse: bool = False  # OpenAI's stream_format "sse": the audio in speech.audio.delta events
+    cache: bool = True  # may read and write the audio cache
 
 
 def optional(body: dict, key: str, default):
@@ -98,7 +99,8 @@ def parse_speech_request(body: dict, service: Service, *, text_key: str, speaker
     asked = body.get("stream")
     stream = optional(body, "stream", default_stream)
     normalize = optional(body, "normalize", True)
-    for key, value in (("stream", stream), ("normalize", normalize)):
+    cache = optional(body, "cache", True)
+    for key, value in (("stream", stream), ("normalize", normalize), ("cache", cache)):
         if not isinstance(value, bool):
             raise ApiError(400, f"'{key}' must be true or false", code=f"invalid_{key}", param=key)
     if stream and asked is None:
@@ -106,4 +108,4 @@ def parse_speech_request(body: dict, service: Service, *, text_key: str, speaker
     elif stream and fmt not in audio.STREAMABLE_FORMATS:
         raise ApiError(400, f"{fmt} cannot be streamed; stream one of {', '.join(audio.STREAMABLE_FORMATS)}",
                        code="invalid_format", param=format_key)
-    return SpeechRequest(text, speaker, speed, fmt, stream, normalize)
+    return SpeechRequest(text, speaker, speed, fmt, stream, normalize, cache=cache)

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def default_cache_dir() -> str:
@@ -50,6 +51,11 @@ class Settings:
     # VOICE_MAP: OpenAI voice names -> speakers on /v1/audio/speech, 'alloy=zh-female,echo=zh-male' (speaker id or
     # alias); laid over the built-in table (serve/openai.py, README)
     voice_map: str = ""
+    # CACHE: sentence-level audio cache: 'disk' (under CACHE_DIR/audio), 'off', or a redis:// / rediss:// /
+    # unix:// URL shared by several machines
+    cache: str = "disk"
+    cache_max_mb: int = 1024        # CACHE_MAX_MB: size bound of the disk cache (least recently used goes first)
+    cache_ttl: int = 604800         # CACHE_TTL: seconds an entry lives (disk and Redis); 0 = until evicted
 
     ENV = {
         "model_dir": "MODEL_DIR", "engine": "ENGINE", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
@@ -57,7 +63,8 @@ class Settings:
         "max_batch": "MAX_BATCH",
         "request_timeout": "REQUEST_TIMEOUT", "body_timeout": "BODY_TIMEOUT", "port": "PORT",
         "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY", "log_level": "LOG_LEVEL",
-        "cache_dir": "CACHE_DIR", "voice_map": "VOICE_MAP",
+        "cache_dir": "CACHE_DIR", "voice_map": "VOICE_MAP", "cache": "CACHE", "cache_max_mb": "CACHE_MAX_MB",
+        "cache_ttl": "CACHE_TTL",
     }
 
     @classmethod
@@ -92,6 +99,10 @@ class Settings:
             raise ValueError("REQUEST_TIMEOUT and BODY_TIMEOUT must be positive")
         if self.port > 65535:
             raise ValueError(f"PORT must be 1..65535, got {self.port}")
+        if self.cache.strip().lower() not in ("disk", "off") and not self.cache.strip().startswith(REDIS_SCHEMES):
+            raise ValueError(f"CACHE must be disk, off or a redis:// URL, got {self.cache!r}")
+        if self.cache_max_mb < 1 or self.cache_ttl < 0:
+            raise ValueError("CACHE_MAX_MB must be at least 1 and CACHE_TTL must not be negative")
         if self.log_level.lower() not in LOG_LEVELS:
             # else gunicorn stops with only "Unable to configure logger 'gunicorn.error'"
             raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
