@@ -1,16 +1,18 @@
 """The routes, and how a synthesis becomes an HTTP answer (whole or streamed)."""
 from __future__ import annotations
 
+import errno
 import logging
+import time
 from pathlib import Path
 
 from flask import Blueprint, Response, g, jsonify, request, send_from_directory
 
 from .. import audio
-from ..cancel import STOPPING, TIMEOUT, Cancelled
+from ..cancel import AUDIO_LIMIT, CLIENT_GONE, STOPPING, TIMEOUT, Cancelled
 from ..engines import Speaker, SynthesisError
 from ..engines.piper import GET_COSYVOICE_HINT
-from .admission import EngineFailure, Job, QueueFull
+from .admission import EngineFailure, Job, OverBudget, QueueFull
 from .body import client_gone_check, read_json_object
 from .context import RequestRecord, Service, finish_request
 from .errors import ApiError, error_response
@@ -18,14 +20,27 @@ from .schema import SpeechRequest, parse_speech_request
 
 log = logging.getLogger("cosyvoice_lite")
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# What a stream cut short amounted to: (outcome, status counted in the log line and /metrics). The client got a
+# 200 status line already, so it learns of the cut by the connection ending without the terminating chunk.
+TRUNCATED = {TIMEOUT: ("truncated_timeout", 504), AUDIO_LIMIT: ("truncated_audio_limit", 413),
+             STOPPING: ("truncated_stopping", 503)}
+
+
+class StreamTruncated(BrokenPipeError):
+    """Raised out of a streamed body to make gunicorn drop the connection without the terminating chunk (an EPIPE
+    is what gunicorn closes quietly, at debug level)."""
+
+    def __init__(self, why: str):
+        super().__init__(errno.EPIPE, f"stream truncated: {why}")
 
 
 def synthesize_response(service: Service, req: SpeechRequest) -> Response:
     rec: RequestRecord = g.rec
     rec.speaker, rec.chars, rec.fmt, rec.stream = req.speaker.alias, len(req.text), req.fmt, req.stream
+    settings = service.settings
     job = Job(req.text, req.speaker, req.speed, req.normalize, request_id=rec.id,
-              deadline=rec.started + service.settings.request_timeout,
-              client_gone=client_gone_check(request.environ))
+              deadline=rec.started + settings.request_timeout,
+              client_gone=client_gone_check(request.environ), max_audio_s=settings.max_audio_seconds)
     try:
         service.synth.submit(job)
     except QueueFull as e:
@@ -33,6 +48,18 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
         message = (f"the server is busy ({service.synth.capacity} requests in progress or waiting); "
                    f"retry in {e.retry_after} s")
         raise ApiError(503, message, code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+    try:  # what the text costs, before any synthesis: refuse now what cannot be served
+        job.plan = service.engine.plan(req.text, req.normalize)
+        service.synth.check_budget(job.plan, req.speed, req.stream, job.cancel.deadline - time.monotonic(),
+                                   settings.max_audio_seconds)
+    except OverBudget as e:
+        service.synth.abandon(job)
+        rec.outcome = "over_budget"
+        raise ApiError(413, e.message, code="too_much_speech", param="text", audio_seconds=round(e.audio_s, 1),
+                       synthesis_seconds=round(e.synth_s, 1)) from None
+    except BaseException as e:
+        service.synth.abandon(job)
+        raise _synthesis_error(rec, e) from None
     rec.job = job
     chunks = service.synth.results(job)
     encoder = audio.make_encoder(req.fmt, streaming=req.stream)
@@ -58,6 +85,7 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
         return Response(b"".join(parts), headers=headers, content_type=encoder.content_type)
 
     def generate():
+        status = 200
         try:
             rec.outcome = "streaming"
             yield encoder.start() + (encoder.encode(first) if first is not None else b"")
@@ -70,16 +98,23 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
                 yield tail
             rec.outcome = "ok"
         except Cancelled as e:
-            rec.outcome = "timeout_mid_stream" if e.reason == TIMEOUT else "client_gone"
+            if e.reason == CLIENT_GONE or e.reason not in TRUNCATED:
+                rec.outcome = "client_gone"
+                return
+            rec.outcome, status = TRUNCATED[e.reason]
+            log.warning("stream %s truncated after %.1f s of audio: %s", rec.id, job.samples / audio.SAMPLE_RATE,
+                        e.reason)
+            raise StreamTruncated(e.reason) from None
         except GeneratorExit:
             rec.outcome = "client_gone"
             raise
-        except Exception as e:  # the status line is gone already: end the stream early and log
-            rec.outcome = "error_mid_stream"
-            log.warning("stream %s ended early: %s", rec.id, e)
+        except Exception as e:  # the status line is gone already: cut the stream so the client sees an error
+            rec.outcome, status = "truncated_error", 500
+            log.warning("stream %s truncated by an error: %s", rec.id, e)
+            raise StreamTruncated("error") from None
         finally:
             service.synth.abandon(job)
-            finish_request(service, rec, 200)
+            finish_request(service, rec, status)
 
     def closed():  # also when the server closes the stream before its first byte (the generator never ran)
         service.synth.abandon(job)
@@ -97,6 +132,10 @@ def _synthesis_error(rec: RequestRecord, e: BaseException) -> BaseException:
     if isinstance(e, Cancelled) and e.reason == TIMEOUT:
         rec.outcome = "timeout"
         return ApiError(504, "synthesis took longer than REQUEST_TIMEOUT; try a shorter text", code="timeout")
+    if isinstance(e, Cancelled) and e.reason == AUDIO_LIMIT:
+        rec.outcome = "audio_limit"
+        return ApiError(413, "the speech reached MAX_AUDIO_SECONDS before the text's end; split the text",
+                        code="too_much_speech", param="text")
     if isinstance(e, Cancelled) and e.reason == STOPPING:
         rec.outcome = "stopping"
         return ApiError(503, "the service is stopping; retry on another instance", code="stopping",
