@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 
 import pytest
@@ -127,3 +128,57 @@ def test_stream_stops_at_max_audio_seconds_visibly_truncated(tmp_path, tiny_mode
         status, _, body = server.request("POST", "/tts", {"text": "word " * 200, "stream": True})  # >= 8 s
         assert status == 413 and json.loads(body)["error"]["code"] == "too_much_speech"
         assert "outcome=truncated_audio_limit" in server.log()
+
+
+# ---- every refusal is JSON ------------------------------------------------------------------------------------
+
+def raw(port: int, data: bytes) -> tuple[int, dict, bytes]:
+    """Send bytes as they are, read until the server closes -> (status, headers, body)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    finally:
+        sock.close()
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body[:int(headers["content-length"])]
+
+
+CHUNKED = b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+MALFORMED = {
+    "size_not_hex": CHUNKED + b"zz\r\n{}\r\n0\r\n\r\n",
+    "negative_size": CHUNKED + b"-5\r\n{}\r\n0\r\n\r\n",
+    "size_differs_from_body": CHUNKED + b'5\r\n{"text": "hi"}\r\n0\r\n\r\n',
+    "trailer_with_content_length": CHUNKED + b'10\r\n{"text": "hi."}\r\n0\r\nContent-Length: 5\r\n\r\n',
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_malformed_chunked_body_is_400_json_without_a_traceback(tiny_server, name):
+    status, headers, body = raw(tiny_server.port, MALFORMED[name])
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert json.loads(body)["error"]["code"] == "malformed_body"
+    assert "Traceback" not in tiny_server.log() and " ERROR " not in tiny_server.log()
+
+
+GUNICORN_REFUSALS = {
+    "bad_request_line": (b"GARBAGE\r\n\r\n", 400),
+    "uri_too_long": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    "too_many_headers": (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200))
+                         + b"\r\n", 431),
+    "unknown_expectation": (b"POST /tts HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\n{}", 417),
+    "unknown_transfer_coding": (b"POST /tts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n\r\n", 501),
+}
+
+
+@pytest.mark.parametrize("name", GUNICORN_REFUSALS)
+def test_gunicorns_own_refusals_are_json(tiny_server, name):
+    data, expected = GUNICORN_REFUSALS[name]
+    status, headers, body = raw(tiny_server.port, data)
+    assert status == expected and headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert error["message"] and error["code"]
