@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
+import torch
 
-from conftest import gunicorn
+from conftest import ROOT, free_port, gunicorn, start_gunicorn, stop_gunicorn
 
 HOSTILE_ROWS = {
     "presentation_form": "\ufdfa" * 4096,                 # 12,289 text tokens in one word
@@ -182,3 +188,117 @@ def test_gunicorns_own_refusals_are_json(tiny_server, name):
     assert status == expected and headers["content-type"] == "application/json"
     error = json.loads(body)["error"]
     assert error["message"] and error["code"]
+
+
+# ---- start-up refuses model files it cannot trust -------------------------------------------------------------
+
+def _yaml_with(model_dir, top: str = "", in_llm: str = "") -> None:
+    path = model_dir / "cosyvoice.yaml"
+    text = path.read_text()
+    text = text.replace("llm: !new:cosyvoice.llm.llm.TransformerLM\n",
+                        f"{top}\nllm: !new:cosyvoice.llm.llm.TransformerLM\n{in_llm}")
+    path.write_text(text)
+
+
+def _laughs(levels: int, width: int) -> str:
+    lines = [f"lol0: &lol0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines)
+
+
+def _bad_model_dir(tmp_path, tiny_model_dir, case: str):
+    """-> (MODEL_DIR, text the start-up error must contain)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    if case == "billion_laughs":
+        _yaml_with(model_dir, top=_laughs(9, 9), in_llm="    lol: *lol8\n")
+        return model_dir, "expands to more than"
+    if case == "many_aliases":
+        _yaml_with(model_dir, top="x: &x 1\nmany: [" + ", ".join(["*x"] * 150) + "]")
+        return model_dir, "YAML aliases"
+    if case == "huge_power":
+        _yaml_with(model_dir, in_llm="    lol: !ref <llm_input_size> ** 100000000\n")
+        return model_dir, "out of range"
+    if case == "deep_ref_chain":
+        chain = "\n".join(f"r{i}: !ref <r{i + 1}>" for i in range(3000)) + "\nr3000: 1"
+        _yaml_with(model_dir, top=chain, in_llm="    lol: !ref <r0>\n")
+        return model_dir, "!ref chain deeper than"
+    if case in ("llm_fifo", "llm_dev_zero", "llm_directory"):
+        (model_dir / "llm.pt").unlink()
+        if case == "llm_fifo":
+            os.mkfifo(model_dir / "llm.pt")
+            return model_dir, "llm.pt is a FIFO"
+        if case == "llm_dev_zero":
+            os.symlink("/dev/zero", model_dir / "llm.pt")
+            return model_dir, "llm.pt is a device"
+        (model_dir / "llm.pt").mkdir()
+        return model_dir, "llm.pt is a directory"
+    if case == "nan_in_hift":
+        state = torch.load(model_dir / "hift.pt", weights_only=True)
+        name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+        state[name] = state[name].clone()
+        state[name].view(-1)[0] = float("nan")
+        torch.save(state, model_dir / "hift.pt")
+        return model_dir, "hift.pt"
+    if case == "speaker_id_with_newline":
+        info = torch.load(model_dir / "spk2info.pt", weights_only=True)
+        info["evil\nX-Injected: 1"] = next(iter(info.values()))
+        torch.save(info, model_dir / "spk2info.pt")
+        return model_dir, "control character"
+    if case == "model_dir_symlink_loop":
+        loop = tmp_path / "loop"
+        os.symlink(loop, loop)
+        return loop, "cannot be used"
+    if case == "model_dir_dangling_symlink":
+        link = tmp_path / "dangling"
+        os.symlink(tmp_path / "nowhere", link)
+        return link, "does not exist"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["billion_laughs", "many_aliases", "huge_power", "deep_ref_chain", "llm_fifo",
+                                  "llm_dev_zero", "llm_directory", "nan_in_hift", "speaker_id_with_newline",
+                                  "model_dir_symlink_loop", "model_dir_dangling_symlink"])
+def test_startup_refuses_untrusted_model_files_quickly_and_clearly(tmp_path, tiny_model_dir, case):
+    model_dir, expect = _bad_model_dir(tmp_path, tiny_model_dir, case)
+    env = {**os.environ, "PORT": str(free_port()), "HOST": "127.0.0.1", "MODEL_DIR": str(model_dir),
+           "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and time.monotonic() - started < 30
+    assert "cannot start" in proc.stderr and expect in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "engine: piper" not in proc.stderr
+
+
+def test_ready_shows_no_paths_to_anonymous_callers_when_api_key_is_set(tmp_path, tiny_model_dir):
+    with gunicorn(tmp_path, {"MODEL_DIR": str(tiny_model_dir), "API_KEY": "sekret"}) as server:
+        status, _, body = server.request("GET", "/ready")
+        assert status == 200 and str(tiny_model_dir) not in body.decode()
+        status, headers, body = server.request("GET", "//speakers", headers={"Host": "evil.example"})
+        assert status in (401, 404) and "evil.example" not in headers.get("location", "") + body.decode()
+
+
+def test_draining_server_refuses_new_connections(tmp_path, gate):
+    gate.mode("after_first")
+    gate.close()
+    server = start_gunicorn(tmp_path, {"GATE_DIR": str(gate.path), "GRACEFUL_TIMEOUT": "20"},
+                            app="gated_engine:make_app()")
+    try:
+        conn, response = post(server.port, {"text": "One. Two. Three.", "stream": True})
+        assert response.read1(65536)[:4] == b"RIFF"
+        server.proc.send_signal(signal.SIGTERM)  # the stream holds the drain open
+        time.sleep(1.5)
+        assert server.proc.poll() is None
+        try:  # refused or reset at once; a timeout (a connection left hanging in the backlog) fails the test
+            refused = socket.create_connection(("127.0.0.1", server.port), timeout=2)
+            refused.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = refused.recv(100)
+        except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError):
+            answer = b""
+        assert answer == b""
+        gate.open()
+        response.read()
+        conn.close()
+    finally:
+        stop_gunicorn(server)

@@ -5,6 +5,7 @@ import errno
 import logging
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from flask import Blueprint, Response, g, jsonify, request, send_from_directory
 
@@ -63,7 +64,8 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
     rec.job = job
     chunks = service.synth.results(job)
     encoder = audio.make_encoder(req.fmt, streaming=req.stream)
-    headers = {"X-Engine": service.engine.name, "X-Speaker": req.speaker.alias, "Cache-Control": "no-store",
+    headers = {"X-Engine": service.engine.name, "X-Speaker": quote(req.speaker.alias, safe=" -_.()"),
+               "Cache-Control": "no-store",
                "X-Sample-Rate": str(audio.SAMPLE_RATE), "X-Channels": "1",
                "Content-Disposition": f'inline; filename="speech.{audio.FORMATS[req.fmt][1]}"'}
     try:
@@ -211,7 +213,10 @@ def routes(service: Service) -> Blueprint:
         if not synth.ready.is_set():
             return error_response(503, "the model is loading and warming up", "warming_up",
                                   headers={"Retry-After": "2"})
-        return jsonify({"status": "ready", **engine_json(), "speakers": len(engine.speakers()),
+        info = engine_json()
+        if service.settings.api_key:  # /ready is public: no model paths for anonymous callers
+            info.pop("description", None)
+        return jsonify({"status": "ready", **info, "speakers": len(engine.speakers()),
                         "queue": {"waiting": synth.waiting, "running": synth.running, "max_batch": synth.max_batch,
                                   "capacity": synth.capacity}})
 

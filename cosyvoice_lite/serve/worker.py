@@ -26,3 +26,12 @@ class JsonErrorWorker(ThreadWorker):
         # gunicorn's Worker.handle_error writes its refusals through this one function of gunicorn.util
         util.write_error = write_json_error
         super().init_process()
+
+    def set_accept_enabled(self, enabled):
+        """When the worker stops for good, it also closes its copy of the listening sockets (gunicorn keeps them
+        open until the drain ends): once the master has closed its own, new connections are refused at once
+        instead of waiting in the kernel's backlog for an accept that never comes."""
+        super().set_accept_enabled(enabled)
+        if not enabled and not self.alive:
+            for listener in self.sockets:
+                listener.close()
