@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -302,3 +303,70 @@ def test_draining_server_refuses_new_connections(tmp_path, gate):
         conn.close()
     finally:
         stop_gunicorn(server)
+
+
+# ---- connections cannot starve a worker -----------------------------------------------------------------------
+
+def _slow_client(port: int, kind: str, stop: threading.Event, results: list) -> None:
+    """One hostile connection: 'headers' trickles its headers, 'body' its body, 'silent' sends nothing,
+    'no_read' asks for a stream and never reads it (small receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    try:
+        sock.connect(("127.0.0.1", port))
+        if kind == "no_read":
+            body = json.dumps({"text": "word " * 150, "stream": True, "format": "pcm"}).encode()
+            sock.sendall(b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d"
+                         b"\r\n\r\n%s" % (len(body), body))
+            stop.wait()
+            return
+        if kind == "headers":
+            data = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
+        elif kind == "body":
+            sock.sendall(b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 300"
+                         b"\r\n\r\n")
+            data = b'{"text": "' + b"a" * 280
+        else:
+            data = b""
+        for byte in data:
+            if stop.is_set():
+                return
+            sock.sendall(bytes([byte]))
+            time.sleep(0.1)
+        answer = sock.recv(4096)
+        results.append((kind, answer.split(b"\r\n", 1)[0]))
+    except OSError as e:
+        results.append((kind, type(e).__name__))
+    finally:
+        sock.close()
+
+
+def test_fifty_slow_clients_do_not_starve_the_worker(tmp_path, tiny_model_dir):
+    env = {"MODEL_DIR": str(tiny_model_dir), "QUEUE_SIZE": "2", "HEADER_TIMEOUT": "2", "BODY_TIMEOUT": "2",
+           "WRITE_TIMEOUT": "2", "REQUEST_TIMEOUT": "15"}
+    with gunicorn(tmp_path, env) as server:
+        stop, results = threading.Event(), []
+        kinds = ["headers"] * 15 + ["body"] * 15 + ["silent"] * 10 + ["no_read"] * 10
+        clients = [threading.Thread(target=_slow_client, args=(server.port, kind, stop, results), daemon=True)
+                   for kind in kinds]
+        for client in clients:
+            client.start()
+        try:
+            worst = 0.0
+            for _ in range(16):  # 8 s of probes while the slow clients hold their connections
+                started = time.monotonic()
+                assert server.request("GET", "/health", timeout=5)[0] == 200
+                worst = max(worst, time.monotonic() - started)
+                time.sleep(0.5)
+            status, _, _ = server.request("POST", "/tts", {"text": "Still served."}, timeout=10)
+            assert status in (200, 503)
+            assert worst < 1.0
+            # once HEADER_TIMEOUT + BODY_TIMEOUT had passed the tricklers got a 408 (or, still sending, a reset)
+            trickled = [answer for kind, answer in results if kind in ("headers", "body")]
+            assert len(trickled) == 30 and all(a in ("BrokenPipeError", "ConnectionResetError") or b"408" in a for a in trickled), results
+            server.wait_for(lambda: json.loads(server.request("GET", "/ready")[2])["queue"]["running"] == 0, 25,
+                            "the streams nobody reads to be dropped")
+        finally:
+            stop.set()
+        assert "Traceback" not in server.log()

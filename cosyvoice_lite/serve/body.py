@@ -3,6 +3,7 @@ noticing a client that hung up."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 
 from flask import current_app, request
@@ -92,9 +93,13 @@ def client_gone_check(environ):
         return lambda: False
 
     def gone() -> bool:
-        try:
+        try:  # poll first: the socket may have a timeout (WRITE_TIMEOUT), and a recv would then wait for it
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+            if not poller.poll(0):
+                return False
             return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, TimeoutError):
             return False
         except (OSError, ValueError):
             return True
