@@ -21,7 +21,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from .settings import Settings
 
-_CODES = {400: "bad_request", 403: "forbidden", 408: "request_timeout", 414: "uri_too_long",
+_CODES = {400: "bad_request", 403: "forbidden", 408: "body_timeout", 414: "uri_too_long",
           417: "expectation_failed", 431: "headers_too_large", 500: "internal_error", 501: "not_implemented"}
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*\r\n", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
@@ -62,6 +62,7 @@ class JsonErrorWorker(ThreadWorker):
         util.write_error = write_json_error
         settings = Settings.from_env()
         self.read_timeout = settings.header_timeout + settings.body_timeout
+        self.body_timeout = settings.body_timeout
         self.write_timeout = settings.write_timeout
         self.max_body = settings.max_body_bytes
         super().init_process()
@@ -81,19 +82,14 @@ class JsonErrorWorker(ThreadWorker):
                 if not data:
                     return self._drop(conn)  # the client left (or half-closed without a whole request)
                 received += data
+                conn.last_data = time.monotonic()
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
             return self._drop(conn)
         if not request_complete(bytes(received), self.max_body):
             if time.monotonic() > conn.read_deadline:
-                self.log.info("closing a connection from %s: its request did not arrive within %g s",
-                              conn.client[0] if conn.client else "-", self.read_timeout)
-                try:
-                    write_json_error(conn.sock, 408, "Request Timeout",
-                                     f"the request did not arrive within {self.read_timeout:g} s")
-                except OSError:
-                    pass
+                self._refuse_slow(conn, f"the request did not arrive within {self.read_timeout:g} s")
                 return self._drop(conn)
             conn.data_ready = False
             return gthread._DEFER  # back to the event loop until more arrives (no thread held)
@@ -102,6 +98,37 @@ class JsonErrorWorker(ThreadWorker):
         conn.parser.unreader.unread(bytes(received))
         conn.data_ready = True
         return super().handle(conn)
+
+    def murder_pending(self):
+        """A partial request that has been silent for BODY_TIMEOUT gets its 408 now (gunicorn would close it
+        without a word after its keep-alive time)."""
+        now = time.monotonic()
+        for conn in [c for c in self.pending_conns if getattr(c, "received", None)]:
+            if now - conn.last_data > self.body_timeout or now > conn.read_deadline:
+                self.pending_conns.remove(conn)
+                try:
+                    self.poller.unregister(conn.sock)
+                except (OSError, KeyError, ValueError):
+                    pass
+                self._refuse_slow(conn, f"the request body stopped arriving (nothing for {self.body_timeout:g} s)")
+                self._drop(conn)
+                self.nr_conns -= 1
+                conn.close()
+        super().murder_pending()
+
+    def _refuse_slow(self, conn, message: str) -> None:
+        """A 408 JSON answer, logged and counted like the app's own answers."""
+        line = bytes(conn.received or b"").split(b"\r\n", 1)[0].decode("latin-1", "replace").split(" ")
+        path = line[1].split("?", 1)[0] if len(line) > 1 else "-"
+        self.log.info("408 for %s %s from %s: %s", line[0][:16], path[:100], conn.client[0] if conn.client else "-",
+                      message)
+        try:
+            write_json_error(conn.sock, 408, "Request Timeout", message)
+        except OSError:
+            pass
+        service = getattr(self.wsgi, "extensions", {}).get("cosyvoice_lite")
+        if service is not None:
+            service.metrics.observe_request({"/tts": "tts", "/v1/audio/speech": "speech"}.get(path, "other"), 408)
 
     @staticmethod
     def _drop(conn) -> bool:
