@@ -14,6 +14,7 @@ TIMEOUT = "timeout"
 CLIENT_GONE = "client_gone"
 STOPPING = "stopping"
 CANCELLED = "cancelled"
+AUDIO_LIMIT = "audio_limit"  # the request reached MAX_AUDIO_SECONDS
 
 
 class Cancelled(Exception):

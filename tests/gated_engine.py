@@ -40,7 +40,7 @@ class GatedEngine(Engine):
     def warmup(self):
         if self._mode() == "warmup":
             self._wait(None)
-        self.inner.warmup()
+        return self.inner.warmup()
 
     def _mode(self) -> str:
         try:

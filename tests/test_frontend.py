@@ -121,6 +121,42 @@ def test_long_english_text_is_split_into_token_bounded_segments(fe):
     assert lengths == [70, 70, 28]
 
 
+HOSTILE = {"presentation_form": "\ufdfa" * 4096, "hanzi_then_digits": "数" + "1" * 4095,
+           "combining_marks": ("a" + "\u0301\u0302\u0303\u0304\u0305\u0306\u0307") * 512,
+           "money": "$1,234,567.89 " * 292, "digits": "1" * 4096, "one_word": "a" * 3000,
+           "words_no_stop": "word " * 800}
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["tn", "no_tn"])
+@pytest.mark.parametrize("name", HOSTILE)
+def test_no_segment_exceeds_the_bound_and_no_text_is_lost(fe, name, normalize):
+    from cosyvoice_lite.frontend.frontend import SEGMENT_MAX_TOKENS
+    segments = fe.split(HOSTILE[name], normalize=normalize)
+    assert segments and max(len(fe.tokenize(s)) for s in segments) <= SEGMENT_MAX_TOKENS
+    speakable = "".join(ch for ch in fe.normalize(HOSTILE[name], normalize) if not ch.isspace() and ch not in ".。")
+    assert "".join(ch for s in segments for ch in s if not ch.isspace() and ch not in ".。") == speakable
+
+
+def test_text_without_stops_is_cut_at_token_max_n_between_words(fe):
+    from cosyvoice_lite.frontend.frontend import TOKEN_MAX_N
+    segments = fe.split("word " * 800, normalize=False)
+    assert all(len(fe.tokenize(s)) <= TOKEN_MAX_N for s in segments[:-1])
+    assert all(s.replace(" ", "").replace(".", "") == "word" * (s.count("word")) for s in segments)
+
+
+def test_one_long_word_is_cut_at_token_boundaries(fe):
+    from cosyvoice_lite.frontend.frontend import TOKEN_MAX_N
+    segments = fe.split("\ufdfa" * 4096, normalize=False)
+    assert "".join(segments).rstrip(".") == "\ufdfa" * 4096
+    assert all(len(fe.tokenize(s)) <= TOKEN_MAX_N for s in segments)
+
+
+@pytest.mark.parametrize("text", ["<|endoftext|>" * 315, "<|en|>", "<|zh|><|en|> ... <|endoftext|>"])
+def test_control_tokens_alone_are_nothing_to_speak(fe, text):
+    with pytest.raises(NothingToSpeak):
+        fe.segments_or_raise(text)
+
+
 def test_reorder_puts_fields_in_canonical_order_and_drops_unlisted_ones():
     tagged = 'char { value: "x" } money { currency: "$" value: "12" extra: "q" }'
     assert reorder_tags(tagged, ZH_ORDERS) == 'char { value: "x" } money { value: "12" currency: "$" }'

@@ -361,13 +361,15 @@ def _worker_resources(pid: int) -> tuple[int, int]:
 
 def _fill_thread_pool(port: int, pid: int, n: int) -> None:
     """Make the worker start all ``n`` request threads of its pool (gthread starts them on demand): ``n``
-    requests whose bodies never finish each hold one, until we hang up (the server answers 400, client gone)."""
+    requests whose bodies never finish each hold one, until we hang up (the server answers 400, client gone).
+    They say 'Expect: 100-continue': the worker hands such a request to a thread at once (others it buffers in its
+    event loop until the body is in, holding no thread)."""
     before = proc_status(pid, "Threads")
     socks = []
     for _ in range(n):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{")
+                     b"Expect: 100-continue\r\nContent-Length: 100\r\n\r\n{")
         socks.append(sock)
     deadline = time.monotonic() + 10
     count = before

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -32,6 +33,17 @@ class Speaker:
     alias: str       # readable ASCII alias, e.g. 'zh-female'
     language: str    # BCP-47-ish language tag, e.g. 'zh', 'en', 'ja', 'yue', 'ko'
     engine: str      # 'cosyvoice' or 'piper'
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a text will cost, known before any synthesis: the engine's text units (CosyVoice: text tokens; other
+    engines: characters), bounds on the audio it can give at speed 1 (seconds), and the engine's prepared input
+    (handed back to ``synthesize`` so that the frontend does not run twice)."""
+    units: int
+    min_audio_s: float = 0.0
+    max_audio_s: float = float("inf")
+    data: object = None
 
 
 class SerialExecutor:
@@ -86,7 +98,17 @@ class Engine:
     description = ""
     max_batch = 1
     caches_segments = False  # True: _synthesize takes cache= (a cache.CacheUse) and keys segments by cache_identity
+    uses_plan = False  # _synthesize accepts plan= (the Plan's data)
     _executor: SerialExecutor | None = None
+
+    @property
+    def busy(self) -> int:
+        """Syntheses still running or queued inside the engine (cancelled ones included until they stop)."""
+        return 0
+
+    def plan(self, text: str, normalize: bool = True) -> Plan:
+        """The cost of ``text`` before synthesis; raises SynthesisError when it has nothing to speak."""
+        return Plan(units=len(text))
 
     def speakers(self) -> list[Speaker]:
         raise NotImplementedError
@@ -104,11 +126,15 @@ class Engine:
         return None
 
     def synthesize(self, text: str, speaker: Speaker, speed: float = 1.0, normalize: bool = True,
-                   cancel: threading.Event | None = None, cache=None) -> Iterator[np.ndarray]:
+                   cancel: threading.Event | None = None, cache=None, plan: Plan | None = None
+                   ) -> Iterator[np.ndarray]:
         """Yield float32 mono chunks at OUTPUT_RATE; raise SynthesisError for text with nothing to speak and
         Cancelled as soon as ``cancel`` (a cancel.CancelToken or a threading.Event) is set. ``cache``: the
-        request's cache.CacheUse, used by engines with ``caches_segments`` (its status says what was found)."""
+        request's cache.CacheUse, used by engines with ``caches_segments`` (its status says what was found).
+        ``plan``: this text's ``plan(text, normalize)`` when the caller has it already."""
         extra = {"cache": cache} if cache is not None and self.caches_segments else {}
+        if self.uses_plan and plan is not None:
+            extra["plan"] = plan
         if self.max_batch > 1:
             chunks = self._synthesize(text, speaker, speed, normalize, cancel, **extra)
         else:
@@ -129,10 +155,14 @@ class Engine:
         ``caches_segments``): part of every cache key."""
         raise NotImplementedError
 
-    def warmup(self) -> None:
-        """Run one short synthesis so that the first real request is not slow."""
+    def warmup(self) -> tuple[int, float, float]:
+        """Run one short synthesis so that the first real request is not slow, then time one more: -> (text units,
+        audio seconds, synthesis seconds) of that one, a first figure for the engine's speed."""
         speaker = self.speakers()[0]
         for _ in self.synthesize("Hello.", speaker):
             pass
-
-
+        text = "Hello, this is a test."
+        plan = self.plan(text)
+        started = time.perf_counter()
+        samples = sum(chunk.size for chunk in self.synthesize(text, speaker, plan=plan))
+        return plan.units, samples / OUTPUT_RATE, time.perf_counter() - started

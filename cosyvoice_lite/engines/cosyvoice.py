@@ -14,7 +14,7 @@ from ..memory import configure_process
 from ..model import load_model
 from ..model.fingerprint import model_fingerprint
 from ..model.speed import settings
-from .base import OUTPUT_RATE, Engine, Speaker, SynthesisError
+from .base import OUTPUT_RATE, Engine, Plan, Speaker, SynthesisError
 
 # Speech tokens in the first streamed chunk of a request besides its overlap (then 100, growing to 200). TokenStream
 # raises it to the smallest hop that leaves HiFT enough frames.
@@ -46,6 +46,7 @@ class CosyVoiceEngine(Engine):
 
     name = "cosyvoice"
     caches_segments = True
+    uses_plan = True
 
     def __init__(self, model_dir, n_timesteps: int | None = None, mode: str | None = None, max_batch: int = 4,
                  first_hop: int | None = FIRST_HOP, threads: int | None = None):
@@ -84,16 +85,28 @@ class CosyVoiceEngine(Engine):
             self._identity = ";".join(f"{k}={v}" for k, v in parts.items())
         return self._identity
 
-    def _synthesize(self, text, speaker, speed, normalize, cancel, seed: int | None = None, cache=None,
-                    **sampling) -> Iterator[np.ndarray]:
+    @property
+    def busy(self) -> int:
+        return self.scheduler.busy
+
+    def plan(self, text: str, normalize: bool = True) -> Plan:
+        """Text tokens per segment, and the audio the LLM's length limits allow for them (EOS cannot come before
+        min_token_text_ratio x tokens, decoding stops at max_token_text_ratio x tokens)."""
         try:
             segments = self.frontend.segments_or_raise(text, normalize)
         except NothingToSpeak as error:
             raise SynthesisError(str(error)) from None
-        tokens = [self.frontend.tokenize(segment) for segment in segments]
-        tokens = [t for t in tokens if len(t)]
+        tokens = [t for t in (self.frontend.tokenize(segment) for segment in segments) if len(t)]
         if not tokens:
             raise SynthesisError("nothing to speak")
+        limits = [self.model.llm.length_limits(len(t)) for t in tokens]
+        rate = self.model.token_rate
+        return Plan(units=sum(len(t) for t in tokens), min_audio_s=sum(lo for lo, _ in limits) / rate,
+                    max_audio_s=sum(hi for _, hi in limits) / rate, data=tokens)
+
+    def _synthesize(self, text, speaker, speed, normalize, cancel, seed: int | None = None, cache=None,
+                    plan: Plan | None = None, **sampling) -> Iterator[np.ndarray]:
+        tokens = (plan if plan is not None else self.plan(text, normalize)).data
         # a seeded run draws each segment from one random stream, which the cache cannot reproduce: not cached
         store = cache.cache if cache is not None and seed is None else None
         found = [None] * len(tokens)

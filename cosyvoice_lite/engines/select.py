@@ -3,6 +3,7 @@ missing or empty, a StartupError for anything else."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from .base import Engine
@@ -22,6 +23,7 @@ def load_engine(settings) -> Engine:
     service's Settings (model_dir, engine, threads and max_batch are read)."""
     model_dir = Path(settings.model_dir)
     wants = settings.engine
+    _check_usable(model_dir)
     has_model = (model_dir / "cosyvoice.yaml").is_file()
     if wants == "cosyvoice" or (wants == "auto" and has_model):
         if not has_model:
@@ -59,3 +61,18 @@ def load_engine(settings) -> Engine:
     log.warning("engine: piper (offline English fallback voice) - no CosyVoice model in MODEL_DIR=%s; "
                 "%s, then restart", model_dir, GET_COSYVOICE_HINT)
     return engine
+
+
+def _check_usable(model_dir: Path) -> None:
+    """Something is at MODEL_DIR but it cannot be looked into (a symlink loop or to nothing, no permission): a
+    StartupError, not the offline voice. Only a MODEL_DIR that does not exist at all, or an empty one, means
+    'no model'."""
+    if not os.path.lexists(model_dir):
+        return
+    try:
+        if model_dir.stat() and model_dir.is_dir():
+            os.listdir(model_dir)
+    except FileNotFoundError:
+        raise StartupError(f"MODEL_DIR={model_dir} is a symbolic link to a path that does not exist") from None
+    except OSError as e:
+        raise StartupError(f"MODEL_DIR={model_dir} cannot be used: {e.strerror or e}") from None

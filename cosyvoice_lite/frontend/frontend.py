@@ -19,6 +19,11 @@ from .wetext_tn import WeTextNormalizer
 TOKEN_MAX_N = 80   # segment packing, in characters (zh) or tokens (en)
 TOKEN_MIN_N = 60
 MERGE_LEN = 20
+# Bounds on what the LLM sees: a sentence (text between stops) longer than TOKEN_MAX_N tokens is cut into pieces
+# of at most TOKEN_MAX_N before packing, and no packed segment exceeds SEGMENT_MAX_TOKENS (the official packing
+# may join whole sentences past TOKEN_MAX_N; it never goes past twice that). The text encoder's and the LLM
+# prefix's attention grow with the square of a segment's length, so this bounds a request's memory and step time.
+SEGMENT_MAX_TOKENS = 2 * TOKEN_MAX_N
 
 
 class NothingToSpeak(ValueError):
@@ -37,13 +42,24 @@ class TextFrontend:
         return self._run(text, normalize)[0]
 
     def split(self, text: str, normalize: bool = True) -> list[str]:
-        """Normalised segments to synthesise one by one; empty if nothing is speakable."""
-        return [s for s in self._run(text, normalize)[1] if rules.is_speakable(s)]
+        """Normalised segments to synthesise one by one, each at most SEGMENT_MAX_TOKENS tokens; empty if nothing
+        is speakable (control tokens such as '<|endoftext|>' are not speech)."""
+        segments = []
+        for segment in self._run(text, normalize)[1]:
+            if not rules.is_speakable(rules.without_control_tokens(segment)):
+                continue
+            if len(self.tokenizer.encode(segment)) > SEGMENT_MAX_TOKENS:
+                segments += [p for p in rules.cut_to_tokens(segment, self.tokenizer.encode, TOKEN_MAX_N)
+                             if rules.is_speakable(rules.without_control_tokens(p))]
+            else:
+                segments.append(segment)
+        return segments
 
     def segments_or_raise(self, text: str, normalize: bool = True) -> list[str]:
         segments = self.split(text, normalize)
         if not segments:
-            raise NothingToSpeak("the text has nothing to speak (no letters or digits after normalisation)")
+            raise NothingToSpeak("the text has nothing to speak (no letters or digits after normalisation and "
+                                 "without control tokens)")
         return segments
 
     def tokenize(self, segment: str) -> list[int]:
@@ -70,5 +86,6 @@ class TextFrontend:
                 text = rules.spell_out_number(text, self.inflect)
                 lang = "en"
         segments = rules.split_paragraph(text, self.tokenizer.encode, lang, token_max_n=TOKEN_MAX_N,
-                                         token_min_n=TOKEN_MIN_N, merge_len=MERGE_LEN, comma_split=False)
+                                         token_min_n=TOKEN_MIN_N, merge_len=MERGE_LEN, comma_split=False,
+                                         sentence_max_tokens=TOKEN_MAX_N)
         return text, [s for s in segments if not rules.is_only_punctuation(s)]

@@ -99,11 +99,61 @@ def spell_out_number(text: str, inflect_engine) -> str:
     return "".join(out)
 
 
+_CONTROL_TOKEN = re.compile(r"<\|[^<>|]*\|>")
+_WORD = re.compile(r"\s*\S+|\s+")
+
+
+def without_control_tokens(text: str) -> str:
+    """The text with every Whisper-style control token ('<|en|>', '<|endoftext|>', ...) removed."""
+    return _CONTROL_TOKEN.sub("", text)
+
+
+def cut_to_tokens(text: str, tokenize: Callable[[str], list[int]], max_tokens: int, strip: bool = True) -> list[str]:
+    """Cut text into pieces of at most max_tokens tokens each: between words where there is whitespace, else
+    (one word longer than the bound) at the longest prefix that fits. Text within the bound stays whole.
+    strip=False keeps each piece's leading whitespace (pieces then join back into the text)."""
+    if len(tokenize(text)) <= max_tokens:
+        return [text]
+    pieces: list[str] = []
+    current = ""
+    for word in _WORD.findall(text):
+        if current and len(tokenize(current + word)) > max_tokens:
+            pieces.append(current)
+            current = ""
+        if len(tokenize(current + word)) <= max_tokens:
+            current += word
+            continue
+        long = _cut_word(current + word, tokenize, max_tokens)  # current is empty or fits with a part of word
+        pieces.extend(long[:-1])
+        current = long[-1]
+    if current:
+        pieces.append(current)
+    return [p for p in (p.strip() for p in pieces) if p] if strip else pieces
+
+
+def _cut_word(text: str, tokenize: Callable[[str], list[int]], max_tokens: int) -> list[str]:
+    """Text without usable whitespace -> prefixes of at most max_tokens tokens (the longest that fit)."""
+    pieces = []
+    while len(tokenize(text)) > max_tokens:
+        lo, hi = 1, len(text)  # the longest fitting prefix, by bisection (a character is at most 4 tokens)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(tokenize(text[:mid])) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        pieces.append(text[:lo])
+        text = text[lo:]
+    return pieces + [text]
+
+
 def split_paragraph(text: str, tokenize: Callable[[str], list[int]], lang: str = "zh", token_max_n: int = 80,
-                    token_min_n: int = 60, merge_len: int = 20, comma_split: bool = False) -> list[str]:
+                    token_min_n: int = 60, merge_len: int = 20, comma_split: bool = False,
+                    sentence_max_tokens: int | None = None) -> list[str]:
     """Cut text into sentences at stop punctuation, then pack sentences into segments of about
     token_min_n..token_max_n units (characters for zh, tokens for en); a short tail (< merge_len) joins
-    the previous segment."""
+    the previous segment. With sentence_max_tokens, a sentence longer than that many tokens (text without stops)
+    is first cut into pieces that fit (cut_to_tokens), which the packing then treats as sentences."""
     if lang == "zh":
         def length(s: str) -> int:
             return len(s)
@@ -135,6 +185,8 @@ def split_paragraph(text: str, tokenize: Callable[[str], list[int]], lang: str =
             start = i + 2
         else:
             start = i + 1
+    if sentence_max_tokens is not None:
+        sentences = [piece for sentence in sentences for piece in _bounded(sentence, tokenize, sentence_max_tokens)]
 
     segments = []
     current = ""
@@ -149,3 +201,8 @@ def split_paragraph(text: str, tokenize: Callable[[str], list[int]], lang: str =
         else:
             segments.append(current)
     return segments
+
+
+def _bounded(sentence: str, tokenize: Callable[[str], list[int]], max_tokens: int) -> list[str]:
+    """cut_to_tokens for one sentence, the spaces between pieces kept so that packing joins them as written."""
+    return cut_to_tokens(sentence, tokenize, max_tokens, strip=False)

@@ -53,8 +53,23 @@ class Ref:
     expression: str
 
 
+MAX_YAML_BYTES = 1 << 20      # the official file is ~10 KB
+MAX_ALIASES = 100             # YAML aliases (*x); each may stand for a whole subtree
+MAX_RESOLVED_NODES = 200_000  # values produced while resolving one section (anchors and !ref repeat subtrees)
+MAX_REF_DEPTH = 50            # !ref <a> -> !ref <b> -> ...
+MAX_NUMBER = 2 ** 64          # results of !ref arithmetic
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that turns hyperpyyaml tags into the data classes above."""
+    """SafeLoader that turns hyperpyyaml tags into the data classes above, and refuses many aliases (a
+    'billion laughs' file is a few lines of anchors that expand into an exponential tree)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases_seen = getattr(self, "aliases_seen", 0) + 1
+            if self.aliases_seen > MAX_ALIASES:
+                raise ConfigError(f"more than {MAX_ALIASES} YAML aliases: not a CosyVoice configuration")
+        return super().compose_node(parent, index)
 
 
 # hyperpyyaml reads YAML 1.2, where ``1e-06`` is a float; PyYAML's 1.1 rules would keep it a string.
@@ -103,18 +118,38 @@ _ARITHMETIC = {
 
 
 def _arithmetic(expression: str):
-    """Evaluate an expression of numbers and + - * / // % ** only."""
+    """Evaluate an expression of numbers and + - * / // % ** only, every value within +-MAX_NUMBER (a huge
+    power would otherwise spin for minutes)."""
+    if len(expression) > 200:
+        raise ConfigError(f"!ref expression longer than 200 characters: {expression[:60]!r}...")
+
+    def bounded(value):
+        if isinstance(value, complex) or not abs(value) <= MAX_NUMBER:
+            raise ConfigError(f"!ref expression {expression!r} gives a value out of range")
+        return value
+
     def walk(node):
         if isinstance(node, ast.Expression):
             return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
+                and not isinstance(node.value, bool):
+            return bounded(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
-            return _ARITHMETIC[type(node.op)](walk(node.left), walk(node.right))
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.Pow) and abs(left) > 1 and abs(right) > 64:
+                raise ConfigError(f"!ref expression {expression!r} gives a value out of range")
+            try:
+                return bounded(_ARITHMETIC[type(node.op)](left, right))
+            except (ZeroDivisionError, OverflowError) as error:
+                raise ConfigError(f"!ref expression {expression!r}: {error}") from None
         if isinstance(node, ast.UnaryOp) and type(node.op) in _ARITHMETIC:
-            return _ARITHMETIC[type(node.op)](walk(node.operand))
+            return bounded(_ARITHMETIC[type(node.op)](walk(node.operand)))
         raise ConfigError(f"unsupported !ref expression: {expression!r}")
-    return walk(ast.parse(expression, mode="eval"))
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except (SyntaxError, ValueError, RecursionError):
+        raise ConfigError(f"malformed !ref expression: {expression!r}") from None
+    return walk(tree)
 
 
 class Config:
@@ -125,11 +160,13 @@ class Config:
             raise ConfigError(f"{source}: expected a mapping at the top level")
         self.raw = raw
         self.source = source
+        self._budget = MAX_RESOLVED_NODES
 
     def __contains__(self, key: str) -> bool:
         return key in self.raw
 
     def __getitem__(self, key: str):
+        self._budget = MAX_RESOLVED_NODES
         return self._resolve(self._lookup(key), (key,))
 
     def get(self, key: str, default=None):
@@ -146,6 +183,13 @@ class Config:
         return node
 
     def _resolve(self, node, seen: tuple):
+        self._budget -= 1
+        if self._budget < 0:
+            raise ConfigError(f"{self.source}: section <{seen[0]}> expands to more than {MAX_RESOLVED_NODES} values "
+                              "(aliases or !ref repeating large subtrees): not a CosyVoice configuration")
+        if len(seen) > MAX_REF_DEPTH:
+            raise ConfigError(f"{self.source}: !ref chain deeper than {MAX_REF_DEPTH} "
+                              f"(<{seen[1]}> -> <{seen[2]}> -> ... -> <{seen[-1]}>)")
         if isinstance(node, Ref):
             return self._resolve_ref(node.expression, seen)
         if isinstance(node, New):
@@ -177,11 +221,20 @@ class Config:
 def read_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror or error}") from error
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_YAML_BYTES} bytes: not a CosyVoice configuration")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text: {error}") from error
     try:
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply") from None
     return Config(raw, str(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import stat
 from pathlib import Path
 
 import torch
@@ -139,14 +140,49 @@ def read_speakers(path: Path, embed_dim: int) -> dict[str, torch.Tensor]:
         embedding = entry.get("embedding") if isinstance(entry, dict) else None
         if not isinstance(embedding, torch.Tensor) or embedding.numel() != embed_dim:
             raise ModelLoadError(f"{path.name}: speaker {name!r} has no {embed_dim}-dim 'embedding'")
-        speakers[str(name)] = embedding.detach().float().reshape(1, embed_dim)
+        name = str(name)
+        if not name or len(name) > 100 or not name.isprintable():
+            raise ModelLoadError(f"{path.name}: speaker id {name[:100]!r} is empty, over 100 characters or has a "
+                                 "control character: it cannot be named in a request or sent in a header")
+        embedding = embedding.detach().float().reshape(1, embed_dim)
+        if not torch.isfinite(embedding).all():
+            raise ModelLoadError(f"{path.name}: speaker {name!r} has NaN or infinite values in its embedding")
+        speakers[name] = embedding
     return speakers
+
+
+def check_finite(module: torch.nn.Module, filename: str) -> None:
+    """NaN or infinite weights make a model that passes every shape check and speaks silence or noise."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
+            raise ModelLoadError(f"{filename}: {name} has NaN or infinite values (corrupt or badly converted "
+                                 "checkpoint)")
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a model file (None: a regular file). Never opens it: a FIFO would block and
+    a device such as /dev/zero never ends."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as error:  # a symlink loop (ELOOP), no permission, ...
+        return f"unusable: {error.strerror or error}"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")]
+    return next((f"{what}, not a file" for test, what in kinds if test(mode)), "not a regular file")
 
 
 def check_model_dir(model_dir: Path) -> None:
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
-    missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
+    problems = {name: file_problem(model_dir / name) for name in MODEL_FILES}
+    odd = [f"{name} is {why}" for name, why in problems.items() if why not in (None, "missing")]
+    if odd:
+        raise ModelLoadError(f"model directory {model_dir}: {'; '.join(odd)}")
+    missing = [name for name, why in problems.items() if why == "missing"]
     if "cosyvoice.yaml" in missing:
         for other, generation in (("cosyvoice2.yaml", "CosyVoice2"), ("cosyvoice3.yaml", "CosyVoice3")):
             if (model_dir / other).is_file():
@@ -198,6 +234,7 @@ def load_model(model_dir: str | Path, mode: str = "exact"):
     else:
         llm, flow, hift, sample_rate = build_networks(config)
     load_state(llm, _read_checkpoint(model_dir / "llm.pt", mmap=lean), "llm.pt", assign=lean)
+    check_finite(llm, "llm.pt")  # before any conversion hides it
     if lean:  # convert the LLM before the other files are mapped: the peak stays one network's worth lower
 
         if target.llm != "fp32":
@@ -217,6 +254,8 @@ def load_model(model_dir: str | Path, mode: str = "exact"):
     del raw_hift
     load_state(hift, hift_state, "hift.pt", assign=lean)
     speakers = read_speakers(model_dir / "spk2info.pt", flow.spk_embed_affine_layer.in_features)
+    for module, filename in ((flow, "flow.pt"), (hift, "hift.pt")):
+        check_finite(module, filename)
     for module in (llm, flow, hift):
         module.eval().requires_grad_(False)
         if lean:

@@ -29,6 +29,8 @@ def create_app(config: dict | None = None) -> Flask:
 
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # '//health' is a 404, not a 308 to an absolute URL built from the client's Host header
+    app.url_map.merge_slashes = False
     app.json.ensure_ascii = False
     app.json.sort_keys = False
     app.extensions["cosyvoice_lite"] = service

@@ -3,12 +3,19 @@ noticing a client that hung up."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 
 from flask import current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import ApiError
+
+try:  # gunicorn's errors for a body that breaks HTTP framing (bad chunk sizes, trailers, early end)
+    from gunicorn.http.errors import NoMoreData, ParseException
+    _MALFORMED: tuple = (ParseException, NoMoreData)
+except ImportError:  # not under gunicorn
+    _MALFORMED = ()
 
 
 def _read_body(limit: int, timeout: float) -> bytes:
@@ -33,13 +40,13 @@ def _read_body(limit: int, timeout: float) -> bytes:
             sock.settimeout(timeout)  # per read; restored before the response goes out
         raw = environ["wsgi.input"].read(limit + 1)  # gunicorn stops at Content-Length or the last chunk
     except TimeoutError:
-        if sock is not None:
-            try:  # the rest of the body will never be read: no drain after the 408, the connection closes
-                sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
+        _stop_reading(sock)
         raise ApiError(408, f"the request body stopped arriving (nothing for {timeout:g} s)",
                        code="body_timeout") from None
+    except _MALFORMED as e:
+        _stop_reading(sock)
+        raise ApiError(400, f"malformed request body: {type(e).__name__} ({str(e)[:100]})",
+                       code="malformed_body") from None
     finally:
         if sock is not None:
             try:
@@ -49,6 +56,15 @@ def _read_body(limit: int, timeout: float) -> bytes:
     if len(raw) > limit:
         raise RequestEntityTooLarge()
     return raw
+
+
+def _stop_reading(sock) -> None:
+    """The rest of the body will never be read: no drain after the error answer, the connection closes."""
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
 
 def read_json_object(body_timeout: float) -> dict:
@@ -77,9 +93,13 @@ def client_gone_check(environ):
         return lambda: False
 
     def gone() -> bool:
-        try:
+        try:  # poll first: the socket may have a timeout (WRITE_TIMEOUT), and a recv would then wait for it
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+            if not poller.poll(0):
+                return False
             return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, TimeoutError):
             return False
         except (OSError, ValueError):
             return True

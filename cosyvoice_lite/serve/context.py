@@ -74,4 +74,5 @@ def finish_request(service: Service, rec: RequestRecord, status: int) -> None:
     request_log.log(level, "request id=%s %s %s status=%d speaker=%s chars=%d audio_s=%.2f synth_s=%s rtf=%s "
                     "first_audio_s=%s total_s=%.3f format=%s stream=%s cache=%s outcome=%s error=%s", rec.id,
                     rec.method, rec.path, status, rec.speaker, rec.chars, audio_s,
-                    "-" if synth_s is None else f"{synth_s:.2f}", rtf, first, seconds, rec.fmt, str(rec.stream).lower(), rec.cache, rec.outcome, rec.error)
+                    "-" if synth_s is None else f"{synth_s:.2f}", rtf, first, seconds, rec.fmt,
+                    str(rec.stream).lower(), rec.cache, rec.outcome, rec.error)

@@ -19,7 +19,7 @@ except ValueError as _error:  # a bad environment value: one clear line, no trac
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_settings.port}"
 workers = _settings.workers
-worker_class = "gthread"
+worker_class = "cosyvoice_lite.serve.worker.JsonErrorWorker"  # gthread, with refusals as JSON (serve/worker.py)
 # Request threads per worker: each admitted request waits for its audio on its own thread (QUEUE_SIZE waiting +
 # MAX_BATCH in progress), plus spare threads for health checks, metrics and fast 503 answers.
 threads = _settings.queue_size + _settings.max_batch + 8

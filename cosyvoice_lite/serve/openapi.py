@@ -42,7 +42,8 @@ def _audio_responses(sse: bool = False) -> dict:
                       "offline English voice and text without Latin letters or digits)"),
         "401": _error("API_KEY is set and the bearer token is missing or wrong"),
         "408": _error("The request body stopped arriving for BODY_TIMEOUT seconds"),
-        "413": _error("Text longer than MAX_TEXT_CHARS or body larger than MAX_BODY_BYTES"),
+        "413": _error("Text longer than MAX_TEXT_CHARS, body larger than MAX_BODY_BYTES, or more speech than "
+                      "REQUEST_TIMEOUT (not streamed) or MAX_AUDIO_SECONDS allow"),
         "415": _error("The body is not JSON"),
         "500": _error("Synthesis failed inside the engine (a bug; see the server log)"),
         "503": _error("The queue is full; retry after the Retry-After header's seconds"),

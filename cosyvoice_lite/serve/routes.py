@@ -1,17 +1,19 @@
 """The routes, and how a synthesis becomes an HTTP answer (whole or streamed)."""
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from flask import Blueprint, Response, g, jsonify, request, send_from_directory
 
 from .. import audio
-from ..cancel import STOPPING, TIMEOUT, Cancelled
+from ..cancel import AUDIO_LIMIT, CLIENT_GONE, STOPPING, TIMEOUT, Cancelled
 from ..engines import Speaker, SynthesisError
 from ..engines.piper import GET_COSYVOICE_HINT
-from .admission import EngineFailure, Job, QueueFull
+from .admission import EngineFailure, Job, OverBudget, QueueFull
 from .body import client_gone_check, read_json_object
 from .context import RequestRecord, Service, finish_request
 from .errors import ApiError, error_response
@@ -20,14 +22,27 @@ from .schema import SpeechRequest, parse_speech_request
 
 log = logging.getLogger("cosyvoice_lite")
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# What a stream cut short amounted to: (outcome, status counted in the log line and /metrics). The client got a
+# 200 status line already, so it learns of the cut by the connection ending without the terminating chunk.
+TRUNCATED = {TIMEOUT: ("truncated_timeout", 504), AUDIO_LIMIT: ("truncated_audio_limit", 413),
+             STOPPING: ("truncated_stopping", 503)}
+
+
+class StreamTruncated(BrokenPipeError):
+    """Raised out of a streamed body to make gunicorn drop the connection without the terminating chunk (an EPIPE
+    is what gunicorn closes quietly, at debug level)."""
+
+    def __init__(self, why: str):
+        super().__init__(errno.EPIPE, f"stream truncated: {why}")
 
 
 def synthesize_response(service: Service, req: SpeechRequest) -> Response:
     rec: RequestRecord = g.rec
     rec.speaker, rec.chars, rec.fmt, rec.stream = req.speaker.alias, len(req.text), req.fmt, req.stream
+    settings = service.settings
     job = Job(req.text, req.speaker, req.speed, req.normalize, request_id=rec.id,
-              deadline=rec.started + service.settings.request_timeout,
-              client_gone=client_gone_check(request.environ), cache=service.cache if req.cache else None)
+              deadline=rec.started + settings.request_timeout, client_gone=client_gone_check(request.environ),
+              cache=service.cache if req.cache else None, max_audio_s=settings.max_audio_seconds)
     try:
         service.synth.submit(job)
     except QueueFull as e:
@@ -35,10 +50,23 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
         message = (f"the server is busy ({service.synth.capacity} requests in progress or waiting); "
                    f"retry in {e.retry_after} s")
         raise ApiError(503, message, code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+    try:  # what the text costs, before any synthesis: refuse now what cannot be served
+        job.plan = service.engine.plan(req.text, req.normalize)
+        service.synth.check_budget(job.plan, req.speed, req.stream, job.cancel.deadline - time.monotonic(),
+                                   settings.max_audio_seconds)
+    except OverBudget as e:
+        service.synth.abandon(job)
+        rec.outcome = "over_budget"
+        raise ApiError(413, e.message, code="too_much_speech", param="text", audio_seconds=round(e.audio_s, 1),
+                       synthesis_seconds=round(e.synth_s, 1)) from None
+    except BaseException as e:
+        service.synth.abandon(job)
+        raise _synthesis_error(rec, e) from None
     rec.job = job
     chunks = service.synth.results(job)
     encoder = audio.make_encoder(req.fmt, streaming=req.stream and req.fmt in audio.STREAMABLE_FORMATS)
-    headers = {"X-Engine": service.engine.name, "X-Speaker": req.speaker.alias, "Cache-Control": "no-store",
+    headers = {"X-Engine": service.engine.name, "X-Speaker": quote(req.speaker.alias, safe=" -_.()"),
+               "Cache-Control": "no-store",
                "X-Sample-Rate": str(audio.SAMPLE_RATE), "X-Channels": "1",
                "Content-Disposition": f'inline; filename="speech.{audio.FORMATS[req.fmt][1]}"'}
     if req.sse:
@@ -64,6 +92,7 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
         return Response(b"".join(parts), headers=headers, content_type=encoder.content_type)
 
     def generate():
+        status = 200
         try:
             rec.outcome = "streaming"
             yield encoder.start() + (encoder.encode(first) if first is not None else b"")
@@ -76,17 +105,24 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
                 yield tail
             rec.outcome = "ok"
         except Cancelled as e:
-            rec.outcome = "timeout_mid_stream" if e.reason == TIMEOUT else "client_gone"
+            if e.reason == CLIENT_GONE or e.reason not in TRUNCATED:
+                rec.outcome = "client_gone"
+                return
+            rec.outcome, status = TRUNCATED[e.reason]
+            log.warning("stream %s truncated after %.1f s of audio: %s", rec.id, job.samples / audio.SAMPLE_RATE,
+                        e.reason)
+            raise StreamTruncated(e.reason) from None
         except GeneratorExit:
             rec.outcome = "client_gone"
             raise
-        except Exception as e:  # the status line is gone already: end the stream early and log
-            rec.outcome = "error_mid_stream"
-            log.warning("stream %s ended early: %s", rec.id, e)
+        except Exception as e:  # the status line is gone already: cut the stream so the client sees an error
+            rec.outcome, status = "truncated_error", 500
+            log.warning("stream %s truncated by an error: %s", rec.id, e)
+            raise StreamTruncated("error") from None
         finally:
             chunks.close()  # ends the synthesis generator here, so that its time is known for the log line
             service.synth.abandon(job)
-            finish_request(service, rec, 200)
+            finish_request(service, rec, status)
 
     def closed():  # also when the server closes the stream before its first byte (the generator never ran)
         chunks.close()
@@ -105,6 +141,10 @@ def _synthesis_error(rec: RequestRecord, e: BaseException) -> BaseException:
     if isinstance(e, Cancelled) and e.reason == TIMEOUT:
         rec.outcome = "timeout"
         return ApiError(504, "synthesis took longer than REQUEST_TIMEOUT; try a shorter text", code="timeout")
+    if isinstance(e, Cancelled) and e.reason == AUDIO_LIMIT:
+        rec.outcome = "audio_limit"
+        return ApiError(413, "the speech reached MAX_AUDIO_SECONDS before the text's end; split the text",
+                        code="too_much_speech", param="text")
     if isinstance(e, Cancelled) and e.reason == STOPPING:
         rec.outcome = "stopping"
         return ApiError(503, "the service is stopping; retry on another instance", code="stopping",
@@ -191,10 +231,15 @@ def routes(service: Service) -> Blueprint:
         if synth.running + synth.waiting >= synth.capacity:  # a load balancer should send new requests elsewhere
             return error_response(503, f"the queue is full ({synth.capacity} requests in progress or waiting)",
                                   "queue_full", headers={"Retry-After": str(synth.retry_after())})
-        return jsonify({"status": "ready", **engine_json(), "speakers": len(engine.speakers()),
+        info = engine_json()
+        cache = service.cache.describe() if service.cache else {"backend": "off"}
+        if service.settings.api_key:  # /ready is public: no model or cache paths, no hosts, for anonymous callers
+            info.pop("description", None)
+            cache = {k: v for k, v in cache.items() if k not in ("dir", "url", "problem")}
+        return jsonify({"status": "ready", **info, "speakers": len(engine.speakers()),
                         "queue": {"waiting": synth.waiting, "running": synth.running, "max_batch": synth.max_batch,
                                   "capacity": synth.capacity},
-                        "cache": service.cache.describe() if service.cache else {"backend": "off"}})
+                        "cache": cache})
 
     @api.get("/metrics")
     def metrics():

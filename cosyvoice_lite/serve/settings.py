@@ -39,7 +39,14 @@ class Settings:
     queue_size: int = 8             # QUEUE_SIZE: requests waiting per worker besides those in progress; more -> 503
     max_batch: int = 4              # MAX_BATCH: requests one worker decodes side by side (CosyVoice; Piper: 1)
     request_timeout: float = 300.0  # REQUEST_TIMEOUT: seconds from arrival to the last audio byte; exceeded -> 504
-    body_timeout: float = 15.0      # BODY_TIMEOUT: seconds a request body may stall before 408 (frees the thread)
+    # HEADER_TIMEOUT / BODY_TIMEOUT: a request's headers and body must all arrive within HEADER_TIMEOUT +
+    # BODY_TIMEOUT seconds of its first byte (buffered by the worker's event loop, no thread held) -> else 408
+    header_timeout: float = 10.0
+    body_timeout: float = 15.0
+    write_timeout: float = 30.0     # WRITE_TIMEOUT: seconds each write of a response may take (client not reading)
+    # MAX_AUDIO_SECONDS: most audio one request may produce; a text that must give more -> 413, a stream that
+    # reaches it ends without its terminating chunk (visibly truncated)
+    max_audio_seconds: float = 600.0
     port: int = 8080                # PORT: listen port (gunicorn binds HOST:PORT, HOST default 0.0.0.0)
     cors_origins: str = ""          # CORS_ORIGINS: '*' or comma-separated origins allowed to call from browsers
     # API_KEY: when set, everything but /health, /ready, / and /static needs 'Authorization: Bearer API_KEY'
@@ -62,6 +69,8 @@ class Settings:
         "max_text_chars": "MAX_TEXT_CHARS", "max_body_bytes": "MAX_BODY_BYTES", "queue_size": "QUEUE_SIZE",
         "max_batch": "MAX_BATCH",
         "request_timeout": "REQUEST_TIMEOUT", "body_timeout": "BODY_TIMEOUT", "port": "PORT",
+        "max_audio_seconds": "MAX_AUDIO_SECONDS", "header_timeout": "HEADER_TIMEOUT",
+        "write_timeout": "WRITE_TIMEOUT",
         "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY", "log_level": "LOG_LEVEL",
         "cache_dir": "CACHE_DIR", "voice_map": "VOICE_MAP", "cache": "CACHE", "cache_max_mb": "CACHE_MAX_MB",
         "cache_ttl": "CACHE_TTL",
@@ -95,8 +104,9 @@ class Settings:
                 raise ValueError(f"{self.ENV[name]} must be at least 1")
         if self.queue_size < 0 or self.torch_threads < 0:
             raise ValueError("QUEUE_SIZE and TORCH_THREADS must not be negative")
-        if not self.request_timeout > 0 or not self.body_timeout > 0:
-            raise ValueError("REQUEST_TIMEOUT and BODY_TIMEOUT must be positive")
+        for name in ("request_timeout", "body_timeout", "header_timeout", "write_timeout", "max_audio_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{self.ENV[name]} must be positive")
         if self.port > 65535:
             raise ValueError(f"PORT must be 1..65535, got {self.port}")
         if self.cache.strip().lower() not in ("disk", "off") and not self.cache.strip().startswith(REDIS_SCHEMES):
