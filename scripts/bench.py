@@ -184,7 +184,10 @@ def worker(args) -> dict:
 
     load = OtherLoad()
     started = time.perf_counter()
-    engine = CosyVoiceEngine(args.model_dir, mode=args.worker, threads=args.threads)
+    from cosyvoice_lite.serve.settings import Settings
+
+    engine = CosyVoiceEngine(args.model_dir, mode=args.worker, threads=args.threads, backend=args.backend,
+                             cache_root=Settings.from_env().cache_root)
     load_s = time.perf_counter() - started
     rss_loaded = peak_rss_mb()
     model = engine.model
@@ -395,6 +398,8 @@ def main() -> int:
     parser.add_argument("--quality-tokens", type=int, default=100, help="tokens per case on the full-size model")
     parser.add_argument("--quick", action="store_true", help="3 s utterance, 2 s concurrent requests, default+fast")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--backend", default="auto", choices=("auto", "openvino", "torch"),
+                        help="runtime of the flow estimator and HiFT (BACKEND)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-quality", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -6,7 +6,9 @@ from typing import Iterator
 
 import numpy as np
 import soxr
+import torch
 
+from ..backends import accelerate
 from ..decode.scheduler import Scheduler
 from ..frontend import NothingToSpeak, TextFrontend
 from ..memory import configure_process
@@ -44,16 +46,20 @@ class CosyVoiceEngine(Engine):
     name = "cosyvoice"
 
     def __init__(self, model_dir, n_timesteps: int | None = None, mode: str | None = None, max_batch: int = 4,
-                 first_hop: int | None = FIRST_HOP, threads: int | None = None):
+                 first_hop: int | None = FIRST_HOP, threads: int | None = None, backend: str = "auto",
+                 cache_root: str | None = None):
         configure_process(threads)
         self.mode = settings(mode)
         self.model = load_model(model_dir, mode=self.mode.name)
+        # backend: 'auto' | 'openvino' | 'torch' (backends.plan); cache_root: where compiled models are kept
+        self.runtime = accelerate(self.model, self.mode, model_dir, backend=backend, cache_root=cache_root,
+                                  threads=torch.get_num_threads())
         self.frontend = TextFrontend()
         self.n_timesteps = n_timesteps or self.mode.n_timesteps
         self.max_batch = max(1, max_batch)
         self.scheduler = Scheduler(self.model, max_batch=self.max_batch, first_hop=first_hop,
                                    n_timesteps=self.n_timesteps)
-        self.description = f"CosyVoice-300M-SFT from {model_dir} ({self.mode.name} mode)"
+        self.description = f"CosyVoice-300M-SFT from {model_dir} ({self.mode.name} mode, {self.runtime['backend']})"
         self._speakers = [Speaker(sid, *COSYVOICE_SPEAKERS.get(sid, (sid, "und")), engine=self.name)
                           for sid in self.model.speakers]
 

@@ -172,7 +172,9 @@ def routes(service: Service) -> Blueprint:
         if not synth.ready.is_set():
             return error_response(503, "the model is loading and warming up", "warming_up",
                                   headers={"Retry-After": "2"})
-        return jsonify({"status": "ready", **engine_json(), "speakers": len(engine.speakers()),
+        runtime = getattr(engine, "runtime", None)  # CosyVoice: runtime and precision per stage, CPU features
+        return jsonify({"status": "ready", **engine_json(), **({"runtime": runtime} if runtime else {}),
+                        "speakers": len(engine.speakers()),
                         "queue": {"waiting": synth.waiting, "running": synth.running, "max_batch": synth.max_batch,
                                   "capacity": synth.capacity}})
 

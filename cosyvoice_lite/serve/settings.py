@@ -34,6 +34,9 @@ class Settings:
     # CACHE_DIR: on-disk caches of derived data (compiled models, synthesised audio), shared by a machine's
     # workers; empty = $XDG_CACHE_HOME/cosyvoice-lite, else ~/.cache/cosyvoice-lite
     cache_dir: str = ""
+    # BACKEND: auto | openvino | torch - runtime of the flow estimator and HiFT (auto: OpenVINO where it is
+    # installed and pays on this CPU, see backends/); torch = plain PyTorch everywhere
+    backend: str = "auto"
 
     ENV = {
         "model_dir": "MODEL_DIR", "engine": "ENGINE", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
@@ -41,7 +44,7 @@ class Settings:
         "max_batch": "MAX_BATCH",
         "request_timeout": "REQUEST_TIMEOUT", "body_timeout": "BODY_TIMEOUT", "port": "PORT",
         "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY", "log_level": "LOG_LEVEL",
-        "cache_dir": "CACHE_DIR",
+        "cache_dir": "CACHE_DIR", "backend": "BACKEND",
     }
 
     @classmethod
@@ -67,6 +70,8 @@ class Settings:
     def check(self) -> None:
         if self.engine not in ("auto", "cosyvoice", "piper"):
             raise ValueError(f"ENGINE must be auto, cosyvoice or piper, got {self.engine!r}")
+        if self.backend not in ("auto", "openvino", "torch"):
+            raise ValueError(f"BACKEND must be auto, openvino or torch, got {self.backend!r}")
         for name in ("workers", "max_text_chars", "max_body_bytes", "port", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{self.ENV[name]} must be at least 1")

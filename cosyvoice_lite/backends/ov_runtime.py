@@ -1,0 +1,178 @@
+"""OpenVINO execution of the flow estimator and HiFT's convolutional body, converted from our PyTorch modules.
+
+The PyTorch modules stay the definition: ``openvino.convert_model`` traces them (float32) into an OpenVINO model
+with a dynamic batch and time axis, which the CPU plugin compiles at the precision asked for (``f32`` or
+``bf16``). Both steps cost seconds, so their results are kept on disk:
+
+    <cache_root>/compiled/openvino-<version>/<stage>-<checkpoint fingerprint>-<graph id>/model.xml, model.bin
+                                                                      (float16 weights)
+    .../blobs/   (OpenVINO's own CACHE_DIR: compiled blobs, keyed inside by the compile settings and precision)
+
+The graph id hashes our module sources and ``GRAPH_VERSION``, so a code change converts again. Concurrent workers
+convert one at a time (a lock file); the directory appears complete or not at all (written aside, renamed).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger("cosyvoice_lite.backends")
+
+GRAPH_VERSION = 2  # bump when what is traced changes in a way the source hash cannot see (e.g. trace inputs)
+STAGE_SOURCES = {"estimator": ("estimator.py",), "hift": ("hift.py",)}
+STAGE_FILES = {"estimator": ("cosyvoice.yaml", "flow.pt"), "hift": ("cosyvoice.yaml", "hift.pt")}
+
+
+def available() -> str | None:
+    """The installed OpenVINO version, or None when it cannot be imported."""
+    try:
+        import openvino
+    except Exception:  # ImportError, or a broken native library
+        return None
+    return openvino.__version__.split("-")[0]
+
+
+def graph_id(stage: str) -> str:
+    model_dir = Path(__file__).resolve().parents[1] / "model"
+    digest = hashlib.sha256(f"v{GRAPH_VERSION}".encode())
+    for name in STAGE_SOURCES[stage]:
+        digest.update((model_dir / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+class _Runner(nn.Module):
+    """A compiled OpenVINO model called like the module it replaces (torch tensors in and out). No parameters:
+    the weights live in the compiled model."""
+
+    def __init__(self, compiled, precision: str, description: str):
+        super().__init__()
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()  # one infer request, reused: calls from several threads take turns
+        self.precision = precision
+        self.description = description
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        arrays = [np.ascontiguousarray(x.detach().float().numpy()) for x in inputs]
+        with self._lock:
+            self._request.infer(arrays)
+            out = self._request.get_output_tensor(0).data.copy()  # the request's buffer is reused by the next call
+        return torch.from_numpy(out)
+
+    def extra_repr(self) -> str:
+        return f"openvino {self.description}, {self.precision}"
+
+
+class EstimatorRunner(_Runner):
+    """ConditionalDecoder.forward(x, mask, mu, t, spks, cond) -> velocity (B, 80, T); the flow calls it with an
+    all-ones mask (no padding), the only case the traced graph covers."""
+
+    def forward(self, x, mask, mu, t, spks=None, cond=None):
+        if spks is None or cond is None or not bool((mask == 1).all()):
+            raise ValueError("the compiled estimator runs unpadded batches with speaker and cond inputs only")
+        return self.run(x, mask, mu, t, spks, cond)
+
+
+class HiftBodyRunner(_Runner):
+    """HiFTGenerator.body(mel, s_stft) -> (B, n_fft+2, S)."""
+
+    def forward(self, mel, s_stft):
+        return self.run(mel, s_stft)
+
+
+def _example_inputs(stage: str, module: nn.Module):
+    if stage == "estimator":  # CFG batch of 2, a few hundred frames (any length works after conversion)
+        B, T, C = 2, 64, module.out_channels
+        spk = module.in_channels - 3 * C  # x, mu, cond are C channels each; the speaker vector fills the rest
+        inputs = (torch.randn(B, C, T), torch.ones(B, 1, T), torch.randn(B, C, T), torch.rand(B),
+                  torch.randn(B, spk), torch.zeros(B, C, T))
+        shapes = [[-1, C, -1], [-1, 1, -1], [-1, C, -1], [-1], [-1, spk], [-1, C, -1]]
+    else:
+        frames = 32
+        mel = torch.randn(1, module.conv_pre.in_channels, frames)
+        spec = module.n_fft + 2
+        s_frames = frames * module.upsample_factor // module.hop_len + 1
+        inputs = (mel, torch.randn(1, spec, s_frames))
+        shapes = [[-1, module.conv_pre.in_channels, -1], [-1, spec, -1]]
+    return inputs, shapes
+
+
+class _Body(nn.Module):
+    """HiFT's body as a module of its own, for tracing."""
+
+    def __init__(self, hift):
+        super().__init__()
+        self.hift = hift
+
+    def forward(self, mel, s_stft):
+        return self.hift.body(mel, s_stft)
+
+
+def convert(stage: str, module: nn.Module, out_dir: Path) -> None:
+    """Trace a float32 module (the estimator, or a HiFTGenerator for its body) into out_dir/model.xml."""
+    import openvino as ov
+
+    inputs, shapes = _example_inputs(stage, module)
+    target = module if stage == "estimator" else _Body(module)
+    with torch.no_grad():
+        model = ov.convert_model(target, example_input=inputs,
+                                 input=[(shape, ov.Type.f32) for shape in shapes])
+    # float16 weights: half the memory of float32 next to the copy the CPU plugin repacks them into; the modes
+    # that run here round the flow's weights at least that much anyway (exact mode stays in PyTorch)
+    ov.save_model(model, str(out_dir / "model.xml"), compress_to_fp16=True)
+
+
+def stage_dir(cache_root: Path, stage: str, fingerprint: str) -> Path:
+    return Path(cache_root) / "compiled" / f"openvino-{available()}" / f"{stage}-{fingerprint}-{graph_id(stage)}"
+
+
+def ensure_converted(stage: str, directory: Path, make_module) -> bool:
+    """directory/model.xml exists afterwards; returns True when this call converted it (``make_module()`` gives
+    the float32 module, called only then)."""
+    if (directory / "model.xml").is_file():
+        return False
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be converting the same model right now
+        if (directory / "model.xml").is_file():
+            return False
+        started = time.perf_counter()
+        work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            convert(stage, make_module(), work)
+            os.replace(work, directory)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        log.info("openvino: converted %s in %.1f s -> %s", stage, time.perf_counter() - started, directory)
+        return True
+
+
+def compile_stage(stage: str, directory: Path, precision: str, threads: int):
+    """Compile directory/model.xml for this CPU; the blob cache next to it makes a second start a file read."""
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": int(threads),
+              "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "CACHE_DIR": str(directory / "blobs"),
+              "ENABLE_CPU_PINNING": False}  # the torch stages share these cores
+    started = time.perf_counter()
+    compiled = ov.Core().compile_model(str(directory / "model.xml"), "CPU", config)
+    try:
+        cached = bool(compiled.get_property("LOADED_FROM_CACHE"))
+    except Exception:
+        cached = False
+    log.info("openvino: %s %s %s in %.2f s (%d threads)", stage, precision,
+             "loaded from the compiled cache" if cached else "compiled", time.perf_counter() - started, threads)
+    runner = EstimatorRunner if stage == "estimator" else HiftBodyRunner
+    return runner(compiled, precision, stage)
