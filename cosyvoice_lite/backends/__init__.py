@@ -63,12 +63,13 @@ BODY_PARTS = ("conv_pre", "ups", "source_downs", "source_resblocks", "resblocks"
 
 
 def accelerate(model, mode, model_dir, backend: str = "auto", cache_root: str | Path | None = None,
-               threads: int = 1) -> dict:
+               threads: int = 1, cpu: CpuInfo | None = None) -> dict:
     """Run the stages the plan gives to OpenVINO there (in place on ``model``); returns what runs where (for the
-    start log and /ready). Without ``cache_root`` converted models live in a temporary directory (not kept)."""
+    start log and /ready). Without ``cache_root`` converted models live in a temporary directory (not kept).
+    ``cpu``: plan for another CPU's features than this one's (the kernels still run on this one)."""
     from .ov_runtime import available
 
-    cpu = cpu_info()
+    cpu = cpu or cpu_info()
     version = available()
     if backend in ("auto", "openvino") and version is None:
         log.warning("openvino cannot be imported: every stage runs in PyTorch")
@@ -93,12 +94,13 @@ def accelerate(model, mode, model_dir, backend: str = "auto", cache_root: str | 
 def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, threads: int) -> None:
     from ..model.fingerprint import model_fingerprint
     from ..model.loader import load_float32_network
-    from .ov_runtime import STAGE_FILES, compile_stage, ensure_converted, stage_dir
+    from .ov_runtime import STAGE_FILES, TimeEmbedding, compile_stage, ensure_converted, stage_dir
 
     for name in wanted:
         stage = "estimator" if name == "flow_estimator" else "hift"
         try:
-            directory = stage_dir(root, stage, model_fingerprint(model_dir, files=STAGE_FILES[stage]))
+            weights = "f32" if mode.name == "exact" else "f16"  # exact keeps float32 weights
+            directory = stage_dir(root, stage, model_fingerprint(model_dir, files=STAGE_FILES[stage]), weights)
 
             def source(stage=stage):
                 if mode.name == "exact":
@@ -106,8 +108,9 @@ def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, thr
                 network = load_float32_network(model_dir, "flow" if stage == "estimator" else "hift")
                 return network.decoder.estimator if stage == "estimator" else network
 
-            ensure_converted(stage, directory, source)
-            runner = compile_stage(stage, directory, OV_PRECISION[stages[name].precision], threads)
+            ensure_converted(stage, directory, source, weights)
+            embed_time = TimeEmbedding(model.flow.decoder.estimator) if stage == "estimator" else None
+            runner = compile_stage(stage, directory, OV_PRECISION[stages[name].precision], threads, embed_time)
         except Exception as error:  # a graph the converter cannot take, a broken install, a full disk, ...
             log.warning("openvino: %s stays in PyTorch (%s: %s)", name, type(error).__name__, error)
             stages[name] = torch_plan(mode)[name]

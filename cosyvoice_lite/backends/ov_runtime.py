@@ -4,8 +4,7 @@ The PyTorch modules stay the definition: ``openvino.convert_model`` traces them 
 with a dynamic batch and time axis, which the CPU plugin compiles at the precision asked for (``f32`` or
 ``bf16``). Both steps cost seconds, so their results are kept on disk:
 
-    <cache_root>/compiled/openvino-<version>/<stage>-<checkpoint fingerprint>-<graph id>/model.xml, model.bin
-                                                                      (float16 weights)
+    <cache_root>/compiled/openvino-<version>/<stage>-<checkpoint fingerprint>-<graph id>-<weights>/model.xml, model.bin
     .../blobs/   (OpenVINO's own CACHE_DIR: compiled blobs, keyed inside by the compile settings and precision)
 
 The graph id hashes our module sources and ``GRAPH_VERSION``, so a code change converts again. Concurrent workers
@@ -21,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from torch import nn
 
 log = logging.getLogger("cosyvoice_lite.backends")
 
-GRAPH_VERSION = 2  # bump when what is traced changes in a way the source hash cannot see (e.g. trace inputs)
+GRAPH_VERSION = 3  # bump when what is traced changes in a way the source hash cannot see (e.g. trace inputs)
 STAGE_SOURCES = {"estimator": ("estimator.py",), "hift": ("hift.py",)}
 STAGE_FILES = {"estimator": ("cosyvoice.yaml", "flow.pt"), "hift": ("cosyvoice.yaml", "hift.pt")}
 
@@ -75,13 +75,29 @@ class _Runner(nn.Module):
 
 
 class EstimatorRunner(_Runner):
-    """ConditionalDecoder.forward(x, mask, mu, t, spks, cond) -> velocity (B, 80, T); the flow calls it with an
-    all-ones mask (no padding), the only case the traced graph covers."""
+    """ConditionalDecoder.forward(x, mask, mu, t, spks, cond) -> velocity (B, 80, T): the time embedding in
+    PyTorch float32 (``embed_time``, small), the body compiled. The flow calls it with an all-ones mask (no
+    padding), the only case the traced graph covers."""
+
+    def __init__(self, compiled, precision: str, description: str, embed_time: nn.Module):
+        super().__init__(compiled, precision, description)
+        self.embed_time = embed_time
 
     def forward(self, x, mask, mu, t, spks=None, cond=None):
         if spks is None or cond is None or not bool((mask == 1).all()):
             raise ValueError("the compiled estimator runs unpadded batches with speaker and cond inputs only")
-        return self.run(x, mask, mu, t, spks, cond)
+        return self.run(x, mask, mu, self.embed_time(t), spks, cond)
+
+
+class TimeEmbedding(nn.Module):
+    """The estimator's time embedding on its own (sinusoids + MLP), kept in PyTorch float32."""
+
+    def __init__(self, estimator):
+        super().__init__()
+        self.time_embeddings, self.time_mlp = estimator.time_embeddings, estimator.time_mlp
+
+    def forward(self, t):
+        return self.time_mlp(self.time_embeddings(t).to(t.dtype))
 
 
 class HiftBodyRunner(_Runner):
@@ -92,12 +108,13 @@ class HiftBodyRunner(_Runner):
 
 
 def _example_inputs(stage: str, module: nn.Module):
-    if stage == "estimator":  # CFG batch of 2, a few hundred frames (any length works after conversion)
+    if stage == "estimator":  # CFG batch of 2, a few dozen frames (any batch and length work after conversion)
         B, T, C = 2, 64, module.out_channels
         spk = module.in_channels - 3 * C  # x, mu, cond are C channels each; the speaker vector fills the rest
-        inputs = (torch.randn(B, C, T), torch.ones(B, 1, T), torch.randn(B, C, T), torch.rand(B),
+        emb = module.time_mlp.linear_2.out_features
+        inputs = (torch.randn(B, C, T), torch.ones(B, 1, T), torch.randn(B, C, T), torch.randn(B, emb),
                   torch.randn(B, spk), torch.zeros(B, C, T))
-        shapes = [[-1, C, -1], [-1, 1, -1], [-1, C, -1], [-1], [-1, spk], [-1, C, -1]]
+        shapes = [[-1, C, -1], [-1, 1, -1], [-1, C, -1], [-1, emb], [-1, spk], [-1, C, -1]]
     else:
         frames = 32
         mel = torch.randn(1, module.conv_pre.in_channels, frames)
@@ -109,35 +126,39 @@ def _example_inputs(stage: str, module: nn.Module):
 
 
 class _Body(nn.Module):
-    """HiFT's body as a module of its own, for tracing."""
+    """A module's ``body`` method as a module of its own, for tracing."""
 
-    def __init__(self, hift):
+    def __init__(self, module):
         super().__init__()
-        self.hift = hift
+        self.module = module
 
-    def forward(self, mel, s_stft):
-        return self.hift.body(mel, s_stft)
+    def forward(self, *inputs):
+        return self.module.body(*inputs)
 
 
-def convert(stage: str, module: nn.Module, out_dir: Path) -> None:
-    """Trace a float32 module (the estimator, or a HiFTGenerator for its body) into out_dir/model.xml."""
+def convert(stage: str, module: nn.Module, out_dir: Path, weights: str = "f16") -> None:
+    """Trace a float32 module (the estimator, or a HiFTGenerator for its body) into out_dir/model.xml, its weights
+    stored as ``weights`` ('f16' or 'f32')."""
     import openvino as ov
 
     inputs, shapes = _example_inputs(stage, module)
-    target = module if stage == "estimator" else _Body(module)
-    with torch.no_grad():
+    target = _Body(module)
+    with torch.no_grad(), warnings.catch_warnings():
+        # the trace fixes the unpadded-mask branch; the runner accepts only that case
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         model = ov.convert_model(target, example_input=inputs,
                                  input=[(shape, ov.Type.f32) for shape in shapes])
-    # float16 weights: half the memory of float32 next to the copy the CPU plugin repacks them into; the modes
-    # that run here round the flow's weights at least that much anyway (exact mode stays in PyTorch)
-    ov.save_model(model, str(out_dir / "model.xml"), compress_to_fp16=True)
+    # float16 weights: half the memory of float32 next to the copy the CPU plugin repacks them into (the lossy
+    # modes round the flow's weights at least that much anyway)
+    ov.save_model(model, str(out_dir / "model.xml"), compress_to_fp16=weights == "f16")
 
 
-def stage_dir(cache_root: Path, stage: str, fingerprint: str) -> Path:
-    return Path(cache_root) / "compiled" / f"openvino-{available()}" / f"{stage}-{fingerprint}-{graph_id(stage)}"
+def stage_dir(cache_root: Path, stage: str, fingerprint: str, weights: str = "f16") -> Path:
+    name = f"{stage}-{fingerprint}-{graph_id(stage)}-{weights}"
+    return Path(cache_root) / "compiled" / f"openvino-{available()}" / name
 
 
-def ensure_converted(stage: str, directory: Path, make_module) -> bool:
+def ensure_converted(stage: str, directory: Path, make_module, weights: str = "f16") -> bool:
     """directory/model.xml exists afterwards; returns True when this call converted it (``make_module()`` gives
     the float32 module, called only then)."""
     if (directory / "model.xml").is_file():
@@ -150,7 +171,7 @@ def ensure_converted(stage: str, directory: Path, make_module) -> bool:
         started = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            convert(stage, make_module(), work)
+            convert(stage, make_module(), work, weights)
             os.replace(work, directory)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
@@ -159,7 +180,7 @@ def ensure_converted(stage: str, directory: Path, make_module) -> bool:
         return True
 
 
-def compile_stage(stage: str, directory: Path, precision: str, threads: int):
+def compile_stage(stage: str, directory: Path, precision: str, threads: int, embed_time=None):
     """Compile directory/model.xml for this CPU; the blob cache next to it makes a second start a file read."""
     import openvino as ov
 
@@ -174,5 +195,6 @@ def compile_stage(stage: str, directory: Path, precision: str, threads: int):
         cached = False
     log.info("openvino: %s %s %s in %.2f s (%d threads)", stage, precision,
              "loaded from the compiled cache" if cached else "compiled", time.perf_counter() - started, threads)
-    runner = EstimatorRunner if stage == "estimator" else HiftBodyRunner
-    return runner(compiled, precision, stage)
+    if stage == "estimator":
+        return EstimatorRunner(compiled, precision, stage, embed_time)
+    return HiftBodyRunner(compiled, precision, stage)
