@@ -93,7 +93,6 @@ def accelerate(model, mode, model_dir, backend: str = "auto", cache_root: str | 
 
 def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, threads: int) -> None:
     from ..model.fingerprint import model_fingerprint
-    from ..model.loader import load_float32_network
     from .ov_runtime import STAGE_FILES, TimeEmbedding, compile_stage, ensure_converted, stage_dir
 
     for name in wanted:
@@ -101,14 +100,7 @@ def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, thr
         try:
             weights = "f32" if mode.name == "exact" else "f16"  # exact keeps float32 weights
             directory = stage_dir(root, stage, model_fingerprint(model_dir, files=STAGE_FILES[stage]), weights)
-
-            def source(stage=stage):
-                if mode.name == "exact":
-                    return model.flow.decoder.estimator if stage == "estimator" else model.hift
-                network = load_float32_network(model_dir, "flow" if stage == "estimator" else "hift")
-                return network.decoder.estimator if stage == "estimator" else network
-
-            ensure_converted(stage, directory, source, weights)
+            ensure_converted(stage, directory, model_dir, weights)
             embed_time = TimeEmbedding(model.flow.decoder.estimator) if stage == "estimator" else None
             runner = compile_stage(stage, directory, OV_PRECISION[stages[name].precision], threads, embed_time)
         except Exception as error:  # a graph the converter cannot take, a broken install, a full disk, ...

@@ -17,6 +17,8 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -158,9 +160,9 @@ def stage_dir(cache_root: Path, stage: str, fingerprint: str, weights: str = "f1
     return Path(cache_root) / "compiled" / f"openvino-{available()}" / name
 
 
-def ensure_converted(stage: str, directory: Path, make_module, weights: str = "f16") -> bool:
-    """directory/model.xml exists afterwards; returns True when this call converted it (``make_module()`` gives
-    the float32 module, called only then)."""
+def ensure_converted(stage: str, directory: Path, model_dir, weights: str = "f16") -> bool:
+    """directory/model.xml exists afterwards; returns True when this call converted it. The conversion runs in a
+    child process: tracing needs the float32 network and much scratch memory, which a serving worker would keep."""
     if (directory / "model.xml").is_file():
         return False
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +173,11 @@ def ensure_converted(stage: str, directory: Path, make_module, weights: str = "f
         started = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            convert(stage, make_module(), work, weights)
+            proc = subprocess.run([sys.executable, "-m", __name__, stage, str(model_dir), str(work), weights],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"conversion of {stage} failed (exit {proc.returncode}): {last}")
             os.replace(work, directory)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
@@ -198,3 +204,15 @@ def compile_stage(stage: str, directory: Path, precision: str, threads: int, emb
     if stage == "estimator":
         return EstimatorRunner(compiled, precision, stage, embed_time)
     return HiftBodyRunner(compiled, precision, stage)
+
+
+def _convert_main(stage: str, model_dir: str, out_dir: str, weights: str) -> None:
+    from ..model.loader import load_float32_network
+
+    network = load_float32_network(model_dir, "flow" if stage == "estimator" else "hift")
+    convert(stage, network.decoder.estimator if stage == "estimator" else network, Path(out_dir), weights)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("TORCH_THREADS") or 0) or torch.get_num_threads())
+    _convert_main(*sys.argv[1:5])
