@@ -530,6 +530,7 @@ def main() -> int:
     for mode in args.modes.split(","):
         argv = ["--worker", mode, "--model-dir", model_dir, "--seconds", str(args.seconds),
                 "--threads", str(args.threads), "--concurrent-seconds", str(args.concurrent_seconds),
+                "--backend", args.backend,
                 "--concurrency", str(args.concurrency if mode in stream_modes else 0)]
         if not args.stream or mode not in stream_modes:
             argv.append("--no-stream")
