@@ -218,3 +218,11 @@ def test_an_unusable_cache_directory_falls_back_to_pytorch_and_says_so(tmp_path,
     token, embedding, z, _ = case_inputs("flow_037")
     with torch.inference_mode():
         assert model.flow.inference(token, embedding, noise=z).shape[2] == case_inputs("flow_037")[3].shape[2]
+
+
+def test_ready_shows_the_runtime_precision_per_stage_and_cpu_features(make_app, cosyvoice_engine):
+    body = make_app(cosyvoice_engine).test_client().get("/ready").json
+    runtime = body["runtime"]
+    assert set(runtime["stages"]) == {"llm", "flow_encoder", "flow_estimator", "hift"}
+    assert runtime["cpu"] == cpu_info().model and runtime["cpu_features"] == list(cpu_info().features)
+    assert runtime["backend"] in ("openvino", "torch")

@@ -32,6 +32,7 @@ from torch import nn
 log = logging.getLogger("cosyvoice_lite.backends")
 
 GRAPH_VERSION = 3  # bump when what is traced changes in a way the source hash cannot see (e.g. trace inputs)
+RUNTIME_CACHE_SHAPES = 16
 STAGE_SOURCES = {"estimator": ("estimator.py",), "hift": ("hift.py",)}
 STAGE_FILES = {"estimator": ("cosyvoice.yaml", "flow.pt"), "hift": ("cosyvoice.yaml", "hift.pt")}
 
@@ -192,7 +193,10 @@ def compile_stage(stage: str, directory: Path, precision: str, threads: int, emb
 
     config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": int(threads),
               "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "CACHE_DIR": str(directory / "blobs"),
-              "ENABLE_CPU_PINNING": False}  # the torch stages share these cores
+              "ENABLE_CPU_PINNING": False,  # the torch stages share these cores
+              # kernels kept per input shape: every chunk length is a new shape, and the default (thousands)
+              # lets a worker's memory grow with each one; the streamed chunk sizes repeat, so a few suffice
+              "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_SHAPES}
     started = time.perf_counter()
     compiled = ov.Core().compile_model(str(directory / "model.xml"), "CPU", config)
     try:
