@@ -17,6 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MODEL_DIR=/app/models/CosyVoice-300M-SFT \
+    CACHE_DIR=/app/cache \
     PORT=8080
 
 WORKDIR /app
@@ -33,9 +34,12 @@ RUN if [ -z "$PIP_FIND_LINKS" ]; then unset PIP_FIND_LINKS; fi \
 COPY app.py gunicorn.conf.py ./
 COPY cosyvoice_lite ./cosyvoice_lite
 COPY scripts ./scripts
-RUN mkdir -p /app/models \
- && if [ "$DOWNLOAD_MODEL" = "1" ]; then python scripts/download_model.py --dir "$MODEL_DIR"; fi \
- && chown -R app:app /app/models
+# With the model baked in, its OpenVINO conversion (and the compiled blobs for the build machine's CPU class) are
+# cached in the image too, so the first start does not convert.
+RUN mkdir -p /app/models /app/cache \
+ && if [ "$DOWNLOAD_MODEL" = "1" ]; then python scripts/download_model.py --dir "$MODEL_DIR" \
+      && python scripts/warm_cache.py --model-dir "$MODEL_DIR"; fi \
+ && chown -R app:app /app/models /app/cache
 
 USER app
 EXPOSE 8080

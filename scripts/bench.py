@@ -228,14 +228,18 @@ def worker(args) -> dict:
 
     load = OtherLoad()
     started = time.perf_counter()
-    engine = CosyVoiceEngine(args.model_dir, mode=args.worker, threads=args.threads)
+    from cosyvoice_lite.serve.settings import Settings
+
+    engine = CosyVoiceEngine(args.model_dir, mode=args.worker, threads=args.threads, backend=args.backend,
+                             cache_root=Settings.from_env().cache_root)
     load_s = time.perf_counter() - started
     rss_loaded = peak_rss_mb()
     model = engine.model
     speaker = next(iter(model.speakers))
     text_token = engine.frontend.tokenize(TEXT)
     n_tokens = int(args.seconds * model.token_rate)
-    result = {"mode": args.worker, "load_s": load_s, "rss_after_load_mb": rss_loaded}
+    result = {"mode": args.worker, "load_s": load_s, "rss_after_load_mb": rss_loaded,
+              "runtime": engine.runtime["stages"]}
     # serving first (streaming, as the service runs), so that its peak RSS is measured before the one-shot test
     if args.stream:
         bench_first_audio(engine)  # warm-up of the streaming path
@@ -348,6 +352,93 @@ def quality(args) -> dict:
     return out
 
 
+# --- the machine: CPU, dense GEMM ceilings, multiply-adds per stage ------------------------------------------
+
+def gemm_peaks(threads: int) -> dict:
+    """Dense GEMM multiply-adds per second (G/s) this machine reaches in PyTorch: float32, bf16 (only where the
+    CPU multiplies bf16 natively; emulated figures say nothing), and int8 (fbgemm, the LLM's kernel)."""
+    import torch
+
+    from cosyvoice_lite.backends.cpu import cpu_info
+    from cosyvoice_lite.model.speed import Int8Linear
+
+    torch.set_num_threads(threads)
+    m, k, n = 512, 1024, 1024
+
+    def rate(fn, macs):
+        fn()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(4):
+                fn()
+            best = min(best, (time.perf_counter() - start) / 4)
+        return macs / best / 1e9
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out = {"fp32": rate(lambda: a @ b, m * k * n)}
+    if cpu_info().native_bf16:
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        out["bf16"] = rate(lambda: a16 @ b16, m * k * n)
+    else:
+        out["bf16"] = None
+    layer = Int8Linear(torch.randn(n, k), None)
+    with torch.inference_mode():
+        out["int8"] = rate(lambda: layer(a), m * k * n)
+    return {key: round(v, 1) if v else v for key, v in out.items()}
+
+
+def stage_macs(model_dir: str) -> dict:
+    """Multiply-adds per audio second of each stage, counted on the float32 modules (FlopCounterMode; 2 FLOPs per
+    multiply-add): the flow estimator per Euler step (CFG batch of 2), HiFT's body, the LLM per token."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cosyvoice_lite.model.loader import load_float32_network
+
+    flow = load_float32_network(model_dir, "flow")
+    hift = load_float32_network(model_dir, "hift")
+    frames = 344
+    per_s = flow.sample_rate / flow.hop_size  # mel frames per audio second
+    estimator = flow.decoder.estimator
+    x = torch.randn(2, 80, frames)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            estimator(x, torch.ones(2, 1, frames), x, torch.rand(2), torch.randn(2, 80), x)
+        estimator_macs = counter.get_total_flops() / 2 / frames * per_s
+        s_frames = frames * hift.upsample_factor // hift.hop_len + 1
+        with FlopCounterMode(display=False) as counter:
+            hift.body(torch.randn(1, 80, frames), torch.randn(1, hift.n_fft + 2, s_frames))
+        hift_macs = counter.get_total_flops() / 2 / frames * per_s
+    del flow, hift
+    llm = load_float32_network(model_dir, "llm")
+    per_token = sum(m.weight.numel() for m in llm.llm.modules() if isinstance(m, torch.nn.Linear))
+    per_token += llm.llm_decoder.weight.numel()
+    return {"flow_step_gmacs_per_audio_s": estimator_macs / 1e9, "hift_gmacs_per_audio_s": hift_macs / 1e9,
+            "llm_gmacs_per_token": per_token / 1e9}
+
+
+def stage_efficiency(results: dict, macs: dict, peaks: dict, n_steps: dict) -> dict:
+    """Per mode and stage: multiply-adds per second reached and the share of the matching GEMM ceiling."""
+    out = {}
+    for mode, r in results.items():
+        runtime = r.get("runtime", {})
+        rows = {}
+        for stage, key, work in (
+                ("flow_estimator", "flow_s_per_audio_s", macs["flow_step_gmacs_per_audio_s"] * n_steps[mode]),
+                ("hift", "hift_s_per_audio_s", macs["hift_gmacs_per_audio_s"]),
+                ("llm", "llm_ms_per_token", macs["llm_gmacs_per_token"] * 1000)):
+            if r.get(key) is None:
+                continue
+            rate = work / r[key]
+            precision = runtime.get(stage, "torch fp32").split()[-1]
+            ceiling = peaks.get({"fp16": "fp32"}.get(precision, precision)) or peaks["fp32"]
+            rows[stage] = {"gmacs": round(rate, 1), "share_of_peak": round(rate / ceiling, 3),
+                           "runtime": runtime.get(stage, "torch fp32")}
+        out[mode] = rows
+    return out
+
+
 # --- parent ---------------------------------------------------------------------------------------------------
 
 def random_model_dir() -> Path:
@@ -410,6 +501,20 @@ def table(results: dict, args) -> None:
         print(f"{label:<26}" + "".join(f"{c:>12}" for c in cells))
 
 
+def machine_table(cpu, peaks: dict, macs: dict, efficiency: dict) -> None:
+    print(f"\nCPU: {cpu.model} ({cpu.arch}); features: {' '.join(cpu.features) or '-'}; native bf16: "
+          f"{'yes' if cpu.native_bf16 else 'no'}")
+    print("dense GEMM ceilings (G multiply-adds/s): " + ", ".join(
+        f"{k} {v:.0f}" if v else f"{k} -" for k, v in peaks.items()))
+    print(f"work: flow {macs['flow_step_gmacs_per_audio_s']:.1f} G per Euler step per audio s, HiFT body "
+          f"{macs['hift_gmacs_per_audio_s']:.1f} G per audio s, LLM {macs['llm_gmacs_per_token'] * 1000:.0f} M "
+          "per token")
+    print(f"{'mode':<9}{'stage':<16}{'runtime':<16}{'G MAC/s':>9}{'of peak':>9}")
+    for mode, rows in efficiency.items():
+        for stage, row in rows.items():
+            print(f"{mode:<9}{stage:<16}{row['runtime']:<16}{row['gmacs']:>9.1f}{row['share_of_peak']:>9.0%}")
+
+
 def quality_table(q: dict) -> None:
     print("\nquality vs float32 (exact): logits teacher-forced along exact's greedy path; mel/wav from the same "
           "tokens, noise and source seed")
@@ -447,6 +552,8 @@ def main() -> int:
     parser.add_argument("--cache", action="store_true", help="also time the audio cache: cold, warm, partial")
     parser.add_argument("--quick", action="store_true", help="3 s utterance, 2 s concurrent requests, default+fast")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--backend", default="auto", choices=("auto", "openvino", "torch"),
+                        help="runtime of the flow estimator and HiFT (BACKEND)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-quality", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -462,11 +569,20 @@ def main() -> int:
         return 0
 
     model_dir = str(args.model_dir or random_model_dir())
+    from cosyvoice_lite.backends.cpu import cpu_info
+    from cosyvoice_lite.model.speed import settings
+
+    cpu = cpu_info()
+    print(f"[machine] {cpu.model} ({cpu.arch}, {cpu.cores} logical CPUs): {' '.join(cpu.features)}",
+          file=sys.stderr, flush=True)
+    peaks = gemm_peaks(args.threads)
+    macs = stage_macs(model_dir)
     results = {}
     stream_modes = set(args.stream_modes.split(","))
     for mode in args.modes.split(","):
         argv = ["--worker", mode, "--model-dir", model_dir, "--seconds", str(args.seconds),
                 "--threads", str(args.threads), "--concurrent-seconds", str(args.concurrent_seconds),
+                "--backend", args.backend,
                 "--concurrency", str(args.concurrency if mode in stream_modes else 0)]
         if not args.stream or mode not in stream_modes:
             argv.append("--no-stream")
@@ -475,6 +591,9 @@ def main() -> int:
         print(f"[{mode}] ...", file=sys.stderr, flush=True)
         results[mode] = run_child(argv)
     table(results, args)
+    n_steps = {mode: settings(mode).n_timesteps for mode in results}
+    efficiency = stage_efficiency(results, macs, peaks, n_steps)
+    machine_table(cpu, peaks, macs, efficiency)
     q = None
     if args.quality:
         print("[quality] ...", file=sys.stderr, flush=True)
@@ -499,6 +618,14 @@ def main() -> int:
             "llm_ms_per_token_fp32": get("exact", "llm_ms_per_token"),
             "llm_ms_per_token_default": get("default", "llm_ms_per_token"),
             "llm_ms_per_token_fast": get("fast", "llm_ms_per_token"),
+            "cpu": cpu.model, "cpu_features": list(cpu.features), "gemm_peak_gmacs": peaks,
+            "flow_s_per_audio_s": {m: get(m, "flow_s_per_audio_s") for m in results},
+            "hift_s_per_audio_s": {m: get(m, "hift_s_per_audio_s") for m in results},
+            # exact mode is the float32 PyTorch path of every stage (the ratio's denominator)
+            "rtf_torch_fp32": get("exact", "rtf") if results.get("exact", {}).get("runtime", {}).get(
+                "flow_estimator", "torch").startswith("torch") else None,
+            "stage_macs": {k: round(v, 3) for k, v in macs.items()},
+            "stage_efficiency": efficiency,
             "modes": results,
         }
         if q is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from ..audio import Resampler
+from ..backends import accelerate
 from ..cache import dequantize, quantize, segment_key
 from ..decode.scheduler import SEGMENT_END, Scheduler
 from ..frontend import NothingToSpeak, TextFrontend
@@ -49,19 +51,23 @@ class CosyVoiceEngine(Engine):
     uses_plan = True
 
     def __init__(self, model_dir, n_timesteps: int | None = None, mode: str | None = None, max_batch: int = 4,
-                 first_hop: int | None = FIRST_HOP, threads: int | None = None):
+                 first_hop: int | None = FIRST_HOP, threads: int | None = None, backend: str = "auto",
+                 cache_root: str | None = None):
         configure_process(threads)
         self.mode = settings(mode)
         self.model_dir = model_dir
         self.first_hop = first_hop
         self._identity: str | None = None
         self.model = load_model(model_dir, mode=self.mode.name)
+        # backend: 'auto' | 'openvino' | 'torch' (backends.plan); cache_root: where compiled models are kept
+        self.runtime = accelerate(self.model, self.mode, model_dir, backend=backend, cache_root=cache_root,
+                                  threads=torch.get_num_threads())
         self.frontend = TextFrontend()
         self.n_timesteps = n_timesteps or self.mode.n_timesteps
         self.max_batch = max(1, max_batch)
         self.scheduler = Scheduler(self.model, max_batch=self.max_batch, first_hop=first_hop,
                                    n_timesteps=self.n_timesteps)
-        self.description = f"CosyVoice-300M-SFT from {model_dir} ({self.mode.name} mode)"
+        self.description = f"CosyVoice-300M-SFT from {model_dir} ({self.mode.name} mode, {self.runtime['backend']})"
         self._speakers = [Speaker(sid, *COSYVOICE_SPEAKERS.get(sid, (sid, "und")), engine=self.name)
                           for sid in self.model.speakers]
 
@@ -70,9 +76,11 @@ class CosyVoiceEngine(Engine):
 
     @property
     def precision(self) -> str:
-        """The arithmetic of each network (the mode's; a backend that chooses per CPU reports its choice here)."""
+        """The arithmetic and runtime of each network: the mode's, and what the backend chose for this CPU (bf16 or
+        float32 OpenVINO, PyTorch), with the runtime's version, since each of them rounds differently."""
         m = self.mode
-        return f"llm={m.llm},flow={m.flow},hift={m.hift}"
+        chosen = ",".join(f"{name}={stage}" for name, stage in self.runtime.get("stages", {}).items())
+        return f"llm={m.llm},flow={m.flow},hift={m.hift};{chosen};openvino={self.runtime.get('openvino')}"
 
     def cache_identity(self) -> str:
         """Model (hash of the checkpoint files, not the path), mode, precision, Euler steps and streaming rules:

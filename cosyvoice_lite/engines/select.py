@@ -34,7 +34,8 @@ def load_engine(settings) -> Engine:
         except ImportError as e:
             raise StartupError(f"this build has no CosyVoice engine ({e})") from e
         try:
-            engine = CosyVoiceEngine(model_dir, threads=settings.threads, max_batch=settings.max_batch)
+            engine = CosyVoiceEngine(model_dir, threads=settings.threads, max_batch=settings.max_batch,
+                                     backend=settings.backend, cache_root=settings.cache_root)
         except Exception as e:
             raise StartupError(f"cannot load the CosyVoice model in {model_dir}: {type(e).__name__}: {e}") from e
         log.info("engine: cosyvoice, model %s, %d speakers, %d threads per worker, %d requests decoded at once",

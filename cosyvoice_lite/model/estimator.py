@@ -227,8 +227,15 @@ class ConditionalDecoder(nn.Module):
 
     def forward(self, x, mask, mu, t, spks=None, cond=None):
         """x, mu, cond: (B, 80, T); mask: (B, 1, T); t: (B,); spks: (B, 80) -> velocity (B, out_channels, T)."""
-        t = self.time_mlp(self.time_embeddings(t).to(t.dtype))  # (B, 4*channels[0])
+        return self.body(x, mask, mu, self.embed_time(t), spks, cond)
 
+    def embed_time(self, t):
+        """(B,) flow time -> (B, 4*channels[0]). Kept apart from `body`: sin(1000 t f) needs float32 arguments, so
+        a reduced-precision execution of the body (backends/) leaves this part in float32."""
+        return self.time_mlp(self.time_embeddings(t).to(t.dtype))
+
+    def body(self, x, mask, mu, t, spks=None, cond=None):
+        """forward with the time already embedded: t (B, 4*channels[0])."""
         parts = [x, mu]
         if spks is not None:
             parts.append(spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -222,6 +222,8 @@ class HiFTGenerator(nn.Module):
         window = (0.5 + 0.5 * np.cos(np.linspace(-np.pi, np.pi, self.n_fft + 1)))[: self.n_fft]
         self.register_buffer("stft_window", torch.from_numpy(window.astype(np.float32)), persistent=False)
         self.f0_predictor = f0_predictor
+        # An execution backend may run `body` compiled elsewhere (backends/): a callable with body's signature.
+        self.body_runner = None
 
     def predict_f0(self, mel: Tensor) -> Tensor:
         return self.f0_predictor(mel)  # (B, F) Hz
@@ -245,6 +247,14 @@ class HiFTGenerator(nn.Module):
     def decode(self, mel: Tensor, source: Tensor) -> Tensor:
         """mel (B, C, F), source (B, 1, F * upsample_factor) -> waveform (B, F * upsample_factor). Deterministic."""
         s_stft = self._stft(source.squeeze(1))  # (B, n_fft+2, F*upsample_factor/hop_len + 1)
+        x = (self.body_runner or self.body)(mel, s_stft)
+        bins = self.n_fft // 2 + 1
+        wav = self._istft(torch.exp(x[:, :bins, :]), torch.sin(x[:, bins:, :]))
+        return torch.clamp(wav, -self.audio_limit, self.audio_limit)
+
+    def body(self, mel: Tensor, s_stft: Tensor) -> Tensor:
+        """The convolutional generator between the two STFTs (almost all of HiFT's work): mel (B, C, F) and the
+        source's STFT (B, n_fft+2, S) -> log-magnitude and phase pre-activations (B, n_fft+2, S)."""
         x = self.conv_pre(mel)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, self.lrelu_slope))
@@ -256,10 +266,7 @@ class HiFTGenerator(nn.Module):
             for block in blocks[1:]:
                 xs += block(x)
             x = xs / self.num_kernels
-        x = self.conv_post(F.leaky_relu(x))  # NB: default slope 0.01 here, as in the official model
-        bins = self.n_fft // 2 + 1
-        wav = self._istft(torch.exp(x[:, :bins, :]), torch.sin(x[:, bins:, :]))
-        return torch.clamp(wav, -self.audio_limit, self.audio_limit)
+        return self.conv_post(F.leaky_relu(x))  # NB: default slope 0.01 here, as in the official model
 
     def forward(self, mel: Tensor, cache_source: Optional[Tensor] = None, generator: Optional[torch.Generator] = None):
         """Full inference: mel -> f0 -> source -> waveform. For streaming, `cache_source` (B, 1, S) (the tail of the

@@ -88,10 +88,10 @@ def build(node, where: str = "config"):
     return node
 
 
-def _read_checkpoint(path: Path, mmap: bool = False):
+def _read_checkpoint(path: Path, mmap: bool = False, register: bool = True):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        if mmap and isinstance(state, dict):
+        if mmap and register and isinstance(state, dict):
             register_mapping(state.values())
         return state
     except Exception as error:  # torch raises many types for truncated/corrupt archives
@@ -272,3 +272,26 @@ def load_model(model_dir: str | Path, mode: str = "exact"):
         clear_mappings()  # nothing refers to the mappings any more: they are gone
         log.info("%.0f MB of unconverted tensors copied out of the checkpoint mappings", copied / 2 ** 20)
     return model
+
+
+def load_float32_network(model_dir: str | Path, name: str) -> torch.nn.Module:
+    """One network ('llm', 'flow' or 'hift') in float32 as the checkpoint defines it, its weights memory-mapped
+    from the file (for tools that derive other forms of it, e.g. an execution backend's converter)."""
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    try:
+        config = read_config(model_dir / "cosyvoice.yaml")
+    except ConfigError as error:
+        raise ModelLoadError(str(error)) from error
+    with torch.device("meta"):
+        networks = dict(zip(("llm", "flow", "hift"), build_networks(config)[:3]))
+    module = networks[name]
+    # not registered as a mapping: nothing here releases pages, and the registry is the serving model's
+    state = _read_checkpoint(model_dir / f"{name}.pt", mmap=True, register=False)
+    if name == "hift":
+        try:
+            state = normalize_hift_state_dict(state)
+        except ValueError as error:
+            raise ModelLoadError(f"hift.pt: {error}") from error
+    load_state(module, state, f"{name}.pt", assign=True)
+    return module.eval().requires_grad_(False)

@@ -14,9 +14,10 @@
   join (10 tokens and 10 HiFT frames instead of the official 20 and 20), so the first chunk needs fewer tokens and
   the first audio comes sooner, at the cost of a rougher cross-fade at that one join.
 
-bfloat16 is not used here: on CPUs without native bf16 (AVX2 only) PyTorch emulates it and gets much slower; a
-choice per CPU belongs with an execution backend that sees the CPU. torch.compile is not used either: its warm-up
-costs minutes per input length.
+These are the PyTorch forms of the modes. bfloat16 depends on the CPU (emulated, and slow, without avx512_bf16 /
+amx_bf16), so it is chosen by the execution backend (``cosyvoice_lite/backends``), which looks at the running CPU
+and may run the flow estimator and HiFT's body in OpenVINO instead. torch.compile is not used: its warm-up costs
+minutes per input length.
 
 ``apply_mode(model, mode)`` converts a loaded float32 ``CosyVoiceSFT`` in place; ``load_model(dir, mode=...)`` does it
 while loading, one layer at a time, so that the float32 weights never all sit in memory at once.

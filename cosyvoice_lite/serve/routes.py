@@ -236,7 +236,9 @@ def routes(service: Service) -> Blueprint:
         if service.settings.api_key:  # /ready is public: no model or cache paths, no hosts, for anonymous callers
             info.pop("description", None)
             cache = {k: v for k, v in cache.items() if k not in ("dir", "url", "problem")}
-        return jsonify({"status": "ready", **info, "speakers": len(engine.speakers()),
+        runtime = getattr(engine, "runtime", None)  # CosyVoice: runtime and precision per stage, CPU features
+        return jsonify({"status": "ready", **info, **({"runtime": runtime} if runtime else {}),
+                        "speakers": len(engine.speakers()),
                         "queue": {"waiting": synth.waiting, "running": synth.running, "max_batch": synth.max_batch,
                                   "capacity": synth.capacity},
                         "cache": cache})

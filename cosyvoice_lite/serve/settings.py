@@ -63,6 +63,9 @@ class Settings:
     cache: str = "disk"
     cache_max_mb: int = 1024        # CACHE_MAX_MB: size bound of the disk cache (least recently used goes first)
     cache_ttl: int = 604800         # CACHE_TTL: seconds an entry lives (disk and Redis); 0 = until evicted
+    # BACKEND: auto | openvino | torch - runtime of the flow estimator and HiFT (auto: OpenVINO where it is
+    # installed and pays on this CPU, see backends/); torch = plain PyTorch everywhere
+    backend: str = "auto"
 
     ENV = {
         "model_dir": "MODEL_DIR", "engine": "ENGINE", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
@@ -73,7 +76,7 @@ class Settings:
         "write_timeout": "WRITE_TIMEOUT",
         "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY", "log_level": "LOG_LEVEL",
         "cache_dir": "CACHE_DIR", "voice_map": "VOICE_MAP", "cache": "CACHE", "cache_max_mb": "CACHE_MAX_MB",
-        "cache_ttl": "CACHE_TTL",
+        "cache_ttl": "CACHE_TTL", "backend": "BACKEND",
     }
 
     @classmethod
@@ -99,6 +102,8 @@ class Settings:
     def check(self) -> None:
         if self.engine not in ("auto", "cosyvoice", "piper"):
             raise ValueError(f"ENGINE must be auto, cosyvoice or piper, got {self.engine!r}")
+        if self.backend not in ("auto", "openvino", "torch"):
+            raise ValueError(f"BACKEND must be auto, openvino or torch, got {self.backend!r}")
         for name in ("workers", "max_text_chars", "max_body_bytes", "port", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{self.ENV[name]} must be at least 1")

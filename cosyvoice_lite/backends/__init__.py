@@ -1,0 +1,115 @@
+"""Execution runtime of the heavy stages and the precision each stage runs at on this CPU.
+
+``plan(mode, cpu, backend)`` decides, per stage, which runtime and precision a speed mode gets here:
+
+- ``exact``: float32 PyTorch everywhere (the parity reference).
+- ``default``: the flow estimator in OpenVINO, bf16 where the CPU multiplies bf16 natively (avx512_bf16 or
+  amx_bf16; Arm bf16), else OpenVINO float32; HiFT's convolutional body in OpenVINO bf16 on such CPUs, else
+  PyTorch float32 (time-major). The LLM in int8 (PyTorch/fbgemm).
+- ``fast``: as ``default`` with the mode's fewer Euler steps and its int8 PyTorch layers where they remain.
+
+``accelerate(model, ...)`` applies the plan to a loaded model: converted models and compiled blobs come from the
+disk cache (``ov_runtime``), and any failure leaves that stage on PyTorch, logged. ``BACKEND=torch`` disables it.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cpu import CpuInfo, cpu_info
+
+log = logging.getLogger("cosyvoice_lite.backends")
+
+BACKENDS = ("auto", "openvino", "torch")
+# the stages an execution backend may take over; the others always run in PyTorch
+OFFLOADED = ("flow_estimator", "hift")
+
+
+@dataclass(frozen=True)
+class Stage:
+    runtime: str    # "torch" or "openvino"
+    precision: str  # "fp32", "bf16", "fp16", "int8" (the weights' form; activations are float32 unless bf16)
+
+    def __str__(self) -> str:
+        return f"{self.runtime} {self.precision}"
+
+
+def torch_plan(mode) -> dict[str, Stage]:
+    """What the PyTorch path of a mode runs (speed.ModeSettings)."""
+    return {"llm": Stage("torch", mode.llm), "flow_encoder": Stage("torch", mode.flow),
+            "flow_estimator": Stage("torch", mode.flow), "hift": Stage("torch", mode.hift.split("-")[0])}
+
+
+def plan(mode, cpu: CpuInfo, backend: str = "auto", openvino: bool = True) -> dict[str, Stage]:
+    """Runtime and precision per stage for a speed mode on this CPU; ``openvino``: the runtime can be imported."""
+    if backend not in BACKENDS:
+        raise ValueError(f"BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    stages = torch_plan(mode)
+    if backend == "torch" or not openvino or mode.name == "exact":
+        return stages
+    if cpu.native_bf16:
+        stages["flow_estimator"] = Stage("openvino", "bf16")
+        stages["hift"] = Stage("openvino", "bf16")
+    else:  # OpenVINO float32 still beats PyTorch on the estimator; HiFT's body does not gain from it
+        stages["flow_estimator"] = Stage("openvino", "fp32")
+    return stages
+
+
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+BODY_PARTS = ("conv_pre", "ups", "source_downs", "source_resblocks", "resblocks", "conv_post")  # HiFT.body's layers
+
+
+def accelerate(model, mode, model_dir, backend: str = "auto", cache_root: str | Path | None = None,
+               threads: int = 1, cpu: CpuInfo | None = None) -> dict:
+    """Run the stages the plan gives to OpenVINO there (in place on ``model``); returns what runs where (for the
+    start log and /ready). Without ``cache_root`` converted models live in a temporary directory (not kept).
+    ``cpu``: plan for another CPU's features than this one's (the kernels still run on this one)."""
+    from .ov_runtime import available
+
+    cpu = cpu or cpu_info()
+    version = available()
+    if backend in ("auto", "openvino") and version is None:
+        log.warning("openvino cannot be imported: every stage runs in PyTorch")
+    stages = plan(mode, cpu, backend, openvino=version is not None)
+    wanted = [name for name in OFFLOADED if stages[name].runtime == "openvino"]
+    root = None
+    if wanted:
+        root = Path(cache_root) if cache_root else Path(tempfile.mkdtemp(prefix="cosyvoice-lite-ov-"))
+    try:
+        _offload(model, mode, model_dir, stages, wanted, root, threads)
+    finally:
+        if wanted and not cache_root:  # the compiled models are in memory: the converted files are not needed
+            shutil.rmtree(root, ignore_errors=True)
+    info = {"backend": "openvino" if any(s.runtime == "openvino" for s in stages.values()) else "torch",
+            "openvino": version, "stages": {name: str(stage) for name, stage in stages.items()},
+            "cpu": cpu.model, "cpu_features": list(cpu.features)}
+    log.info("runtime (%s mode): %s; cpu %s [%s]", mode.name,
+             ", ".join(f"{name} {stage}" for name, stage in stages.items()), cpu.model, " ".join(cpu.features))
+    return info
+
+
+def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, threads: int) -> None:
+    from ..model.fingerprint import model_fingerprint
+    from .ov_runtime import STAGE_FILES, TimeEmbedding, compile_stage, ensure_converted, stage_dir
+
+    for name in wanted:
+        stage = "estimator" if name == "flow_estimator" else "hift"
+        try:
+            weights = "f32" if mode.name == "exact" else "f16"  # exact keeps float32 weights
+            directory = stage_dir(root, stage, model_fingerprint(model_dir, files=STAGE_FILES[stage]), weights)
+            ensure_converted(stage, directory, model_dir, weights)
+            embed_time = TimeEmbedding(model.flow.decoder.estimator) if stage == "estimator" else None
+            runner = compile_stage(stage, directory, OV_PRECISION[stages[name].precision], threads, embed_time)
+        except Exception as error:  # a graph the converter cannot take, a broken install, a full disk, ...
+            log.warning("openvino: %s stays in PyTorch (%s: %s)", name, type(error).__name__, error)
+            stages[name] = torch_plan(mode)[name]
+            continue
+        if stage == "estimator":
+            model.flow.decoder.estimator = runner  # the PyTorch estimator's weights are released
+        else:
+            model.hift.body_runner = runner
+            for part in BODY_PARTS:  # the PyTorch body's weights are not used any more
+                getattr(model.hift, part).to("meta")

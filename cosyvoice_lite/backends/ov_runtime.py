@@ -1,0 +1,222 @@
+"""OpenVINO execution of the flow estimator and HiFT's convolutional body, converted from our PyTorch modules.
+
+The PyTorch modules stay the definition: ``openvino.convert_model`` traces them (float32) into an OpenVINO model
+with a dynamic batch and time axis, which the CPU plugin compiles at the precision asked for (``f32`` or
+``bf16``). Both steps cost seconds, so their results are kept on disk:
+
+    <cache_root>/compiled/openvino-<version>/<stage>-<checkpoint fingerprint>-<graph id>-<weights>/model.xml, model.bin
+    .../blobs/   (OpenVINO's own CACHE_DIR: compiled blobs, keyed inside by the compile settings and precision)
+
+The graph id hashes our module sources and ``GRAPH_VERSION``, so a code change converts again. Concurrent workers
+convert one at a time (a lock file); the directory appears complete or not at all (written aside, renamed).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger("cosyvoice_lite.backends")
+
+GRAPH_VERSION = 3  # bump when what is traced changes in a way the source hash cannot see (e.g. trace inputs)
+RUNTIME_CACHE_SHAPES = 16
+STAGE_SOURCES = {"estimator": ("estimator.py",), "hift": ("hift.py",)}
+STAGE_FILES = {"estimator": ("cosyvoice.yaml", "flow.pt"), "hift": ("cosyvoice.yaml", "hift.pt")}
+
+
+def available() -> str | None:
+    """The installed OpenVINO version, or None when it cannot be imported."""
+    try:
+        import openvino
+    except Exception:  # ImportError, or a broken native library
+        return None
+    return openvino.__version__.split("-")[0]
+
+
+def graph_id(stage: str) -> str:
+    model_dir = Path(__file__).resolve().parents[1] / "model"
+    digest = hashlib.sha256(f"v{GRAPH_VERSION}".encode())
+    for name in STAGE_SOURCES[stage]:
+        digest.update((model_dir / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+class _Runner(nn.Module):
+    """A compiled OpenVINO model called like the module it replaces (torch tensors in and out). No parameters:
+    the weights live in the compiled model."""
+
+    def __init__(self, compiled, precision: str, description: str):
+        super().__init__()
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()  # one infer request, reused: calls from several threads take turns
+        self.precision = precision
+        self.description = description
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        arrays = [np.ascontiguousarray(x.detach().float().numpy()) for x in inputs]
+        with self._lock:
+            self._request.infer(arrays)
+            out = self._request.get_output_tensor(0).data.copy()  # the request's buffer is reused by the next call
+        return torch.from_numpy(out)
+
+    def extra_repr(self) -> str:
+        return f"openvino {self.description}, {self.precision}"
+
+
+class EstimatorRunner(_Runner):
+    """ConditionalDecoder.forward(x, mask, mu, t, spks, cond) -> velocity (B, 80, T): the time embedding in
+    PyTorch float32 (``embed_time``, small), the body compiled. The flow calls it with an all-ones mask (no
+    padding), the only case the traced graph covers."""
+
+    def __init__(self, compiled, precision: str, description: str, embed_time: nn.Module):
+        super().__init__(compiled, precision, description)
+        self.embed_time = embed_time
+
+    def forward(self, x, mask, mu, t, spks=None, cond=None):
+        if spks is None or cond is None or not bool((mask == 1).all()):
+            raise ValueError("the compiled estimator runs unpadded batches with speaker and cond inputs only")
+        return self.run(x, mask, mu, self.embed_time(t), spks, cond)
+
+
+class TimeEmbedding(nn.Module):
+    """The estimator's time embedding on its own (sinusoids + MLP), kept in PyTorch float32."""
+
+    def __init__(self, estimator):
+        super().__init__()
+        self.time_embeddings, self.time_mlp = estimator.time_embeddings, estimator.time_mlp
+
+    def forward(self, t):
+        return self.time_mlp(self.time_embeddings(t).to(t.dtype))
+
+
+class HiftBodyRunner(_Runner):
+    """HiFTGenerator.body(mel, s_stft) -> (B, n_fft+2, S)."""
+
+    def forward(self, mel, s_stft):
+        return self.run(mel, s_stft)
+
+
+def _example_inputs(stage: str, module: nn.Module):
+    if stage == "estimator":  # CFG batch of 2, a few dozen frames (any batch and length work after conversion)
+        B, T, C = 2, 64, module.out_channels
+        spk = module.in_channels - 3 * C  # x, mu, cond are C channels each; the speaker vector fills the rest
+        emb = module.time_mlp.linear_2.out_features
+        inputs = (torch.randn(B, C, T), torch.ones(B, 1, T), torch.randn(B, C, T), torch.randn(B, emb),
+                  torch.randn(B, spk), torch.zeros(B, C, T))
+        shapes = [[-1, C, -1], [-1, 1, -1], [-1, C, -1], [-1, emb], [-1, spk], [-1, C, -1]]
+    else:
+        frames = 32
+        mel = torch.randn(1, module.conv_pre.in_channels, frames)
+        spec = module.n_fft + 2
+        s_frames = frames * module.upsample_factor // module.hop_len + 1
+        inputs = (mel, torch.randn(1, spec, s_frames))
+        shapes = [[-1, module.conv_pre.in_channels, -1], [-1, spec, -1]]
+    return inputs, shapes
+
+
+class _Body(nn.Module):
+    """A module's ``body`` method as a module of its own, for tracing."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs):
+        return self.module.body(*inputs)
+
+
+def convert(stage: str, module: nn.Module, out_dir: Path, weights: str = "f16") -> None:
+    """Trace a float32 module (the estimator, or a HiFTGenerator for its body) into out_dir/model.xml, its weights
+    stored as ``weights`` ('f16' or 'f32')."""
+    import openvino as ov
+
+    inputs, shapes = _example_inputs(stage, module)
+    target = _Body(module)
+    with torch.no_grad(), warnings.catch_warnings():
+        # the trace fixes the unpadded-mask branch; the runner accepts only that case
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        model = ov.convert_model(target, example_input=inputs,
+                                 input=[(shape, ov.Type.f32) for shape in shapes])
+    # float16 weights: half the memory of float32 next to the copy the CPU plugin repacks them into (the lossy
+    # modes round the flow's weights at least that much anyway)
+    ov.save_model(model, str(out_dir / "model.xml"), compress_to_fp16=weights == "f16")
+
+
+def stage_dir(cache_root: Path, stage: str, fingerprint: str, weights: str = "f16") -> Path:
+    name = f"{stage}-{fingerprint}-{graph_id(stage)}-{weights}"
+    return Path(cache_root) / "compiled" / f"openvino-{available()}" / name
+
+
+def ensure_converted(stage: str, directory: Path, model_dir, weights: str = "f16") -> bool:
+    """directory/model.xml exists afterwards; returns True when this call converted it. The conversion runs in a
+    child process: tracing needs the float32 network and much scratch memory, which a serving worker would keep."""
+    if (directory / "model.xml").is_file():
+        return False
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be converting the same model right now
+        if (directory / "model.xml").is_file():
+            return False
+        started = time.perf_counter()
+        work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            proc = subprocess.run([sys.executable, "-m", __name__, stage, str(model_dir), str(work), weights],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"conversion of {stage} failed (exit {proc.returncode}): {last}")
+            os.replace(work, directory)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        log.info("openvino: converted %s in %.1f s -> %s", stage, time.perf_counter() - started, directory)
+        return True
+
+
+def compile_stage(stage: str, directory: Path, precision: str, threads: int, embed_time=None):
+    """Compile directory/model.xml for this CPU; the blob cache next to it makes a second start a file read."""
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": int(threads),
+              "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "CACHE_DIR": str(directory / "blobs"),
+              "ENABLE_CPU_PINNING": False,  # the torch stages share these cores
+              # kernels kept per input shape: every chunk length is a new shape, and the default (thousands)
+              # lets a worker's memory grow with each one; the streamed chunk sizes repeat, so a few suffice
+              "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_SHAPES}
+    started = time.perf_counter()
+    compiled = ov.Core().compile_model(str(directory / "model.xml"), "CPU", config)
+    try:
+        cached = bool(compiled.get_property("LOADED_FROM_CACHE"))
+    except Exception:
+        cached = False
+    log.info("openvino: %s %s %s in %.2f s (%d threads)", stage, precision,
+             "loaded from the compiled cache" if cached else "compiled", time.perf_counter() - started, threads)
+    if stage == "estimator":
+        return EstimatorRunner(compiled, precision, stage, embed_time)
+    return HiftBodyRunner(compiled, precision, stage)
+
+
+def _convert_main(stage: str, model_dir: str, out_dir: str, weights: str) -> None:
+    from ..model.loader import load_float32_network
+
+    network = load_float32_network(model_dir, "flow" if stage == "estimator" else "hift")
+    convert(stage, network.decoder.estimator if stage == "estimator" else network, Path(out_dir), weights)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("TORCH_THREADS") or 0) or torch.get_num_threads())
+    _convert_main(*sys.argv[1:5])

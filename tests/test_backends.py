@@ -1,0 +1,228 @@
+"""Execution backends: the CPU features they read, the runtime and precision each mode gets, and the numerics of
+every backend/precision against the float32 PyTorch reference on the tiny golden model. Speed is measured by
+scripts/bench.py, never here."""
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice_lite.backends import accelerate, plan
+from cosyvoice_lite.backends.cpu import CpuInfo, cpu_info, parse_cpuinfo
+from cosyvoice_lite.model import load_model
+from cosyvoice_lite.model.speed import settings
+
+GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"
+MODEL_DIR = GOLDEN / "model"
+FLOW_CASES = ["flow_037", "flow_100", "flow_173"]
+
+ZEN4 = CpuInfo("AMD EPYC 9R14", "x86_64", 2, ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"))
+AVX2 = CpuInfo("Intel Xeon E5-2686 v4", "x86_64", 2, ("avx2", "fma"))
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8488C
+flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8488C
+flags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm asimddp i8mm bf16
+CPU implementer\t: 0x41
+"""
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def case_inputs(case):
+    load = lambda name: torch.from_numpy(np.load(GOLDEN / case / f"{name}.npy"))  # noqa: E731
+    return load("speech_token").long().reshape(1, -1), load("embedding").float(), load("z"), load("mel")
+
+
+# ---- CPU features and the plan -------------------------------------------------------------------------------
+
+def test_x86_flags_decide_native_bf16_and_int8():
+    model, features = parse_cpuinfo(X86_CPUINFO, "x86_64")
+    cpu = CpuInfo(model, "x86_64", 2, features)
+    assert model == "Intel(R) Xeon(R) Platinum 8488C"
+    assert {"avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni"} <= set(features)
+    assert cpu.native_bf16 and cpu.fast_int8
+    assert not AVX2.native_bf16 and not AVX2.fast_int8
+
+
+def test_arm_features_decide_native_bf16_and_int8():
+    _, features = parse_cpuinfo(ARM_CPUINFO, "aarch64")
+    cpu = CpuInfo("", "aarch64", 4, features)
+    assert {"bf16", "i8mm", "asimddp"} <= set(features)
+    assert cpu.native_bf16 and cpu.fast_int8
+
+
+def test_this_cpu_is_described_from_proc_cpuinfo():
+    info = cpu_info()
+    assert info.model and info.cores >= 1
+    if Path("/proc/cpuinfo").is_file() and info.arch == "x86_64":
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].splitlines()[0].split()
+        assert ("avx2" in info.features) == ("avx2" in flags)
+
+
+def test_exact_mode_is_float32_pytorch_everywhere():
+    stages = plan(settings("exact"), ZEN4)
+    assert {str(s) for s in stages.values()} == {"torch fp32"}
+
+
+def test_default_mode_on_a_bf16_cpu_runs_flow_and_hift_in_openvino_bf16():
+    stages = plan(settings("default"), ZEN4)
+    assert str(stages["flow_estimator"]) == "openvino bf16" and str(stages["hift"]) == "openvino bf16"
+    assert str(stages["llm"]) == "torch int8"
+
+
+def test_default_mode_on_an_avx2_cpu_runs_the_estimator_in_openvino_float32_and_hift_in_torch():
+    stages = plan(settings("default"), AVX2)
+    assert str(stages["flow_estimator"]) == "openvino fp32" and stages["hift"].runtime == "torch"
+
+
+def test_backend_torch_or_a_missing_openvino_keeps_every_stage_in_torch():
+    for stages in (plan(settings("fast"), ZEN4, "torch"), plan(settings("fast"), ZEN4, openvino=False)):
+        assert {s.runtime for s in stages.values()} == {"torch"}
+    with pytest.raises(ValueError, match="BACKEND"):
+        plan(settings("default"), ZEN4, "cuda")
+
+
+# ---- numerics against float32 PyTorch --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exact():
+    return load_model(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def accelerated(mode, cache, cpu):
+    model = load_model(MODEL_DIR, mode=mode)
+    model.runtime = accelerate(model, settings(mode), MODEL_DIR, cache_root=cache, threads=2, cpu=cpu)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ov_bf16(cache):
+    return accelerated("default", cache, ZEN4)
+
+
+@pytest.fixture(scope="module")
+def ov_fp32(cache):
+    return accelerated("default", cache, AVX2)
+
+
+# bounds on the norm-relative error against float32 PyTorch (one estimator call; the whole flow from the same
+# tokens and noise; HiFT's body from the same mel and excitation)
+BOUNDS = {"bf16": {"estimator": 3e-2, "mel": 2e-2, "wav": 2e-2},
+          "fp32": {"estimator": 2e-3, "mel": 2e-3}}
+
+
+def run_estimator(model, case):
+    load = lambda name: torch.from_numpy(np.load(GOLDEN / case / f"{name}.npy"))  # noqa: E731
+    names = ("est_step1_x", "est_step1_mask", "est_step1_mu", "est_step1_t", "est_step1_spks", "est_step1_cond")
+    with torch.inference_mode():
+        return model.flow.decoder.estimator(*(load(n) for n in names))
+
+
+@pytest.mark.parametrize("case", FLOW_CASES)
+def test_openvino_bf16_flow_and_vocoder_stay_near_float32(exact, ov_bf16, case):
+    if not cpu_info().native_bf16:
+        pytest.skip("this CPU has no native bf16: OpenVINO would emulate it")
+    if ov_bf16.runtime["stages"]["flow_estimator"] != "openvino bf16":
+        pytest.skip("openvino not installed")
+    token, embedding, z, golden_mel = case_inputs(case)
+    assert rel(run_estimator(ov_bf16, case), run_estimator(exact, case)) < BOUNDS["bf16"]["estimator"]
+    with torch.inference_mode():
+        ref = exact.flow.inference(token, embedding, noise=z)
+        ours = ov_bf16.flow.inference(token, embedding, noise=z)
+        assert rel(ours, ref) < BOUNDS["bf16"]["mel"]
+        source = exact.hift.make_source(exact.hift.predict_f0(ref), torch.Generator().manual_seed(0))
+        assert rel(ov_bf16.hift.decode(ref, source), exact.hift.decode(ref, source)) < BOUNDS["bf16"]["wav"]
+
+
+@pytest.mark.parametrize("case", FLOW_CASES)
+def test_openvino_float32_flow_matches_float32_pytorch(exact, ov_fp32, case):
+    if ov_fp32.runtime["stages"]["flow_estimator"] != "openvino fp32":
+        pytest.skip("openvino not installed")
+    token, embedding, z, _ = case_inputs(case)
+    assert rel(run_estimator(ov_fp32, case), run_estimator(exact, case)) < BOUNDS["fp32"]["estimator"]
+    with torch.inference_mode():
+        assert rel(ov_fp32.flow.inference(token, embedding, noise=z),
+                   exact.flow.inference(token, embedding, noise=z)) < BOUNDS["fp32"]["mel"]
+
+
+def test_compiled_estimator_takes_any_batch_and_length(exact, ov_fp32):
+    if ov_fp32.runtime["stages"]["flow_estimator"] != "openvino fp32":
+        pytest.skip("openvino not installed")
+    generator = torch.Generator().manual_seed(3)
+    for batch, frames in ((2, 17), (6, 301)):
+        x, mu, cond = (torch.randn(batch, 80, frames, generator=generator) for _ in range(3))
+        args = (x, torch.ones(batch, 1, frames), mu, torch.rand(batch, generator=generator),
+                torch.randn(batch, 80, generator=generator), cond)
+        with torch.inference_mode():
+            ours, ref = ov_fp32.flow.decoder.estimator(*args), exact.flow.decoder.estimator(*args)
+        assert ours.shape == ref.shape == (batch, 80, frames)
+        assert rel(ours, ref) < BOUNDS["fp32"]["estimator"]
+
+
+# ---- the disk cache and the fallback ----------------------------------------------------------------------------
+
+def test_second_load_reuses_the_converted_and_compiled_models(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="cosyvoice_lite.backends")
+    first = accelerated("default", tmp_path, ZEN4)
+    if first.runtime["backend"] != "openvino":
+        pytest.skip("openvino not installed")
+    assert sum("converted" in r.getMessage() for r in caplog.records) == 2  # estimator and HiFT
+    files = sorted(tmp_path.glob("compiled/*/*/model.xml"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    caplog.clear()
+    second = accelerated("default", tmp_path, ZEN4)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("converted" in m for m in messages)
+    assert sum("loaded from the compiled cache" in m for m in messages) == 2
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert second.runtime == first.runtime
+
+
+def test_backend_torch_runs_the_pytorch_modules_unchanged(tmp_path):
+    token, embedding, z, _ = case_inputs("flow_037")
+    torch_model = load_model(MODEL_DIR, mode="default")
+    model = load_model(MODEL_DIR, mode="default")
+    info = accelerate(model, settings("default"), MODEL_DIR, backend="torch", cache_root=tmp_path, cpu=ZEN4)
+    assert info["backend"] == "torch" and not (tmp_path / "compiled").exists()
+    with torch.inference_mode():
+        assert torch.equal(model.flow.inference(token, embedding, noise=z),
+                           torch_model.flow.inference(token, embedding, noise=z))
+
+
+def test_an_unusable_cache_directory_falls_back_to_pytorch_and_says_so(tmp_path, caplog):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    model = load_model(MODEL_DIR, mode="default")
+    with caplog.at_level(logging.WARNING, logger="cosyvoice_lite.backends"):
+        info = accelerate(model, settings("default"), MODEL_DIR, cache_root=blocked, cpu=ZEN4)
+    assert info["backend"] == "torch"
+    assert {info["stages"]["flow_estimator"], info["stages"]["hift"]} == {"torch fp16", "torch fp32"}
+    assert any("stays in PyTorch" in r.getMessage() for r in caplog.records)
+    token, embedding, z, _ = case_inputs("flow_037")
+    with torch.inference_mode():
+        assert model.flow.inference(token, embedding, noise=z).shape[2] == case_inputs("flow_037")[3].shape[2]
+
+
+def test_ready_shows_the_runtime_precision_per_stage_and_cpu_features(make_app, cosyvoice_engine):
+    body = make_app(cosyvoice_engine).test_client().get("/ready").json
+    runtime = body["runtime"]
+    assert set(runtime["stages"]) == {"llm", "flow_encoder", "flow_estimator", "hift"}
+    assert runtime["cpu"] == cpu_info().model and runtime["cpu_features"] == list(cpu_info().features)
+    assert runtime["backend"] in ("openvino", "torch")
