@@ -36,7 +36,7 @@ COPY cosyvoice_lite ./cosyvoice_lite
 COPY scripts ./scripts
 # With the model baked in, its OpenVINO conversion (and the compiled blobs for the build machine's CPU class) are
 # cached in the image too, so the first start does not convert.
-RUN mkdir -p /app/models /app/cache \
+RUN mkdir -p /app/models /app/cache/audio \
  && if [ "$DOWNLOAD_MODEL" = "1" ]; then python scripts/download_model.py --dir "$MODEL_DIR" \
       && python scripts/warm_cache.py --model-dir "$MODEL_DIR"; fi \
  && chown -R app:app /app/models /app/cache
