@@ -1,21 +1,24 @@
 """Execution backends: the CPU features they read, the runtime and precision each mode gets, and the numerics of
 every backend/precision against the float32 PyTorch reference on the tiny golden model. Speed is measured by
 scripts/bench.py, never here."""
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from golden_data import GOLDEN
+from golden_data import GOLDEN_MODEL as MODEL_DIR
 
 from cosyvoice_lite.backends import accelerate, plan
 from cosyvoice_lite.backends.cpu import CpuInfo, cpu_info, parse_cpuinfo
 from cosyvoice_lite.model import load_model
 from cosyvoice_lite.model.speed import settings
 
-GOLDEN = Path(__file__).parents[1] / ".." / "shared" / "golden"
-MODEL_DIR = GOLDEN / "model"
-FLOW_CASES = ["flow_037", "flow_100", "flow_173"]
+# the golden set's flow cases (other golden sets have other names and sizes)
+FLOW_CASES = sorted(name for name, case in json.loads((GOLDEN / "manifest.json").read_text())["cases"].items()
+                    if case.get("kind", "").startswith("flow"))
 
 ZEN4 = CpuInfo("AMD EPYC 9R14", "x86_64", 2, ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"))
 AVX2 = CpuInfo("Intel Xeon E5-2686 v4", "x86_64", 2, ("avx2", "fma"))
@@ -196,7 +199,7 @@ def test_second_load_reuses_the_converted_and_compiled_models(tmp_path, caplog):
 
 
 def test_backend_torch_runs_the_pytorch_modules_unchanged(tmp_path):
-    token, embedding, z, _ = case_inputs("flow_037")
+    token, embedding, z, _ = case_inputs(FLOW_CASES[0])
     torch_model = load_model(MODEL_DIR, mode="default")
     model = load_model(MODEL_DIR, mode="default")
     info = accelerate(model, settings("default"), MODEL_DIR, backend="torch", cache_root=tmp_path, cpu=ZEN4)
@@ -215,9 +218,9 @@ def test_an_unusable_cache_directory_falls_back_to_pytorch_and_says_so(tmp_path,
     assert info["backend"] == "torch"
     assert {info["stages"]["flow_estimator"], info["stages"]["hift"]} == {"torch fp16", "torch fp32"}
     assert any("stays in PyTorch" in r.getMessage() for r in caplog.records)
-    token, embedding, z, _ = case_inputs("flow_037")
+    token, embedding, z, _ = case_inputs(FLOW_CASES[0])
     with torch.inference_mode():
-        assert model.flow.inference(token, embedding, noise=z).shape[2] == case_inputs("flow_037")[3].shape[2]
+        assert model.flow.inference(token, embedding, noise=z).shape[2] == case_inputs(FLOW_CASES[0])[3].shape[2]
 
 
 def test_ready_shows_the_runtime_precision_per_stage_and_cpu_features(make_app, cosyvoice_engine):
