@@ -268,11 +268,12 @@ def test_a_full_disk_falls_back_to_synthesis_with_one_warning(tiny_model_dir, tm
     # RLIMIT_FSIZE: no file of the server may grow past 500 kB (the cache's index fits, a segment's audio does not)
     env = model_env(tiny_model_dir, CACHE="disk", CACHE_DIR=str(tmp_path / "cache"))
     with gunicorn(tmp_path, env, ready_timeout=180, prefix=("prlimit", "--fsize=500000", "--")) as server:
-        answers = [tts(server, f"{A} {B} {C}") for _ in range(3)]
-        assert [status for status, _ in answers] == ["miss"] * 3
-        assert server.log().count("audio cache (disk) write failed") == 1
-        assert "File too large" in server.log()
+        answers = [tts(server, f"{A} {B} {C}") for _ in range(3)]  # every answer is a 200 (tts checks it)
+        assert answers[0][0] == "miss" and "File too large" in server.log()
         assert server.metric("cosyvoice_cache_errors_total") >= 1
+        # one warning per incident: a sampled segment short enough to fit ends one, the next failure starts another
+        events = re.findall(r"audio cache \(disk\) (write failed|works again)", server.log())
+        assert events[0] == "write failed" and all(a != b for a, b in zip(events, events[1:])), events
 
 
 # ---- Redis --------------------------------------------------------------------------------------------------
