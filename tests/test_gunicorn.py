@@ -146,12 +146,18 @@ def test_health_answers_within_a_second_during_synthesis(gserver):
     assert result[0][0] == 200
 
 
-def test_full_queue_gets_immediate_503_with_retry_after(gserver):
+def fill_the_queue(gserver) -> list:
+    """Hold one request in the engine and one waiting (the gserver fixture's capacity): -> their threads."""
     gserver.gate.mode("start")
     gserver.gate.close()
     held = [in_background(gserver.request, "POST", "/tts", {"text": f"Request {i}."}) for i in range(2)]
     gserver.wait_for(lambda: gserver.metric("cosyvoice_in_progress") == 1
                      and gserver.metric("cosyvoice_queue_depth") == 1, what="one running and one waiting")
+    return held
+
+
+def test_full_queue_gets_immediate_503_with_retry_after(gserver):
+    held = fill_the_queue(gserver)
     for _ in range(3):
         started = time.monotonic()
         status, headers, body = gserver.request("POST", "/tts", {"text": "No room."})
@@ -166,11 +172,7 @@ def test_full_queue_gets_immediate_503_with_retry_after(gserver):
 
 def test_ready_is_503_while_the_queue_is_full_and_200_again_after(gserver):
     """Kubernetes takes a full pod out of the Service's endpoints instead of sending it requests to refuse."""
-    gserver.gate.mode("start")
-    gserver.gate.close()
-    held = [in_background(gserver.request, "POST", "/tts", {"text": f"Request {i}."}) for i in range(2)]
-    gserver.wait_for(lambda: gserver.metric("cosyvoice_in_progress") == 1
-                     and gserver.metric("cosyvoice_queue_depth") == 1, what="one running and one waiting")
+    held = fill_the_queue(gserver)
     status, headers, body = gserver.request("GET", "/ready")
     assert status == 503 and json.loads(body)["error"]["code"] == "queue_full"
     assert int(headers["retry-after"]) >= 1

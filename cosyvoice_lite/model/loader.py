@@ -212,6 +212,15 @@ def build_networks(config) -> tuple:
     return llm, flow, hift, sample_rate
 
 
+def checked_config(model_dir: Path):
+    """The parsed ``cosyvoice.yaml`` of a model directory that has every checkpoint file; ModelLoadError if not."""
+    check_model_dir(model_dir)
+    try:
+        return read_config(model_dir / "cosyvoice.yaml")
+    except ConfigError as error:
+        raise ModelLoadError(str(error)) from error
+
+
 def load_model(model_dir: str | Path, mode: str = "exact"):
     """Load an official CosyVoice-300M-SFT directory into our networks; see ``CosyVoiceSFT``.
 
@@ -223,11 +232,7 @@ def load_model(model_dir: str | Path, mode: str = "exact"):
     target = settings(mode)
     lean = target.name != "exact"
     model_dir = Path(model_dir)
-    check_model_dir(model_dir)
-    try:
-        config = read_config(model_dir / "cosyvoice.yaml")
-    except ConfigError as error:
-        raise ModelLoadError(str(error)) from error
+    config = checked_config(model_dir)
     if lean:
         with torch.device("meta"):
             llm, flow, hift, sample_rate = build_networks(config)
@@ -278,11 +283,7 @@ def load_float32_network(model_dir: str | Path, name: str) -> torch.nn.Module:
     """One network ('llm', 'flow' or 'hift') in float32 as the checkpoint defines it, its weights memory-mapped
     from the file (for tools that derive other forms of it, e.g. an execution backend's converter)."""
     model_dir = Path(model_dir)
-    check_model_dir(model_dir)
-    try:
-        config = read_config(model_dir / "cosyvoice.yaml")
-    except ConfigError as error:
-        raise ModelLoadError(str(error)) from error
+    config = checked_config(model_dir)
     with torch.device("meta"):
         networks = dict(zip(("llm", "flow", "hift"), build_networks(config)[:3]))
     module = networks[name]
