@@ -43,6 +43,43 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+_OMP_PAUSE = None  # omp_pause_resource_all of the OpenMP runtime torch loaded (looked up once), False: none
+
+
+def _omp_pause():
+    global _OMP_PAUSE
+    if _OMP_PAUSE is None:
+        _OMP_PAUSE = False
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "/lib" in line and ".so" in line}
+        except OSError:
+            paths = set()
+        for path in sorted(paths):
+            name = os.path.basename(path)
+            if name.startswith(("libgomp", "libiomp", "libomp")):
+                try:
+                    function = ctypes.CDLL(path).omp_pause_resource_all  # OpenMP 5.0
+                except (OSError, AttributeError):
+                    continue
+                function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+                _OMP_PAUSE = function
+                break
+    return _OMP_PAUSE
+
+
+def release_compute_threads() -> None:
+    """Let go of the OpenMP worker threads this thread started (torch starts them at its first parallel op).
+
+    Why: with more OpenMP threads alive than CPUs, GNU OpenMP stops spinning between parallel regions and sleeps
+    instead, which doubles the cost of an LLM step (hundreds of small parallel ops). A thread that loaded the model
+    or ran some torch work and will not run more calls this, so that only the synthesis thread's pool exists; its
+    next parallel op, if any, starts a pool again. A no-op without an OpenMP 5 runtime."""
+    pause = _omp_pause()
+    if pause:
+        pause(1)  # omp_pause_soft: the threads end, the runtime stays usable
+
+
 def configure_process(threads: int | None = None) -> None:
     """The process-wide runtime knobs of a worker that runs the model, in one place: CPU threads, oneDNN's kernel
     cache, and large blocks in mappings of their own."""

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..cancel import DONE, Cancelled, reason, results
-from ..memory import release_free_memory
+from ..memory import release_compute_threads, release_free_memory
 from ..model.lm_decoder import Sequence
 from .streaming import TokenStream
 
@@ -156,6 +156,8 @@ class Scheduler:
         while True:
             with self._lock:
                 self._working = False
+                if not self._inbox and not self._active and not self._stopping:
+                    release_compute_threads()  # idle: another thread may run torch meanwhile (tools, benchmarks)
                 while not self._inbox and not self._active and not self._stopping:
                     self._wakeup.wait()
                 if self._stopping:

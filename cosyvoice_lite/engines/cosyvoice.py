@@ -12,7 +12,7 @@ from ..backends import accelerate
 from ..cache import dequantize, quantize, segment_key
 from ..decode.scheduler import SEGMENT_END, Scheduler
 from ..frontend import NothingToSpeak, TextFrontend
-from ..memory import configure_process
+from ..memory import configure_process, release_compute_threads
 from ..model import load_model
 from ..model.fingerprint import model_fingerprint
 from ..model.speed import settings
@@ -70,6 +70,7 @@ class CosyVoiceEngine(Engine):
         self.description = f"CosyVoice-300M-SFT from {model_dir} ({self.mode.name} mode, {self.runtime['backend']})"
         self._speakers = [Speaker(sid, *COSYVOICE_SPEAKERS.get(sid, (sid, "und")), engine=self.name)
                           for sid in self.model.speakers]
+        release_compute_threads()  # synthesis runs on the scheduler's thread, not on this one
 
     def speakers(self) -> list[Speaker]:
         return self._speakers

@@ -1,0 +1,27 @@
+"""Process-wide runtime knobs of a model worker (cosyvoice_lite.memory)."""
+import subprocess
+import sys
+import textwrap
+
+from conftest import ROOT
+
+
+def test_a_thread_that_releases_its_compute_threads_leaves_no_openmp_threads_behind():
+    # a fresh interpreter: the test process's own threads must not count
+    script = textwrap.dedent("""
+        import os, threading, torch
+        from cosyvoice_lite.memory import release_compute_threads
+        torch.set_num_threads(2)
+        count = lambda: len(os.listdir("/proc/self/task"))
+        before = count()
+        x = torch.randn(1024, 1024)
+        x @ x  # a parallel op: OpenMP starts this thread's workers
+        with_pool = count()
+        release_compute_threads()
+        print(before, with_pool, count())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, with_pool, after = map(int, out.stdout.split())
+    assert with_pool > before  # the premise: torch ran this op on more than one thread
+    assert after == before
