@@ -92,8 +92,9 @@ def accelerate(model, mode, model_dir, backend: str = "auto", cache_root: str | 
 
 
 def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, threads: int) -> None:
+    from ..memory import release_free_memory
     from ..model.fingerprint import model_fingerprint
-    from .ov_runtime import STAGE_FILES, TimeEmbedding, compile_stage, ensure_converted, stage_dir
+    from .ov_runtime import STAGE_FILES, TimeEmbedding, compile_stage, ensure_converted, example_inputs, stage_dir
 
     for name in wanted:
         stage = "estimator" if name == "flow_estimator" else "hift"
@@ -101,8 +102,12 @@ def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, thr
             weights = "f32" if mode.name == "exact" else "f16"  # exact keeps float32 weights
             directory = stage_dir(root, stage, model_fingerprint(model_dir, files=STAGE_FILES[stage]), weights)
             ensure_converted(stage, directory, model_dir, weights)
-            embed_time = TimeEmbedding(model.flow.decoder.estimator) if stage == "estimator" else None
-            runner = compile_stage(stage, directory, OV_PRECISION[stages[name].precision], threads, embed_time)
+            module = model.flow.decoder.estimator if stage == "estimator" else model.hift
+            embed_time = TimeEmbedding(module) if stage == "estimator" else None
+            example = example_inputs(stage, module)[0]
+            del module  # the PyTorch estimator must be freed once it is replaced
+            runner = compile_stage(stage, directory, OV_PRECISION[stages[name].precision], threads, embed_time,
+                                   example=example)
         except Exception as error:  # a graph the converter cannot take, a broken install, a full disk, ...
             log.warning("openvino: %s stays in PyTorch (%s: %s)", name, type(error).__name__, error)
             stages[name] = torch_plan(mode)[name]
@@ -113,3 +118,4 @@ def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, thr
             model.hift.body_runner = runner
             for part in BODY_PARTS:  # the PyTorch body's weights are not used any more
                 getattr(model.hift, part).to("meta")
+        release_free_memory()  # the replaced weights' pages go back before the next stage's first run

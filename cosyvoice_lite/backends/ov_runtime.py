@@ -12,9 +12,11 @@ convert one at a time (a lock file); the directory appears complete or not at al
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import shutil
 import subprocess
@@ -65,6 +67,17 @@ class _Runner(nn.Module):
         self._lock = threading.Lock()  # one infer request, reused: calls from several threads take turns
         self.precision = precision
         self.description = description
+        self.files: Path | None = None  # the directory whose files the compiled model was read from
+
+    def prime(self, *inputs: torch.Tensor) -> None:
+        """Run once, then unmap the pages of the model file this process read the weights from.
+
+        Why: the first inference repacks every weight into the kernels' layout (memory of the runtime's own); the
+        file's float16 weights are then no longer read but stay resident, as much again as the repacked copy. The
+        pages are only unmapped: a later read, if any, faults them in from the file. Done at start-up, so the
+        first request neither pays for the repacking nor sees the memory peak of both copies."""
+        self.run(*inputs)
+        unmap_file_pages(self.files)
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         arrays = [np.ascontiguousarray(x.detach().float().numpy()) for x in inputs]
@@ -110,7 +123,8 @@ class HiftBodyRunner(_Runner):
         return self.run(mel, s_stft)
 
 
-def _example_inputs(stage: str, module: nn.Module):
+def example_inputs(stage: str, module: nn.Module):
+    """(inputs, dynamic shapes) of one call of a stage's traced body, sized by ``module``."""
     if stage == "estimator":  # CFG batch of 2, a few dozen frames (any batch and length work after conversion)
         B, T, C = 2, 64, module.out_channels
         spk = module.in_channels - 3 * C  # x, mu, cond are C channels each; the speaker vector fills the rest
@@ -144,7 +158,7 @@ def convert(stage: str, module: nn.Module, out_dir: Path, weights: str = "f16") 
     stored as ``weights`` ('f16' or 'f32')."""
     import openvino as ov
 
-    inputs, shapes = _example_inputs(stage, module)
+    inputs, shapes = example_inputs(stage, module)
     target = _Body(module)
     with torch.no_grad(), warnings.catch_warnings():
         # the trace fixes the unpadded-mask branch; the runner accepts only that case
@@ -187,8 +201,27 @@ def ensure_converted(stage: str, directory: Path, model_dir, weights: str = "f16
         return True
 
 
-def compile_stage(stage: str, directory: Path, precision: str, threads: int, embed_time=None):
-    """Compile directory/model.xml for this CPU; the blob cache next to it makes a second start a file read."""
+def unmap_file_pages(directory: Path | None) -> None:
+    """madvise(MADV_DONTNEED) every mapping of a file under ``directory`` (read-only mappings: the data stays in
+    the file and the page cache; this process just stops holding the pages)."""
+    if directory is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    prefix = str(Path(directory).resolve()) + os.sep
+    try:
+        with open("/proc/self/maps") as maps:
+            spans = [line.split()[0] for line in maps if line.split()[-1].startswith(prefix)]
+    except OSError:
+        return
+    libc = ctypes.CDLL(None)
+    for span in spans:
+        low, high = (int(x, 16) for x in span.split("-"))
+        libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), mmap.MADV_DONTNEED)
+
+
+def compile_stage(stage: str, directory: Path, precision: str, threads: int, embed_time=None, example=None):
+    """Compile directory/model.xml for this CPU; the blob cache next to it makes a second start a file read.
+    ``example``: inputs of one call (the compiled model's own: the estimator's take the time embedding), run once
+    at once (see _Runner.prime)."""
     import openvino as ov
 
     config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": int(threads),
@@ -205,9 +238,14 @@ def compile_stage(stage: str, directory: Path, precision: str, threads: int, emb
         cached = False
     log.info("openvino: %s %s %s in %.2f s (%d threads)", stage, precision,
              "loaded from the compiled cache" if cached else "compiled", time.perf_counter() - started, threads)
-    if stage == "estimator":
-        return EstimatorRunner(compiled, precision, stage, embed_time)
-    return HiftBodyRunner(compiled, precision, stage)
+    runner = (EstimatorRunner(compiled, precision, stage, embed_time) if stage == "estimator"
+              else HiftBodyRunner(compiled, precision, stage))
+    runner.files = directory
+    if example is not None:
+        started = time.perf_counter()
+        runner.prime(*example)
+        log.info("openvino: %s primed in %.2f s", stage, time.perf_counter() - started)
+    return runner
 
 
 def _convert_main(stage: str, model_dir: str, out_dir: str, weights: str) -> None:

@@ -12,7 +12,7 @@ from ..backends import accelerate
 from ..cache import dequantize, quantize, segment_key
 from ..decode.scheduler import SEGMENT_END, Scheduler
 from ..frontend import NothingToSpeak, TextFrontend
-from ..memory import configure_process, release_compute_threads
+from ..memory import configure_process, release_compute_threads, release_free_memory
 from ..model import load_model
 from ..model.fingerprint import model_fingerprint
 from ..model.speed import settings
@@ -59,6 +59,7 @@ class CosyVoiceEngine(Engine):
         self.first_hop = first_hop
         self._identity: str | None = None
         self.model = load_model(model_dir, mode=self.mode.name)
+        release_free_memory()  # what the conversions freed, before the backend compiles its stages
         # backend: 'auto' | 'openvino' | 'torch' (backends.plan); cache_root: where compiled models are kept
         self.runtime = accelerate(self.model, self.mode, model_dir, backend=backend, cache_root=cache_root,
                                   threads=torch.get_num_threads())
@@ -71,6 +72,7 @@ class CosyVoiceEngine(Engine):
         self._speakers = [Speaker(sid, *COSYVOICE_SPEAKERS.get(sid, (sid, "und")), engine=self.name)
                           for sid in self.model.speakers]
         release_compute_threads()  # synthesis runs on the scheduler's thread, not on this one
+        release_free_memory()  # loading and conversion freed much more than they keep
 
     def speakers(self) -> list[Speaker]:
         return self._speakers

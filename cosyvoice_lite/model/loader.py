@@ -152,11 +152,15 @@ def read_speakers(path: Path, embed_dim: int) -> dict[str, torch.Tensor]:
 
 
 def check_finite(module: torch.nn.Module, filename: str) -> None:
-    """NaN or infinite weights make a model that passes every shape check and speaks silence or noise."""
+    """NaN or infinite weights make a model that passes every shape check and speaks silence or noise.
+
+    Each tensor's mapped pages are dropped once it is checked: reading a whole checkpoint would otherwise make it
+    all resident at once (the converters read each weight again, from the page cache)."""
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
             raise ModelLoadError(f"{filename}: {name} has NaN or infinite values (corrupt or badly converted "
                                  "checkpoint)")
+        release_pages(tensor)
 
 
 def file_problem(path: Path) -> str | None:
