@@ -266,17 +266,10 @@ def quality(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cosyvoice_lite.model import CosyVoiceSFT, load_model
-    from cosyvoice_lite.model.random_model import SPEAKERS, build_random_model
-    from cosyvoice_lite.model.speed import apply_mode
+    from cosyvoice_lite.model import load_model
 
-    def full_model(mode):
-        _, llm, flow, hift = build_random_model("full", seed=0)
-        for module in (llm, flow, hift):
-            module.eval().requires_grad_(False)
-        generator = torch.Generator().manual_seed(1)
-        speakers = {name: torch.randn(1, 192, generator=generator) for name in SPEAKERS}
-        return apply_mode(CosyVoiceSFT(llm, flow, hift, speakers), mode)
+    def full_model(mode):  # the full-size random model, built in the mode's precision like a real one
+        return load_model(random_model_dir(), mode=mode)
 
     def cases_for(name):
         if name == "golden":
@@ -360,7 +353,7 @@ def gemm_peaks(threads: int) -> dict:
     import torch
 
     from cosyvoice_lite.backends.cpu import cpu_info
-    from cosyvoice_lite.model.speed import Int8Linear
+    from cosyvoice_lite.model.layers import Int8Linear
 
     torch.set_num_threads(threads)
     m, k, n = 512, 1024, 1024
@@ -382,7 +375,8 @@ def gemm_peaks(threads: int) -> dict:
         out["bf16"] = rate(lambda: a16 @ b16, m * k * n)
     else:
         out["bf16"] = None
-    layer = Int8Linear(torch.randn(n, k), None)
+    layer = Int8Linear(k, n, bias=False)
+    layer.load_state_dict({"weight": torch.randn(n, k)})
     with torch.inference_mode():
         out["int8"] = rate(lambda: layer(a), m * k * n)
     return {key: round(v, 1) if v else v for key, v in out.items()}

@@ -69,27 +69,59 @@ def test_random_bytes_instead_of_a_checkpoint_are_named(model_copy):
         load_model(model_copy)
 
 
-def test_missing_key_is_named(model_copy):
+# The lean modes build converted layers (int8, float16, time-major) that load the same official float32 keys:
+# a wrong checkpoint is reported the same way in every mode.
+MODES = ["exact", "default", "fast"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_missing_key_is_named(model_copy, mode):
     state = torch.load(model_copy / "llm.pt", weights_only=True)
-    del state["llm_decoder.bias"]
+    del state["llm_decoder.bias"]  # a float16 layer in the lean modes
     torch.save(state, model_copy / "llm.pt")
     with pytest.raises(ModelLoadError, match=r"llm.pt .*missing keys \(e.g. llm_decoder.bias\)"):
-        load_model(model_copy)
+        load_model(model_copy, mode=mode)
 
 
-def test_unexpected_key_is_named(model_copy):
+@pytest.mark.parametrize("mode", MODES)
+def test_unexpected_key_is_named(model_copy, mode):
     state = torch.load(model_copy / "flow.pt", weights_only=True)
     state["extra.weight"] = torch.zeros(1)
+    state["decoder.estimator.final_proj.scale"] = torch.zeros(1)  # below a time-major conv of the lean modes
     torch.save(state, model_copy / "flow.pt")
-    with pytest.raises(ModelLoadError, match=r"flow.pt .*unexpected keys \(e.g. extra.weight\)"):
-        load_model(model_copy)
+    with pytest.raises(ModelLoadError, match=r"flow.pt .*2 unexpected keys \(e.g. extra.weight, "
+                                             r"decoder.estimator.final_proj.scale\)"):
+        load_model(model_copy, mode=mode)
 
 
-def test_checkpoint_of_another_size_reports_shape_mismatch(model_copy, tmp_path_factory):
+@pytest.mark.parametrize("mode", MODES)
+def test_checkpoint_of_another_size_reports_shape_mismatch(model_copy, tmp_path_factory, mode):
     other = write_random_model(tmp_path_factory.mktemp("tiny"), "tiny")
     shutil.copy(other / "flow.pt", model_copy / "flow.pt")
     with pytest.raises(ModelLoadError, match="flow.pt does not match cosyvoice.yaml.*shape mismatches"):
-        load_model(model_copy)
+        load_model(model_copy, mode=mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("key", ["llm.encoders.0.feed_forward.w_1.weight", "text_embedding.weight",
+                                 "llm_decoder.bias", "spk_embed_affine_layer.weight"])
+def test_non_finite_llm_weight_is_named(model_copy, mode, key):
+    """Whether the layer is float32, int8 or float16 in the mode: the float32 checkpoint value is checked."""
+    state = torch.load(model_copy / "llm.pt", weights_only=True)
+    state[key] = state[key].clone()
+    state[key].view(-1)[1] = float("inf")
+    torch.save(state, model_copy / "llm.pt")
+    with pytest.raises(ModelLoadError, match=f"llm.pt: {key} has NaN or infinite values"):
+        load_model(model_copy, mode=mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_float32_weight_beyond_the_float16_range_still_loads(model_copy, mode):
+    state = torch.load(model_copy / "llm.pt", weights_only=True)
+    state["text_embedding.weight"] = state["text_embedding.weight"].clone()
+    state["text_embedding.weight"][0, 0] = 1e5  # overflows the lean modes' float16 table; valid in float32
+    torch.save(state, model_copy / "llm.pt")
+    assert load_model(model_copy, mode=mode).mode.name == mode
 
 
 def test_cosyvoice2_directory_is_recognised(tmp_path):

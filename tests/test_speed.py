@@ -15,7 +15,11 @@ from cosyvoice_lite.model import load_model
 from cosyvoice_lite.model.lm_decoder import LMDecoder
 from cosyvoice_lite.cancel import Cancelled
 from cosyvoice_lite.decode.scheduler import Scheduler
-from cosyvoice_lite.model.speed import MODE_ENV, SETTINGS, Fp16Linear, Int8Linear, apply_mode, settings
+from cosyvoice_lite.model.config import read_config
+from cosyvoice_lite.model.layers import Fp16Embedding, Fp16Linear, Int8Linear
+from cosyvoice_lite.model.loader import build_networks, load_state
+from cosyvoice_lite.model.precision import Precision
+from cosyvoice_lite.model.speed import MODE_ENV, SETTINGS, settings
 from cosyvoice_lite.decode.streaming import HIFT_CACHE_FRAMES, TOKEN_OVERLAP, TokenStream
 from cosyvoice_lite.parity import Golden
 
@@ -84,33 +88,38 @@ def test_exact_mode_keeps_float32_modules(exact):
 def test_default_mode_converts_llm_and_flow_linears(default):
     remaining = [name for name, m in default.llm.named_modules() if isinstance(m, nn.Linear)]
     assert remaining == ["spk_embed_affine_layer"]
-    assert isinstance(default.llm.llm_decoder, Fp16Linear)
+    fp16 = [name for name, m in default.llm.named_modules() if isinstance(m, Fp16Linear)]
+    assert fp16 == ["text_encoder.embed.out.0", "llm.embed.out.0", "llm_decoder"]
     assert isinstance(default.llm.llm.encoders[0].feed_forward.w_1, Int8Linear)
-    assert not any(isinstance(m, nn.Linear) for m in default.flow.decoder.estimator.modules())
+    assert isinstance(default.llm.text_encoder_affine_layer, Int8Linear)
+    assert isinstance(default.llm.text_embedding, Fp16Embedding)
+    assert all(type(m) is Fp16Linear for part in (default.flow.encoder, default.flow.decoder.estimator)
+               for m in part.modules() if isinstance(m, (nn.Linear, Int8Linear, Fp16Linear)))
+    # the length regulator and the small projections around the encoder stay float32
+    assert [type(default.flow.spk_embed_affine_layer), type(default.flow.encoder_proj)] == [nn.Linear, nn.Linear]
+    assert type(default.flow.length_regulator.model[0]) is nn.Conv1d
     assert default.n_timesteps == 10
 
 
 def test_fast_mode_uses_fewer_steps_and_int8_flow(fast):
     assert fast.n_timesteps < 10
-    assert any(isinstance(m, Int8Linear) for m in fast.flow.decoder.estimator.modules())
+    assert all(type(m) is Int8Linear for part in (fast.flow.encoder, fast.flow.decoder.estimator)
+               for m in part.modules() if isinstance(m, (nn.Linear, Int8Linear, Fp16Linear)))
 
 
-def test_lean_load_equals_converting_a_float32_model(default):
-    converted = apply_mode(load_model(MODEL_DIR), "default")
+def test_lean_load_equals_loading_the_float32_checkpoint_into_networks_built_for_the_mode(default):
+    """The lean path (weights-free networks, mapped checkpoints) converts exactly what a plain load converts."""
+    llm, _, _, _ = build_networks(read_config(MODEL_DIR / "cosyvoice.yaml"), Precision.of(SETTINGS["default"]))
+    load_state(llm, torch.load(MODEL_DIR / "llm.pt", weights_only=True), "llm.pt")
     text, embedding = llm_inputs(LLM_CASES[0])
-    _, a = converted.decoder.greedy(text, embedding, 10)
-    _, b = default.decoder.greedy(text, embedding, 10)
+    _, a = LMDecoder(llm.eval(), batched=False).greedy(text, embedding, 10)
+    _, b = LMDecoder(default.llm, batched=False).greedy(text, embedding, 10)
     assert torch.equal(a, b)
 
 
 def test_lean_load_leaves_no_tensor_without_data(default):
     for module in (default.llm, default.flow, default.hift):
         assert not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
-
-
-def test_a_converted_model_cannot_go_back_to_exact(default):
-    with pytest.raises(ValueError):
-        apply_mode(default, "exact")
 
 
 def test_mode_comes_from_the_environment(monkeypatch):

@@ -1,5 +1,6 @@
-"""The flow/HiFT layers of the non-exact speed modes (speed.TimeMajorConv1d, speed.ExpMish): same functions as the
-float32 modules they replace, in any input layout. Speed is never asserted (scripts/bench.py measures it)."""
+"""The flow/HiFT layers of the non-exact speed modes (layers.TimeMajorConv1d, layers.Int8Conv1d, layers.ExpMish):
+same functions as the float32 modules they stand for, in any input layout, loaded from those modules' checkpoint
+keys. Speed is never asserted (scripts/bench.py measures it)."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 from golden_data import GOLDEN_MODEL
 
 from cosyvoice_lite.model import load_model
-from cosyvoice_lite.model.speed import ExpMish, Int8Conv1d, TimeMajorConv1d, replace_mish, time_major_convs
+from cosyvoice_lite.model.layers import ExpMish, Int8Conv1d, TimeMajorConv1d
 
 MODEL_DIR = GOLDEN_MODEL
 
@@ -33,6 +34,16 @@ CONVS = [
 ]
 
 
+def time_major_twin(conv):
+    """A TimeMajorConv1d of the same sizes as ``conv``, loaded from its state dict (the official keys)."""
+    transposed = isinstance(conv, nn.ConvTranspose1d)
+    twin = TimeMajorConv1d(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
+                           conv.dilation[0], conv.groups, conv.bias is not None, transposed=transposed,
+                           output_padding=conv.output_padding[0] if transposed else 0)
+    twin.load_state_dict(conv.state_dict())
+    return twin
+
+
 @pytest.mark.parametrize("conv", CONVS, ids=lambda c: repr(c))
 @pytest.mark.parametrize("layout", ["contiguous", "time-major"])
 def test_time_major_conv_computes_the_same_convolution(conv, layout):
@@ -40,23 +51,32 @@ def test_time_major_conv_computes_the_same_convolution(conv, layout):
     x = torch.randn(2, 16, 37)
     with torch.no_grad():
         ref = conv(x)
-        ours = TimeMajorConv1d(conv)(time_major(x) if layout == "time-major" else x)
+        ours = time_major_twin(conv)(time_major(x) if layout == "time-major" else x)
     assert ours.shape == ref.shape
     assert ours.stride(1) == 1  # output memory is time-major
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_time_major_convs_replaces_plain_convs_only():
+def test_int8_conv_is_close_to_the_float32_convolution():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), nn.Sequential(nn.ConvTranspose1d(8, 8, 4, 2, 1)),
-                        Int8Conv1d(nn.Conv1d(8, 8, 3, padding=1)))
-    x = torch.randn(1, 4, 20)
+    conv = nn.Conv1d(16, 16, 7, dilation=3, padding=9)
+    int8 = Int8Conv1d(16, 16, 7, dilation=3, padding=9)
+    int8.load_state_dict(conv.state_dict())
+    x = torch.randn(1, 16, 50)
     with torch.no_grad():
-        ref = net(x)
-        assert time_major_convs(net) == 2
-        assert isinstance(net[2], Int8Conv1d)
-        torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
-        assert time_major_convs(net) == 0  # already converted
+        assert rel(int8(x), conv(x)) < 5e-2  # 8-bit weights, 7-bit activations
+
+
+@pytest.mark.parametrize("make", [lambda: TimeMajorConv1d(4, 8, 3), lambda: Int8Conv1d(4, 8, 3)],
+                         ids=["time-major", "int8"])
+def test_converted_convs_load_only_the_official_keys_and_shapes(make):
+    state = nn.Conv1d(4, 8, 3).state_dict()
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"bias\""):
+        make().load_state_dict({"weight": state["weight"]})
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"scale\""):
+        make().load_state_dict({**state, "scale": torch.ones(1)})
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: copying a param with shape \(8, 4, 5\)"):
+        make().load_state_dict({**state, "weight": torch.zeros(8, 4, 5)})
 
 
 def test_exp_mish_is_mish_without_overflow():
@@ -64,8 +84,6 @@ def test_exp_mish_is_mish_without_overflow():
     ours = ExpMish()(x)
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, F.mish(x), rtol=1e-6, atol=1e-6)
-    net = nn.Sequential(nn.Mish(), nn.Sequential(nn.Linear(2, 2), nn.Mish()))
-    assert replace_mish(net) == 2 and isinstance(net[1][1], ExpMish)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +96,13 @@ def test_non_exact_modes_run_flow_and_hift_convolutions_time_major(mode):
     model = load_model(MODEL_DIR, mode=mode)
     for module in (model.flow.decoder.estimator, model.hift):
         assert not any(type(m) in (nn.Conv1d, nn.ConvTranspose1d, nn.Mish) for m in module.modules())
-    assert any(isinstance(m, Int8Conv1d) for m in model.hift.modules()) == (mode == "fast")
+    assert not any(type(m) is nn.Mish for m in model.flow.modules())  # the length regulator's too
+    int8 = [name for name, m in model.hift.named_modules() if isinstance(m, Int8Conv1d)]
+    if mode == "fast":  # the residual blocks only
+        assert int8 and all(name.startswith(("resblocks.", "source_resblocks.")) for name in int8)
+        assert isinstance(model.hift.source_resblocks[0].convs1[0], Int8Conv1d)
+    else:
+        assert not int8
 
 
 def test_exact_mode_keeps_the_official_convolutions(exact):

@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 import torch
 from .flow import stretch
 from .lm_decoder import LMDecoder
-from .speed import SETTINGS
+from .speed import SETTINGS, ModeSettings
 
 
 class UnknownSpeaker(KeyError):
@@ -23,24 +23,15 @@ class CosyVoiceSFT:
     """
 
     def __init__(self, llm, flow, hift, speakers: dict[str, torch.Tensor], sample_rate: int = 22050,
-                 model_dir: Path | None = None):
+                 model_dir: Path | None = None, mode: ModeSettings | None = None):
         self.llm, self.flow, self.hift = llm, flow, hift
         self.speakers = speakers
         self.sample_rate = sample_rate
         self.model_dir = model_dir
         self.token_rate = flow.input_frame_rate          # speech tokens per second (50)
         self.samples_per_frame = hift.upsample_factor     # waveform samples per mel frame (256)
-        self._mode = None
-        self._decoder = None
-
-    @property
-    def mode(self):
-        """Speed mode settings (speed.ModeSettings); 'exact' unless converted by speed.apply_mode."""
-        return self._mode or SETTINGS["exact"]
-
-    @mode.setter
-    def mode(self, value):
-        self._mode = value
+        # the speed mode the networks were built in (load_model builds them in it): its steps, batching, joins
+        self.mode = mode or SETTINGS["exact"]
         self._decoder = None
 
     @property

@@ -2,13 +2,16 @@
 
 Module and parameter names follow the official checkpoint (Matcha-TTS decoder + diffusers BasicTransformerBlock), so
 `decoder.estimator.*` keys of flow.pt load strictly. Only what CosyVoice v1 configures is implemented: self-attention
-without bias, GELU feed-forward, LayerNorm, no cross attention.
+without bias, GELU feed-forward, LayerNorm, no cross attention. Linear layers, convolutions and Mish come from the
+precision policy the decoder is built with (``precision.py``; the official float32 layers by default).
 """
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .precision import EXACT, Precision
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -31,20 +34,21 @@ class SinusoidalPosEmb(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, in_channels: int, time_embed_dim: int):
+    def __init__(self, in_channels: int, time_embed_dim: int, policy: Precision = EXACT):
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.linear_1 = policy.linear(in_channels, time_embed_dim, name="linear_1")
         self.act = nn.SiLU()
-        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+        self.linear_2 = policy.linear(time_embed_dim, time_embed_dim, name="linear_2")
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(t)))
 
 
 class Block1D(nn.Module):
-    def __init__(self, dim: int, dim_out: int, groups: int = 8):
+    def __init__(self, dim: int, dim_out: int, groups: int = 8, policy: Precision = EXACT):
         super().__init__()
-        self.block = nn.Sequential(nn.Conv1d(dim, dim_out, 3, padding=1), nn.GroupNorm(groups, dim_out), nn.Mish())
+        self.block = nn.Sequential(policy.conv1d(dim, dim_out, 3, padding=1, name="block.0"),
+                                   nn.GroupNorm(groups, dim_out), policy.mish(name="block.2"))
 
     def forward(self, x: torch.Tensor, mask) -> torch.Tensor:
         return masked(self.block(masked(x, mask)), mask)
@@ -53,12 +57,12 @@ class Block1D(nn.Module):
 class ResnetBlock1D(nn.Module):
     """Two conv blocks with the timestep embedding added in between, plus a 1x1 residual projection."""
 
-    def __init__(self, dim: int, dim_out: int, time_emb_dim: int, groups: int = 8):
+    def __init__(self, dim: int, dim_out: int, time_emb_dim: int, groups: int = 8, policy: Precision = EXACT):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_emb_dim, dim_out))
-        self.block1 = Block1D(dim, dim_out, groups=groups)
-        self.block2 = Block1D(dim_out, dim_out, groups=groups)
-        self.res_conv = nn.Conv1d(dim, dim_out, 1)
+        self.mlp = nn.Sequential(policy.mish(name="mlp.0"), policy.linear(time_emb_dim, dim_out, name="mlp.1"))
+        self.block1 = Block1D(dim, dim_out, groups=groups, policy=policy.at("block1"))
+        self.block2 = Block1D(dim_out, dim_out, groups=groups, policy=policy.at("block2"))
+        self.res_conv = policy.conv1d(dim, dim_out, 1, name="res_conv")
 
     def forward(self, x: torch.Tensor, mask, t_emb: torch.Tensor) -> torch.Tensor:
         h = self.block1(x, mask)  # (B, C_out, T)
@@ -68,9 +72,9 @@ class ResnetBlock1D(nn.Module):
 
 
 class Downsample1D(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, policy: Precision = EXACT):
         super().__init__()
-        self.conv = nn.Conv1d(dim, dim, 3, 2, 1)
+        self.conv = policy.conv1d(dim, dim, 3, 2, 1, name="conv")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -79,9 +83,9 @@ class Downsample1D(nn.Module):
 class Upsample1D(nn.Module):
     """x2 upsampling by transposed convolution (the only variant the estimator uses)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, policy: Precision = EXACT):
         super().__init__()
-        self.conv = nn.ConvTranspose1d(channels, channels, 4, 2, 1)
+        self.conv = policy.conv_transpose1d(channels, channels, 4, 2, 1, name="conv")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -90,14 +94,14 @@ class Upsample1D(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with bias-free q/k/v projections (diffusers layout: to_q, to_k, to_v, to_out.0)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, policy: Precision = EXACT):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.to_q = policy.linear(dim, inner, bias=False, name="to_q")
+        self.to_k = policy.linear(dim, inner, bias=False, name="to_k")
+        self.to_v = policy.linear(dim, inner, bias=False, name="to_v")
+        self.to_out = nn.ModuleList([policy.linear(inner, dim, name="to_out.0")])
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -112,22 +116,23 @@ class Attention(nn.Module):
 class GELU(nn.Module):
     """Linear projection followed by exact (erf) GELU."""
 
-    def __init__(self, dim_in: int, dim_out: int):
+    def __init__(self, dim_in: int, dim_out: int, policy: Precision = EXACT):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
+        self.proj = policy.linear(dim_in, dim_out, name="proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.proj(x))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4, activation_fn: str = "gelu"):
+    def __init__(self, dim: int, mult: int = 4, activation_fn: str = "gelu", policy: Precision = EXACT):
         super().__init__()
         if activation_fn != "gelu":
             raise ValueError(f"unsupported estimator act_fn {activation_fn!r} (only 'gelu' is implemented)")
         inner = dim * mult
         # index 1 is the official dropout slot; kept as Identity so that the output layer stays `net.2`
-        self.net = nn.ModuleList([GELU(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+        self.net = nn.ModuleList([GELU(dim, inner, policy.at("net.0")), nn.Identity(),
+                                  policy.linear(inner, dim, name="net.2")])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -138,12 +143,13 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention and feed-forward, each with a residual connection."""
 
-    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, activation_fn: str = "gelu"):
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, activation_fn: str = "gelu",
+                 policy: Precision = EXACT):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, num_attention_heads, attention_head_dim)
+        self.attn1 = Attention(dim, num_attention_heads, attention_head_dim, policy.at("attn1"))
         self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim, activation_fn=activation_fn)
+        self.ff = FeedForward(dim, activation_fn=activation_fn, policy=policy.at("ff"))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = self.attn1(self.norm1(x), bias) + x  # (B, T, C)
@@ -176,7 +182,7 @@ class ConditionalDecoder(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, channels=(256, 256), dropout: float = 0.0,
                  attention_head_dim: int = 64, n_blocks: int = 1, num_mid_blocks: int = 2, num_heads: int = 4,
-                 act_fn: str = "gelu"):
+                 act_fn: str = "gelu", policy: Precision = EXACT):
         super().__init__()
         channels = tuple(channels)
         self.in_channels = in_channels
@@ -184,41 +190,47 @@ class ConditionalDecoder(nn.Module):
         self.num_heads = num_heads
         time_embed_dim = channels[0] * 4
         self.time_embeddings = SinusoidalPosEmb(in_channels)
-        self.time_mlp = TimestepEmbedding(in_channels, time_embed_dim)
+        self.time_mlp = TimestepEmbedding(in_channels, time_embed_dim, policy.at("time_mlp"))
 
-        def transformers(dim):
-            return nn.ModuleList([BasicTransformerBlock(dim, num_heads, attention_head_dim, act_fn)
-                                  for _ in range(n_blocks)])
+        def transformers(dim, at: Precision):
+            return nn.ModuleList([BasicTransformerBlock(dim, num_heads, attention_head_dim, act_fn, at.at(j))
+                                  for j in range(n_blocks)])
 
+        # a stage is [resnet, transformers, down/up sampling] at <blocks>.<stage>.{0,1,2}
         self.down_blocks = nn.ModuleList()
         dim_out = in_channels
         for i, ch in enumerate(channels):
+            stage = policy.at(f"down_blocks.{i}")
             dim_in, dim_out = dim_out, ch
             last = i == len(channels) - 1
-            down = nn.Conv1d(dim_out, dim_out, 3, padding=1) if last else Downsample1D(dim_out)
-            self.down_blocks.append(nn.ModuleList([ResnetBlock1D(dim_in, dim_out, time_embed_dim),
-                                                   transformers(dim_out), down]))
+            down = (stage.conv1d(dim_out, dim_out, 3, padding=1, name="2") if last
+                    else Downsample1D(dim_out, stage.at("2")))
+            self.down_blocks.append(nn.ModuleList([ResnetBlock1D(dim_in, dim_out, time_embed_dim, policy=stage.at("0")),
+                                                   transformers(dim_out, stage.at("1")), down]))
 
         self.mid_blocks = nn.ModuleList([
-            nn.ModuleList([ResnetBlock1D(channels[-1], channels[-1], time_embed_dim), transformers(channels[-1])])
-            for _ in range(num_mid_blocks)
+            nn.ModuleList([ResnetBlock1D(channels[-1], channels[-1], time_embed_dim,
+                                         policy=policy.at(f"mid_blocks.{i}.0")),
+                           transformers(channels[-1], policy.at(f"mid_blocks.{i}.1"))])
+            for i in range(num_mid_blocks)
         ])
 
         up_channels = channels[::-1] + (channels[0],)
         self.up_blocks = nn.ModuleList()
         for i in range(len(up_channels) - 1):
+            stage = policy.at(f"up_blocks.{i}")
             dim_in, dim_out = up_channels[i] * 2, up_channels[i + 1]  # *2: skip connection concatenated
             last = i == len(up_channels) - 2
-            up = nn.Conv1d(dim_out, dim_out, 3, padding=1) if last else Upsample1D(dim_out)
-            self.up_blocks.append(nn.ModuleList([ResnetBlock1D(dim_in, dim_out, time_embed_dim),
-                                                 transformers(dim_out), up]))
+            up = stage.conv1d(dim_out, dim_out, 3, padding=1, name="2") if last else Upsample1D(dim_out, stage.at("2"))
+            self.up_blocks.append(nn.ModuleList([ResnetBlock1D(dim_in, dim_out, time_embed_dim, policy=stage.at("0")),
+                                                 transformers(dim_out, stage.at("1")), up]))
 
-        self.final_block = Block1D(up_channels[-1], up_channels[-1])
-        self.final_proj = nn.Conv1d(up_channels[-1], out_channels, 1)
+        self.final_block = Block1D(up_channels[-1], up_channels[-1], policy=policy.at("final_block"))
+        self.final_proj = policy.conv1d(up_channels[-1], out_channels, 1, name="final_proj")
 
     def _transformers(self, blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> (B, C, T) whose memory is time-major (B, T, C): the convolutions after it take either layout
-        (time-major ones, see speed.TimeMajorConv1d, without a copy), and a time-major input needs no copy here."""
+        (time-major ones, see layers.TimeMajorConv1d, without a copy), and a time-major input needs no copy here."""
         bias = attention_bias(mask)
         x = x.transpose(1, 2).contiguous()  # (B, T, C)
         for block in blocks:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import EXACT, Precision
+
 # Tokens at each end of a long utterance are stretched on their own (official token_overlap_len), so that the mel
 # frames belonging to the first/last 20 tokens do not depend on the utterance length.
 EDGE_TOKENS = 20
@@ -19,13 +21,16 @@ def n_mel_frames(n_tokens: int, input_frame_rate: int, sample_rate: int, hop: in
 class InterpolateRegulator(nn.Module):
     """Linearly stretches token features (B, T, C) to the mel frame rate, then smooths them with a conv stack."""
 
-    def __init__(self, channels: int, sampling_ratios=(1, 1, 1, 1), out_channels: int = None, groups: int = 1):
+    def __init__(self, channels: int, sampling_ratios=(1, 1, 1, 1), out_channels: int = None, groups: int = 1,
+                 policy: Precision = EXACT):
         super().__init__()
         self.sampling_ratios = sampling_ratios
         layers = []
         for _ in sampling_ratios:
-            layers += [nn.Conv1d(channels, channels, 3, 1, 1), nn.GroupNorm(groups, channels), nn.Mish()]
-        layers.append(nn.Conv1d(channels, out_channels or channels, 1, 1))
+            i = len(layers)  # names model.<i> as in the official
+            layers += [policy.conv1d(channels, channels, 3, 1, 1, name=f"model.{i}"), nn.GroupNorm(groups, channels),
+                       policy.mish(name=f"model.{i + 2}")]
+        layers.append(policy.conv1d(channels, out_channels or channels, 1, 1, name=f"model.{len(layers)}"))
         self.model = nn.Sequential(*layers)
 
     def inference(self, h: torch.Tensor, n_frames: int, input_frame_rate: int = 50, sample_rate: int = 22050,
@@ -55,7 +60,7 @@ class MaskedDiffWithXvec(nn.Module):
     def __init__(self, input_size: int = 512, output_size: int = 80, spk_embed_dim: int = 192,
                  output_type: str = "mel", vocab_size: int = 4096, input_frame_rate: int = 50,
                  encoder: nn.Module = None, length_regulator: nn.Module = None, decoder: nn.Module = None,
-                 sample_rate: int = 22050, hop_size: int = 256):
+                 sample_rate: int = 22050, hop_size: int = 256, policy: Precision = EXACT):
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
@@ -64,11 +69,11 @@ class MaskedDiffWithXvec(nn.Module):
         self.input_frame_rate = input_frame_rate
         self.sample_rate = sample_rate
         self.hop_size = hop_size
-        self.input_embedding = nn.Embedding(vocab_size, input_size)
-        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, output_size)
+        self.input_embedding = policy.embedding(vocab_size, input_size, name="input_embedding")
+        self.spk_embed_affine_layer = policy.linear(spk_embed_dim, output_size, name="spk_embed_affine_layer")
         self.encoder = encoder
         enc_size = encoder.output_size() if callable(encoder.output_size) else encoder.output_size
-        self.encoder_proj = nn.Linear(enc_size, output_size)
+        self.encoder_proj = policy.linear(enc_size, output_size, name="encoder_proj")
         self.decoder = decoder
         self.length_regulator = length_regulator
 

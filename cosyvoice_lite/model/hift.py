@@ -2,8 +2,9 @@
 iSTFTNet generator (mel + excitation -> 18-channel magnitude/phase -> inverse STFT).
 
 Inference only. Weight norm is folded into plain `.weight` tensors when the checkpoint is read
-(`normalize_hift_state_dict`), so every conv below is an ordinary nn.Conv1d / nn.ConvTranspose1d.
-Parameter names equal the official ones so the official hift.pt loads strictly.
+(`normalize_hift_state_dict`), so every conv below loads as an ordinary nn.Conv1d / nn.ConvTranspose1d; which form
+each one runs in comes from the precision policy HiFT is built with (``precision.py``; the official float32 layers
+by default). Parameter names equal the official ones so the official hift.pt loads strictly.
 """
 import math
 from typing import Dict, List, Optional
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions.uniform import Uniform
+
+from .precision import EXACT, Precision
 
 _WN_SUFFIXES = {  # weight-norm key suffix -> g (magnitude) or v (direction)
     ".weight_g": "g", ".weight_v": "v",
@@ -55,13 +58,15 @@ def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
 class ConvRNNF0Predictor(nn.Module):
     """mel (B, in_channels, F) -> f0 in Hz (B, F): five conv3 + ELU layers, then a per-frame linear head."""
 
-    def __init__(self, num_class: int = 1, in_channels: int = 80, cond_channels: int = 512):
+    def __init__(self, num_class: int = 1, in_channels: int = 80, cond_channels: int = 512,
+                 policy: Precision = EXACT):
         super().__init__()
         layers = []
         for i in range(5):
-            layers += [nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1), nn.ELU()]
+            layers += [policy.conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1,
+                                     name=f"condnet.{2 * i}"), nn.ELU()]
         self.condnet = nn.Sequential(*layers)  # convs at indices 0, 2, 4, 6, 8 (official names)
-        self.classifier = nn.Linear(cond_channels, num_class)
+        self.classifier = policy.linear(cond_channels, num_class, name="classifier")
 
     def forward(self, mel: Tensor) -> Tensor:
         x = self.condnet(mel).transpose(1, 2)  # (B, F, C)
@@ -85,12 +90,15 @@ class Snake(nn.Module):
 class ResBlock(nn.Module):
     """HiFi-GAN residual block with Snake activations: per dilation, snake -> dilated conv -> snake -> conv."""
 
-    def __init__(self, channels: int, kernel_size: int = 3, dilations: List[int] = (1, 3, 5)):
+    def __init__(self, channels: int, kernel_size: int = 3, dilations: List[int] = (1, 3, 5),
+                 policy: Precision = EXACT):
         super().__init__()
         self.convs1 = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=(kernel_size * d - d) // 2) for d in dilations)
+            policy.conv1d(channels, channels, kernel_size, dilation=d, padding=(kernel_size * d - d) // 2,
+                          name=f"convs1.{j}") for j, d in enumerate(dilations))
         self.convs2 = nn.ModuleList(
-            nn.Conv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2) for _ in dilations)
+            policy.conv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2, name=f"convs2.{j}")
+            for j in range(len(dilations)))
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
@@ -160,14 +168,14 @@ class SourceModuleHnNSF(nn.Module):
     """Harmonics -> one excitation channel via tanh(Linear(H+1 -> 1))."""
 
     def __init__(self, sampling_rate: int, upsample_scale: int, harmonic_num: int = 0, sine_amp: float = 0.1,
-                 add_noise_std: float = 0.003, voiced_threshod: float = 0):
+                 add_noise_std: float = 0.003, voiced_threshod: float = 0, policy: Precision = EXACT):
         super().__init__()
         self.sine_amp = sine_amp
         if sampling_rate == 22050:
             self.l_sin_gen = SineGen(sampling_rate, harmonic_num, sine_amp, add_noise_std, voiced_threshod)
         else:
             self.l_sin_gen = SineGen2(sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std, voiced_threshod)
-        self.l_linear = nn.Linear(harmonic_num + 1, 1)
+        self.l_linear = policy.linear(harmonic_num + 1, 1, name="l_linear")
 
     def forward(self, f0: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         sines = self.l_sin_gen(f0, generator).transpose(1, 2)  # (B, T, H+1)
@@ -189,7 +197,8 @@ class HiFTGenerator(nn.Module):
                  resblock_dilation_sizes: List[List[int]] = ((1, 3, 5), (1, 3, 5), (1, 3, 5)),
                  source_resblock_kernel_sizes: List[int] = (7, 11),
                  source_resblock_dilation_sizes: List[List[int]] = ((1, 3, 5), (1, 3, 5)),
-                 lrelu_slope: float = 0.1, audio_limit: float = 0.99, f0_predictor: Optional[nn.Module] = None):
+                 lrelu_slope: float = 0.1, audio_limit: float = 0.99, f0_predictor: Optional[nn.Module] = None,
+                 policy: Precision = EXACT):
         super().__init__()
         istft_params = dict(istft_params or {"n_fft": 16, "hop_len": 4})
         self.n_fft, self.hop_len = istft_params["n_fft"], istft_params["hop_len"]
@@ -199,10 +208,11 @@ class HiFTGenerator(nn.Module):
         spec_channels = self.n_fft + 2  # real and imaginary parts of n_fft // 2 + 1 bins
 
         self.m_source = SourceModuleHnNSF(sampling_rate, self.upsample_factor, nb_harmonics, nsf_alpha, nsf_sigma,
-                                          nsf_voiced_threshold)
-        self.conv_pre = nn.Conv1d(in_channels, base_channels, 7, padding=3)
+                                          nsf_voiced_threshold, policy=policy.at("m_source"))
+        self.conv_pre = policy.conv1d(in_channels, base_channels, 7, padding=3, name="conv_pre")
         self.ups = nn.ModuleList(
-            nn.ConvTranspose1d(base_channels // 2 ** i, base_channels // 2 ** (i + 1), k, u, padding=(k - u) // 2)
+            policy.conv_transpose1d(base_channels // 2 ** i, base_channels // 2 ** (i + 1), k, u, padding=(k - u) // 2,
+                                    name=f"ups.{i}")
             for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes)))
 
         # The source STFT runs at hop_len; stage i needs it downsampled to that stage's rate.
@@ -210,14 +220,17 @@ class HiFTGenerator(nn.Module):
         self.source_downs, self.source_resblocks = nn.ModuleList(), nn.ModuleList()
         for i, (u, k, d) in enumerate(zip(down_rates, source_resblock_kernel_sizes, source_resblock_dilation_sizes)):
             ch, u = base_channels // 2 ** (i + 1), int(u)
-            self.source_downs.append(nn.Conv1d(spec_channels, ch, 1) if u == 1 else
-                                     nn.Conv1d(spec_channels, ch, u * 2, u, padding=u // 2))
-            self.source_resblocks.append(ResBlock(ch, k, d))
+            down = policy.at(f"source_downs.{i}")
+            self.source_downs.append(down.conv1d(spec_channels, ch, 1) if u == 1 else
+                                     down.conv1d(spec_channels, ch, u * 2, u, padding=u // 2))
+            self.source_resblocks.append(ResBlock(ch, k, d, policy.at(f"source_resblocks.{i}")))
 
-        self.resblocks = nn.ModuleList(
-            ResBlock(base_channels // 2 ** (i + 1), k, d)
-            for i in range(len(self.ups)) for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes))
-        self.conv_post = nn.Conv1d(base_channels // 2 ** len(self.ups), spec_channels, 7, padding=3)
+        blocks = [(i, k, d) for i in range(len(self.ups))
+                  for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes)]
+        self.resblocks = nn.ModuleList(ResBlock(base_channels // 2 ** (i + 1), k, d, policy.at(f"resblocks.{j}"))
+                                       for j, (i, k, d) in enumerate(blocks))
+        self.conv_post = policy.conv1d(base_channels // 2 ** len(self.ups), spec_channels, 7, padding=3,
+                                       name="conv_post")
         # periodic Hann window computed like scipy.signal.get_window("hann", n_fft) in float64, then cast
         window = (0.5 + 0.5 * np.cos(np.linspace(-np.pi, np.pi, self.n_fft + 1)))[: self.n_fft]
         self.register_buffer("stft_window", torch.from_numpy(window.astype(np.float32)), persistent=False)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .lm_decoder import LMDecoder
+from .precision import EXACT, Precision
 from .transformer import KVCache
 
 
@@ -73,23 +74,24 @@ class TransformerLM(nn.Module):
 
     def __init__(self, text_encoder_input_size: int, llm_input_size: int, llm_output_size: int,
                  text_token_size: int, speech_token_size: int, text_encoder: nn.Module, llm: nn.Module,
-                 sampling: Optional[Dict] = None, spk_embed_dim: int = 192):
+                 sampling: Optional[Dict] = None, spk_embed_dim: int = 192, policy: Precision = EXACT):
         super().__init__()
         self.llm_input_size = llm_input_size
         self.speech_token_size = speech_token_size
-        self.text_embedding = nn.Embedding(text_token_size, text_encoder_input_size)
+        self.text_embedding = policy.embedding(text_token_size, text_encoder_input_size, name="text_embedding")
         self.text_encoder = text_encoder
-        self.text_encoder_affine_layer = nn.Linear(text_encoder.output_size(), llm_input_size)
+        self.text_encoder_affine_layer = policy.linear(text_encoder.output_size(), llm_input_size,
+                                                       name="text_encoder_affine_layer")
 
         self.sos = 0  # rows of llm_embedding
         self.task_id = 1
         self.eos_token = speech_token_size  # last logit
-        self.llm_embedding = nn.Embedding(2, llm_input_size)
+        self.llm_embedding = policy.embedding(2, llm_input_size, name="llm_embedding")
         self.llm = llm
-        self.llm_decoder = nn.Linear(llm_output_size, speech_token_size + 1)
+        self.llm_decoder = policy.linear(llm_output_size, speech_token_size + 1, name="llm_decoder")
 
-        self.speech_embedding = nn.Embedding(speech_token_size, llm_input_size)
-        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, llm_input_size)
+        self.speech_embedding = policy.embedding(speech_token_size, llm_input_size, name="speech_embedding")
+        self.spk_embed_affine_layer = policy.linear(spk_embed_dim, llm_input_size, name="spk_embed_affine_layer")
         self.sampling = dict(sampling or {})  # ras_sampling keyword arguments from the yaml
 
     # --- conditioning ---

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .speed import Int8Linear
+from .layers import Int8Linear
 from .transformer import KVCache
 
 

@@ -2,7 +2,9 @@
 
 A CosyVoice-300M(-SFT) directory holds ``cosyvoice.yaml`` (sizes and class names), ``llm.pt``, ``flow.pt``,
 ``hift.pt`` (state dicts) and ``spk2info.pt`` (speaker embeddings). Every size comes from the yaml, so the
-full-size model and the tiny test models go through the same code.
+full-size model and the tiny test models go through the same code. The speed mode's precision policy
+(``precision.py``) is handed to the builders, so the networks are built in the mode's form and the float32
+checkpoints are converted while they are loaded.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import torch
 from .config import ConfigError, Name, New, read_config
 from .cosyvoice import CosyVoiceSFT
 from .hift import normalize_hift_state_dict
+from .layers import NonFiniteWeight, checkpoint_form
 from .mapping import clear_mappings, copy_out_of_mappings, register_mapping, release_pages
-from .speed import apply_mode, quantize_llm, settings
+from .precision import EXACT, Precision
+from .speed import settings
 from .transformer import fuse_qkv_keys
 
 log = logging.getLogger(__name__)
@@ -63,14 +67,20 @@ def _class_for(target: str):
     return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
-def build(node, where: str = "config"):
-    """Instantiate a resolved config node with our classes; ``!name:`` nodes become plain kwargs dicts."""
+def build(node, where: str = "config", policy: Precision = EXACT):
+    """Instantiate a resolved config node with our classes; ``!name:`` nodes become plain kwargs dicts.
+
+    ``where`` is the node's dotted path, which is also the built module's path in the model (yaml keys name the
+    submodules): classes that take a ``policy`` get ``policy`` at that path."""
     if isinstance(node, New):
         if node.target == "omegaconf.DictConfig":
             return dict(node.kwargs.get("content", node.args[0] if node.args else {}))
         cls = _class_for(node.target)
         parameters = inspect.signature(cls.__init__).parameters
-        kwargs = {key: build(value, f"{where}.{key}") for key, value in node.kwargs.items() if key in parameters}
+        kwargs = {key: build(value, f"{where}.{key}", policy) for key, value in node.kwargs.items()
+                  if key in parameters and key != "policy"}
+        if "policy" in parameters:
+            kwargs["policy"] = policy.at(where)
         missing = [key for key, p in parameters.items()
                    if key != "self" and p.default is inspect.Parameter.empty
                    and p.kind is p.POSITIONAL_OR_KEYWORD and key not in kwargs]
@@ -82,9 +92,9 @@ def build(node, where: str = "config"):
             raise ModelLoadError(f"cosyvoice.yaml: {where} uses unsupported function {node.target!r}")
         return dict(node.kwargs)
     if isinstance(node, dict):
-        return {key: build(value, f"{where}.{key}") for key, value in node.items()}
+        return {key: build(value, f"{where}.{key}", policy) for key, value in node.items()}
     if isinstance(node, list):
-        return [build(value, where) for value in node]
+        return [build(value, where, policy) for value in node]
     return node
 
 
@@ -110,11 +120,11 @@ def load_state(module: torch.nn.Module, state: dict, filename: str, assign: bool
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{filename} is not a state dict of tensors")
     state = fuse_qkv_keys(module, state, on_fused=release_pages)
-    own = module.state_dict()
+    own = checkpoint_form(module)  # key -> (shape, dtype); converted layers expect their nn layer's float32 keys
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                   if k in state and state[k].shape != v.shape]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {shape}" for k, (shape, _) in own.items()
+                   if k in state and tuple(state[k].shape) != shape]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
@@ -125,9 +135,12 @@ def load_state(module: torch.nn.Module, state: dict, filename: str, assign: bool
     if problems:
         raise ModelLoadError(f"{filename} does not match cosyvoice.yaml: " + "; ".join(problems))
     if assign:
-        own_dtypes = {k: v.dtype for k, v in own.items()}
-        state = {k: v if v.dtype == own_dtypes[k] else v.to(own_dtypes[k]) for k, v in state.items()}
-    module.load_state_dict(state, strict=True, assign=assign)
+        state = {k: v if own[k][1] in (None, v.dtype) else v.to(own[k][1]) for k, v in state.items()}
+    try:
+        module.load_state_dict(state, strict=True, assign=assign)  # converted layers convert here, one by one
+    except NonFiniteWeight as error:
+        raise ModelLoadError(f"{filename}: {error.key} has NaN or infinite values (corrupt or badly converted "
+                             "checkpoint)") from None
 
 
 def read_speakers(path: Path, embed_dim: int) -> dict[str, torch.Tensor]:
@@ -154,10 +167,11 @@ def read_speakers(path: Path, embed_dim: int) -> dict[str, torch.Tensor]:
 def check_finite(module: torch.nn.Module, filename: str) -> None:
     """NaN or infinite weights make a model that passes every shape check and speaks silence or noise.
 
-    Each tensor's mapped pages are dropped once it is checked: reading a whole checkpoint would otherwise make it
-    all resident at once (the converters read each weight again, from the page cache)."""
+    Float32 tensors only: converted layers checked their float32 weights while loading them (a float16 copy may
+    overflow where the float32 checkpoint did not). Each mapped tensor's pages are dropped once checked, so that a
+    whole checkpoint is never resident at once."""
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
+        if tensor.dtype == torch.float32 and not tensor.is_meta and not torch.isfinite(tensor).all():
             raise ModelLoadError(f"{filename}: {name} has NaN or infinite values (corrupt or badly converted "
                                  "checkpoint)")
         release_pages(tensor)
@@ -197,15 +211,16 @@ def check_model_dir(model_dir: Path) -> None:
                              "(fetch the model with scripts/download_model.py)")
 
 
-def build_networks(config) -> tuple:
-    """(llm, flow, hift, sample_rate) with untrained weights, sized by the config."""
+def build_networks(config, policy: Precision = EXACT) -> tuple:
+    """(llm, flow, hift, sample_rate) with untrained weights, sized by the config, their layers in the forms of
+    ``policy`` (converted layers hold no weights until a checkpoint is loaded)."""
     try:
         for section in ("llm", "flow", "hift"):
             if section not in config:
                 raise ModelLoadError(f"cosyvoice.yaml has no '{section}' section")
-        llm = build(config["llm"], "llm")
-        flow = build(config["flow"], "flow")
-        hift = build(config["hift"], "hift")
+        llm = build(config["llm"], "llm", policy)
+        flow = build(config["flow"], "flow", policy)
+        hift = build(config["hift"], "hift", policy)
         sample_rate = int(config.get("sample_rate", 22050))
     except ConfigError as error:
         raise ModelLoadError(str(error)) from error
@@ -229,26 +244,24 @@ def load_model(model_dir: str | Path, mode: str = "exact"):
     """Load an official CosyVoice-300M-SFT directory into our networks; see ``CosyVoiceSFT``.
 
     ``mode`` is a speed mode of ``speed.py``: 'exact' (float32, the default here), 'default' or 'fast'. The
-    non-exact modes build the modules without weights, map the checkpoints into memory and convert the LLM to
-    int8 layer by layer, so the process never holds all float32 weights at once.
+    networks are built in the mode's form (``precision.Precision``). The non-exact modes build them without
+    weights, map the checkpoints into memory and convert them layer by layer while loading, so the process never
+    holds all float32 weights at once.
     """
 
     target = settings(mode)
     lean = target.name != "exact"
     model_dir = Path(model_dir)
     config = checked_config(model_dir)
+    policy = Precision.of(target)
     if lean:
         with torch.device("meta"):
-            llm, flow, hift, sample_rate = build_networks(config)
+            llm, flow, hift, sample_rate = build_networks(config, policy)
     else:
-        llm, flow, hift, sample_rate = build_networks(config)
+        llm, flow, hift, sample_rate = build_networks(config, policy)
     load_state(llm, _read_checkpoint(model_dir / "llm.pt", mmap=lean), "llm.pt", assign=lean)
-    check_finite(llm, "llm.pt")  # before any conversion hides it
-    if lean:  # convert the LLM before the other files are mapped: the peak stays one network's worth lower
-
-        if target.llm != "fp32":
-            with torch.no_grad():
-                quantize_llm(llm)
+    check_finite(llm, "llm.pt")
+    if lean:  # the LLM's own copies before the other files are mapped: the peak stays one network's worth lower
         copied = copy_out_of_mappings(llm)
     load_state(flow, _read_checkpoint(model_dir / "flow.pt", mmap=lean), "flow.pt", assign=lean)
     raw_hift = _read_checkpoint(model_dir / "hift.pt", mmap=lean)
@@ -274,8 +287,7 @@ def load_model(model_dir: str | Path, mode: str = "exact"):
     log.info("loaded %s (%s mode): %d speakers, llm %.1fM, flow %.1fM, hift %.1fM parameters", model_dir,
              target.name, len(speakers),
              *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (llm, flow, hift)))
-    model = CosyVoiceSFT(llm, flow, hift, speakers, sample_rate=sample_rate, model_dir=model_dir)
-    apply_mode(model, target.name)  # converts what is left (the LLM is already done)
+    model = CosyVoiceSFT(llm, flow, hift, speakers, sample_rate=sample_rate, model_dir=model_dir, mode=target)
     if lean:
         copied += copy_out_of_mappings(flow) + copy_out_of_mappings(hift)
         clear_mappings()  # nothing refers to the mappings any more: they are gone

@@ -9,7 +9,8 @@ LayerNorm. Attention is either full (static_chunk_size 0) or limited to the curr
 For autoregressive decoding, `forward_chunk` runs only the new frames through the layers and keeps keys,
 values and projected positions per layer in a `KVCache`, so a step costs one pass over the new frame(s).
 
-Parameter names equal the official ones so that official state dicts load strictly.
+Parameter names equal the official ones so that official state dicts load strictly. Every linear layer comes from
+the precision policy the encoder is built with (``precision.py``; float32 nn.Linear by default).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .precision import EXACT, Precision
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -76,9 +79,9 @@ class EspnetRelPositionalEncoding(nn.Module):
 class LinearNoSubsampling(nn.Module):
     """Linear -> LayerNorm (-> ReLU for the legacy variant); no time subsampling."""
 
-    def __init__(self, idim: int, odim: int, legacy: bool = False):
+    def __init__(self, idim: int, odim: int, legacy: bool = False, policy: Precision = EXACT):
         super().__init__()
-        layers = [nn.Linear(idim, odim), nn.LayerNorm(odim, eps=1e-5)]
+        layers = [policy.linear(idim, odim, name="out.0"), nn.LayerNorm(odim, eps=1e-5)]
         if legacy:
             layers.append(nn.ReLU())
         self.out = nn.Sequential(*layers)  # names out.0 / out.1 as in the official (dropout held no params)
@@ -88,11 +91,11 @@ class LinearNoSubsampling(nn.Module):
 
 
 class PositionwiseFeedForward(nn.Module):
-    def __init__(self, idim: int, hidden_units: int, activation: nn.Module):
+    def __init__(self, idim: int, hidden_units: int, activation: nn.Module, policy: Precision = EXACT):
         super().__init__()
-        self.w_1 = nn.Linear(idim, hidden_units)
+        self.w_1 = policy.linear(idim, hidden_units, name="w_1")
         self.activation = activation
-        self.w_2 = nn.Linear(hidden_units, idim)
+        self.w_2 = policy.linear(hidden_units, idim, name="w_2")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_2(self.activation(self.w_1(x)))
@@ -162,17 +165,17 @@ class RelPositionMultiHeadedAttention(nn.Module):
     score(i, j) = ((q_i + u) . k_j + (q_i + v) . W_pos pe(pos_i - pos_j)) / sqrt(d_k)
     """
 
-    def __init__(self, n_head: int, n_feat: int, key_bias: bool = True):
+    def __init__(self, n_head: int, n_feat: int, key_bias: bool = True, policy: Precision = EXACT):
         super().__init__()
         assert n_feat % n_head == 0, "attention width must be divisible by the number of heads"
         self.d_k = n_feat // n_head
         self.h = n_head
         # q, k and v in one (3 * n_feat, n_feat) projection, one matmul per call; the checkpoint's separate
         # linear_q/k/v keys are fused at load (fuse_qkv_keys), a key bias absent from it (key_bias=False) is zero.
-        self.linear_qkv = nn.Linear(n_feat, 3 * n_feat)
+        self.linear_qkv = policy.linear(n_feat, 3 * n_feat, name="linear_qkv")
         self.key_bias = key_bias
-        self.linear_out = nn.Linear(n_feat, n_feat)
-        self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
+        self.linear_out = policy.linear(n_feat, n_feat, name="linear_out")
+        self.linear_pos = policy.linear(n_feat, n_feat, bias=False, name="linear_pos")
         self.pos_bias_u = nn.Parameter(torch.zeros(self.h, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(self.h, self.d_k))
 
@@ -315,7 +318,7 @@ class BaseEncoder(nn.Module):
     def __init__(self, input_size: int, output_size: int, attention_heads: int, linear_units: int,
                  num_blocks: int, input_layer: str, pos_enc_layer_type: str, normalize_before: bool,
                  static_chunk_size: int, use_dynamic_chunk: bool, selfattention_layer_type: str,
-                 activation_type: str, key_bias: bool):
+                 activation_type: str, key_bias: bool, policy: Precision = EXACT):
         super().__init__()
         if input_layer not in ("linear", "linear_legacy"):
             raise NotImplementedError(f"input_layer {input_layer!r} is not supported (only 'linear', 'linear_legacy')")
@@ -330,16 +333,19 @@ class BaseEncoder(nn.Module):
         self._output_size = output_size
         self.static_chunk_size = static_chunk_size
         self.use_dynamic_chunk = use_dynamic_chunk
-        self.embed = LinearNoSubsampling(input_size, output_size, legacy=input_layer == "linear_legacy")
+        self.embed = LinearNoSubsampling(input_size, output_size, legacy=input_layer == "linear_legacy",
+                                         policy=policy.at("embed"))
         self.pos_enc = EspnetRelPositionalEncoding(output_size)
+        layers = [policy.at(f"encoders.{i}") for i in range(num_blocks)]
         self.encoders = nn.ModuleList([
             self.layer_class(
                 output_size,
-                RelPositionMultiHeadedAttention(attention_heads, output_size, key_bias),
-                PositionwiseFeedForward(output_size, linear_units, ACTIVATIONS[activation_type]()),
+                RelPositionMultiHeadedAttention(attention_heads, output_size, key_bias, layer.at("self_attn")),
+                PositionwiseFeedForward(output_size, linear_units, ACTIVATIONS[activation_type](),
+                                        layer.at("feed_forward")),
                 normalize_before,
             )
-            for _ in range(num_blocks)
+            for layer in layers
         ])
         self.normalize_before = normalize_before
         self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
@@ -433,10 +439,11 @@ class TransformerEncoder(BaseEncoder):
                  linear_units: int = 2048, num_blocks: int = 6, input_layer: str = "conv2d",
                  pos_enc_layer_type: str = "abs_pos", normalize_before: bool = True, static_chunk_size: int = 0,
                  use_dynamic_chunk: bool = False, key_bias: bool = True,
-                 selfattention_layer_type: str = "selfattn", activation_type: str = "relu"):
+                 selfattention_layer_type: str = "selfattn", activation_type: str = "relu",
+                 policy: Precision = EXACT):
         super().__init__(input_size, output_size, attention_heads, linear_units, num_blocks, input_layer,
                          pos_enc_layer_type, normalize_before, static_chunk_size, use_dynamic_chunk,
-                         selfattention_layer_type, activation_type, key_bias)
+                         selfattention_layer_type, activation_type, key_bias, policy)
 
 
 class ConformerEncoder(BaseEncoder):
@@ -449,7 +456,7 @@ class ConformerEncoder(BaseEncoder):
                  pos_enc_layer_type: str = "rel_pos", normalize_before: bool = True, static_chunk_size: int = 0,
                  use_dynamic_chunk: bool = False, macaron_style: bool = True,
                  selfattention_layer_type: str = "rel_selfattn", activation_type: str = "swish",
-                 use_cnn_module: bool = True, key_bias: bool = True):
+                 use_cnn_module: bool = True, key_bias: bool = True, policy: Precision = EXACT):
         if use_cnn_module:
             raise NotImplementedError("ConformerEncoder: use_cnn_module=True (convolution module) is not "
                                       "supported; CosyVoice v1 configs set use_cnn_module: False")
@@ -458,4 +465,4 @@ class ConformerEncoder(BaseEncoder):
                                       "supported; CosyVoice v1 configs set macaron_style: False")
         super().__init__(input_size, output_size, attention_heads, linear_units, num_blocks, input_layer,
                          pos_enc_layer_type, normalize_before, static_chunk_size, use_dynamic_chunk,
-                         selfattention_layer_type, activation_type, key_bias)
+                         selfattention_layer_type, activation_type, key_bias, policy)
