@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from golden_data import GOLDEN
 from golden_data import GOLDEN_MODEL as MODEL_DIR
 
-from cosyvoice_lite.backends import accelerate, plan
+from cosyvoice_lite.backends import accelerate, external_paths, plan
 from cosyvoice_lite.backends.cpu import CpuInfo, cpu_info, parse_cpuinfo
 from cosyvoice_lite.model import load_model
+from cosyvoice_lite.model.layers import Fp16Linear
 from cosyvoice_lite.model.speed import settings
 
 # the golden set's flow cases (other golden sets have other names and sizes)
@@ -221,6 +223,54 @@ def test_an_unusable_cache_directory_falls_back_to_pytorch_and_says_so(tmp_path,
     token, embedding, z, _ = case_inputs(FLOW_CASES[0])
     with torch.inference_mode():
         assert model.flow.inference(token, embedding, noise=z).shape[2] == case_inputs(FLOW_CASES[0])[3].shape[2]
+
+
+def built_for(stages, mode="default"):
+    return load_model(MODEL_DIR, mode=mode, external=external_paths(stages))
+
+
+def test_what_openvino_will_run_is_built_float32_and_the_rest_in_the_mode():
+    model = built_for(plan(settings("default"), ZEN4))
+    estimator = model.flow.decoder.estimator
+    body = [m for part in (estimator.down_blocks, estimator.mid_blocks, estimator.up_blocks) for m in part.modules()]
+    assert any(type(m) is nn.Linear for m in body) and not any(type(m) is Fp16Linear for m in body)
+    assert type(estimator.time_mlp.linear_1) is Fp16Linear  # the time embedding stays in PyTorch, in the mode
+    assert all(type(m) is Fp16Linear for m in model.flow.encoder.modules() if isinstance(m, (nn.Linear, Fp16Linear)))
+    assert type(model.hift.resblocks[0].convs1[0]) is nn.Conv1d
+    assert type(model.hift.f0_predictor.condnet[0]) is not nn.Conv1d  # time-major, as the mode has it
+    avx2 = built_for(plan(settings("default"), AVX2))  # HiFT stays in PyTorch there: built in the mode
+    assert type(avx2.hift.resblocks[0].convs1[0]) is not nn.Conv1d
+
+
+def test_a_model_built_for_openvino_gives_the_audio_of_one_converted_after_loading(tmp_path):
+    stages = plan(settings("default"), ZEN4)
+    built = built_for(stages)
+    info = accelerate(built, settings("default"), MODEL_DIR, cache_root=tmp_path, threads=2, cpu=ZEN4, stages=stages)
+    if info["backend"] != "openvino":
+        pytest.skip("openvino not installed")
+    converted = accelerated("default", tmp_path, ZEN4)
+    token, embedding, z, _ = case_inputs(FLOW_CASES[0])
+    with torch.inference_mode():
+        mel = built.flow.inference(token, embedding, noise=z)
+        assert torch.equal(mel, converted.flow.inference(token, embedding, noise=z))
+        wavs = []
+        for model in (built, converted):
+            torch.manual_seed(0)  # HiFT's excitation draws noise
+            wavs.append(model.mel_to_wav(mel[:, :, :40]))
+        assert torch.equal(*wavs)
+
+
+def test_a_stage_built_for_openvino_that_cannot_run_there_runs_float32_pytorch(tmp_path, caplog):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    stages = plan(settings("default"), ZEN4)
+    model = built_for(stages)
+    with caplog.at_level(logging.WARNING, logger="cosyvoice_lite.backends"):
+        info = accelerate(model, settings("default"), MODEL_DIR, cache_root=blocked, cpu=ZEN4, stages=stages)
+    assert (info["stages"]["flow_estimator"], info["stages"]["hift"]) == ("torch fp32", "torch fp32")
+    token, embedding, z, mel = case_inputs(FLOW_CASES[0])
+    with torch.inference_mode():
+        assert model.flow.inference(token, embedding, noise=z).shape == mel.shape
 
 
 def test_ready_shows_the_runtime_precision_per_stage_and_cpu_features(make_app, cosyvoice_engine):

@@ -60,20 +60,38 @@ def plan(mode, cpu: CpuInfo, backend: str = "auto", openvino: bool = True) -> di
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 BODY_PARTS = ("conv_pre", "ups", "source_downs", "source_resblocks", "resblocks", "conv_post")  # HiFT.body's layers
+ESTIMATOR_BODY = ("down_blocks", "mid_blocks", "up_blocks", "final_block", "final_proj")  # not its time embedding
+# module paths of what a stage run by OpenVINO replaces (built float32 and left unread: model.precision.external)
+EXTERNAL = {"flow_estimator": tuple(f"flow.decoder.estimator.{part}" for part in ESTIMATOR_BODY),
+            "hift": tuple(f"hift.{part}" for part in BODY_PARTS)}
+
+
+def runtime_plan(mode, backend: str = "auto", cpu: CpuInfo | None = None) -> dict[str, Stage]:
+    """``plan`` for this CPU (or ``cpu``) and the installed runtime; says so when OpenVINO cannot be imported."""
+    from .ov_runtime import available
+
+    openvino = available() is not None
+    if backend in ("auto", "openvino") and not openvino:
+        log.warning("openvino cannot be imported: every stage runs in PyTorch")
+    return plan(mode, cpu or cpu_info(), backend, openvino=openvino)
+
+
+def external_paths(stages: dict[str, Stage]) -> tuple:
+    """The module paths the model need not build in its PyTorch precision: the stages OpenVINO will run."""
+    return tuple(path for name in OFFLOADED if stages[name].runtime == "openvino" for path in EXTERNAL[name])
 
 
 def accelerate(model, mode, model_dir, backend: str = "auto", cache_root: str | Path | None = None,
-               threads: int = 1, cpu: CpuInfo | None = None) -> dict:
+               threads: int = 1, cpu: CpuInfo | None = None, stages: dict[str, Stage] | None = None) -> dict:
     """Run the stages the plan gives to OpenVINO there (in place on ``model``); returns what runs where (for the
     start log and /ready). Without ``cache_root`` converted models live in a temporary directory (not kept).
-    ``cpu``: plan for another CPU's features than this one's (the kernels still run on this one)."""
+    ``cpu``: plan for another CPU's features than this one's (the kernels still run on this one). ``stages``: the
+    plan the model was built for (``runtime_plan``; made here when not given)."""
     from .ov_runtime import available
 
     cpu = cpu or cpu_info()
     version = available()
-    if backend in ("auto", "openvino") and version is None:
-        log.warning("openvino cannot be imported: every stage runs in PyTorch")
-    stages = plan(mode, cpu, backend, openvino=version is not None)
+    stages = dict(stages) if stages is not None else runtime_plan(mode, backend, cpu)
     wanted = [name for name in OFFLOADED if stages[name].runtime == "openvino"]
     root = None
     if wanted:
@@ -110,7 +128,8 @@ def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, thr
                                    example=example)
         except Exception as error:  # a graph the converter cannot take, a broken install, a full disk, ...
             log.warning("openvino: %s stays in PyTorch (%s: %s)", name, type(error).__name__, error)
-            stages[name] = torch_plan(mode)[name]
+            built_for_openvino = set(EXTERNAL[name]) <= set(getattr(model, "external", ()))
+            stages[name] = Stage("torch", "fp32") if built_for_openvino else torch_plan(mode)[name]
             continue
         if stage == "estimator":
             model.flow.decoder.estimator = runner  # the PyTorch estimator's weights are released

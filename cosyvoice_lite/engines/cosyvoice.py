@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..audio import Resampler
-from ..backends import accelerate
+from ..backends import accelerate, external_paths, runtime_plan
 from ..cache import dequantize, quantize, segment_key
 from ..decode.scheduler import SEGMENT_END, Scheduler
 from ..frontend import NothingToSpeak, TextFrontend
@@ -58,11 +58,13 @@ class CosyVoiceEngine(Engine):
         self.model_dir = model_dir
         self.first_hop = first_hop
         self._identity: str | None = None
-        self.model = load_model(model_dir, mode=self.mode.name)
+        # one plan for the whole model: what OpenVINO runs is built float32 and left unread, the rest in the mode
+        stages = runtime_plan(self.mode, backend)
+        self.model = load_model(model_dir, mode=self.mode.name, external=external_paths(stages))
         release_free_memory()  # what the conversions freed, before the backend compiles its stages
         # backend: 'auto' | 'openvino' | 'torch' (backends.plan); cache_root: where compiled models are kept
         self.runtime = accelerate(self.model, self.mode, model_dir, backend=backend, cache_root=cache_root,
-                                  threads=torch.get_num_threads())
+                                  threads=torch.get_num_threads(), stages=stages)
         self.frontend = TextFrontend()
         self.n_timesteps = n_timesteps or self.mode.n_timesteps
         self.max_batch = max(1, max_batch)

@@ -23,7 +23,7 @@ class CosyVoiceSFT:
     """
 
     def __init__(self, llm, flow, hift, speakers: dict[str, torch.Tensor], sample_rate: int = 22050,
-                 model_dir: Path | None = None, mode: ModeSettings | None = None):
+                 model_dir: Path | None = None, mode: ModeSettings | None = None, external: tuple = ()):
         self.llm, self.flow, self.hift = llm, flow, hift
         self.speakers = speakers
         self.sample_rate = sample_rate
@@ -32,6 +32,7 @@ class CosyVoiceSFT:
         self.samples_per_frame = hift.upsample_factor     # waveform samples per mel frame (256)
         # the speed mode the networks were built in (load_model builds them in it): its steps, batching, joins
         self.mode = mode or SETTINGS["exact"]
+        self.external = tuple(external)  # module paths built float32 for an execution backend (Precision.external)
         self._decoder = None
 
     @property

@@ -240,20 +240,21 @@ def checked_config(model_dir: Path):
         raise ModelLoadError(str(error)) from error
 
 
-def load_model(model_dir: str | Path, mode: str = "exact"):
+def load_model(model_dir: str | Path, mode: str = "exact", external: tuple = ()):
     """Load an official CosyVoice-300M-SFT directory into our networks; see ``CosyVoiceSFT``.
 
     ``mode`` is a speed mode of ``speed.py``: 'exact' (float32, the default here), 'default' or 'fast'. The
     networks are built in the mode's form (``precision.Precision``). The non-exact modes build them without
     weights, map the checkpoints into memory and convert them layer by layer while loading, so the process never
-    holds all float32 weights at once.
+    holds all float32 weights at once. ``external``: module paths an execution backend will run instead
+    (``Precision.external``): built in float32 and, in the lean modes, left in the file mapping, never read.
     """
 
     target = settings(mode)
     lean = target.name != "exact"
     model_dir = Path(model_dir)
     config = checked_config(model_dir)
-    policy = Precision.of(target)
+    policy = Precision.of(target, external=external if lean else ())
     if lean:
         with torch.device("meta"):
             llm, flow, hift, sample_rate = build_networks(config, policy)
@@ -287,10 +288,14 @@ def load_model(model_dir: str | Path, mode: str = "exact"):
     log.info("loaded %s (%s mode): %d speakers, llm %.1fM, flow %.1fM, hift %.1fM parameters", model_dir,
              target.name, len(speakers),
              *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (llm, flow, hift)))
-    model = CosyVoiceSFT(llm, flow, hift, speakers, sample_rate=sample_rate, model_dir=model_dir, mode=target)
+    model = CosyVoiceSFT(llm, flow, hift, speakers, sample_rate=sample_rate, model_dir=model_dir, mode=target,
+                         external=policy.external)
     if lean:
-        copied += copy_out_of_mappings(flow) + copy_out_of_mappings(hift)
-        clear_mappings()  # nothing refers to the mappings any more: they are gone
+        networks = {"flow": flow, "hift": hift}
+        keep = {name: [networks[name].get_submodule(path.split(".", 1)[1]) for path in policy.external
+                       if path.split(".", 1)[0] == name] for name in networks}
+        copied += copy_out_of_mappings(flow, keep["flow"]) + copy_out_of_mappings(hift, keep["hift"])
+        clear_mappings()  # only the external modules still refer to a mapping, until the backend replaces them
         log.info("%.0f MB of unconverted tensors copied out of the checkpoint mappings", copied / 2 ** 20)
     return model
 

@@ -26,7 +26,7 @@ def _in_mapping(tensor: torch.Tensor) -> bool:
     return any(lo <= start and end <= hi for lo, hi in _MAPPED)
 
 
-def copy_out_of_mappings(module: torch.nn.Module) -> int:
+def copy_out_of_mappings(module: torch.nn.Module, keep: tuple = ()) -> int:
     """Give every parameter and buffer of `module` that still lives in a checkpoint mapping memory of its own and
     drop its mapped pages, one tensor at a time; returns the bytes copied.
 
@@ -34,11 +34,14 @@ def copy_out_of_mappings(module: torch.nn.Module) -> int:
     norm's bias, an embedding row) maps the whole folio around it, including pages of weights that were converted
     and released long ago: a serving process would grow by a few hundred MB of file pages. Once nothing refers to
     a mapping any more it is unmapped. The copies cost what the unconverted tensors weigh (embedding tables, norms,
-    biases).
+    biases). Submodules in ``keep`` (and below) stay mapped: an execution backend replaces them unread.
     """
     copies = {}
     copied = 0
+    kept = {id(m) for k in keep for m in k.modules()}
     for sub in module.modules():
+        if id(sub) in kept:
+            continue
         for store in (sub._parameters, sub._buffers):
             for name, tensor in store.items():
                 if tensor is None or not _in_mapping(tensor):

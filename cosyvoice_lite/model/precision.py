@@ -49,11 +49,14 @@ class Precision:
     llm: str = "fp32"   # LLM linears: "fp32" or "int8" (LLM_FP16 in float16, LLM_SKIP in float32)
     flow: str = "fp32"  # flow encoder + estimator linears: "fp32", "fp16" or "int8"
     hift: str = "fp32"  # "fp32" (official layout), "fp32-tm" (time-major convolutions) or "int8-tm"
+    # module paths an execution backend runs (backends.external_paths): their layers stay the checkpoint's float32
+    # ones, which the lean load leaves in the file mapping, untouched, until the backend's copy replaces them
+    external: tuple = ()
     path: str = ""
 
     @classmethod
-    def of(cls, mode: ModeSettings) -> "Precision":
-        return cls(llm=mode.llm, flow=mode.flow, hift=mode.hift)
+    def of(cls, mode: ModeSettings, external=()) -> "Precision":
+        return cls(llm=mode.llm, flow=mode.flow, hift=mode.hift, external=tuple(external))
 
     def at(self, name) -> "Precision":
         """The policy one module further down, at ``<path>.<name>``."""
@@ -66,6 +69,8 @@ class Precision:
     # --- the rules ---
 
     def linear_kind(self, path: str) -> str:
+        if _under(path, self.external):
+            return "fp32"
         if _under(path, ("llm",)) and self.llm != "fp32":
             if _ends_with(path, LLM_SKIP):
                 return "fp32"
@@ -74,6 +79,8 @@ class Precision:
 
     def conv_kind(self, path: str, transposed: bool = False) -> str:
         """"fp32" (nn layer), "tm" (TimeMajorConv1d) or "int8" (Int8Conv1d)."""
+        if _under(path, self.external):
+            return "fp32"
         if _under(path, ("hift",)) and self.hift != "fp32":
             return "int8" if self.hift == "int8-tm" and not transposed and _under(path, HIFT_INT8) else "tm"
         return "tm" if self.flow != "fp32" and _under(path, FLOW_TIME_MAJOR) else "fp32"
@@ -104,7 +111,9 @@ class Precision:
 
     def mish(self, name: str = "") -> nn.Module:
         # the flow's Mish (length regulator and estimator) follows its linears
-        return ExpMish() if self.flow != "fp32" and _under(self._join(name), ("flow",)) else nn.Mish()
+        path = self._join(name)
+        return ExpMish() if self.flow != "fp32" and _under(path, ("flow",)) and not _under(path, self.external) \
+            else nn.Mish()
 
     def embedding(self, num_embeddings: int, embedding_dim: int, name: str = "") -> nn.Module:
         path = self._join(name)
