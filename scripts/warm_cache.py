@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
-    from cosyvoice_lite.backends import accelerate
+    from cosyvoice_lite.backends import accelerate, external_paths, runtime_plan
     from cosyvoice_lite.model import load_model
     from cosyvoice_lite.model.speed import settings
     from cosyvoice_lite.serve.settings import Settings
@@ -27,9 +27,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     mode = settings(args.mode)
-    model = load_model(args.model_dir, mode=mode.name)
+    stages = runtime_plan(mode, service.backend)  # as the engine does: what OpenVINO runs is not converted here
+    model = load_model(args.model_dir, mode=mode.name, external=external_paths(stages))
     info = accelerate(model, mode, args.model_dir, backend=service.backend, cache_root=service.cache_root,
-                      threads=service.threads)
+                      threads=service.threads, stages=stages)
     print(f"{service.cache_root}: {info['stages']}")
     return 0
 
