@@ -279,3 +279,22 @@ def test_ready_shows_the_runtime_precision_per_stage_and_cpu_features(make_app, 
     assert set(runtime["stages"]) == {"llm", "flow_encoder", "flow_estimator", "hift"}
     assert runtime["cpu"] == cpu_info().model and runtime["cpu_features"] == list(cpu_info().features)
     assert runtime["backend"] in ("openvino", "torch")
+
+
+def test_a_deferred_backend_compiles_in_the_process_that_synthesises(tmp_path):
+    # the service builds its engine in gunicorn's master and forks: OpenVINO's threads would not survive that
+    from cosyvoice_lite.engines.cosyvoice import CosyVoiceEngine
+
+    engine = CosyVoiceEngine(MODEL_DIR, backend="auto", cache_root=tmp_path, defer_backend=True)
+    try:
+        assert not (tmp_path / "compiled").exists()
+        assert isinstance(engine.model.flow.decoder.estimator, nn.Module)
+        planned = engine.runtime["stages"]
+        samples = sum(chunk.size for chunk in engine.synthesize("Hello there.", engine.speakers()[0]))
+        assert samples > 0
+        assert engine.runtime["stages"] == planned  # the plan held: every stage runs where it was planned
+        if engine.runtime["backend"] == "openvino":
+            assert list(tmp_path.glob("compiled/*/*/model.xml"))
+            assert "openvino" in repr(engine.model.flow.decoder.estimator)
+    finally:
+        engine.scheduler.close()

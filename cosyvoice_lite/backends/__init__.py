@@ -101,12 +101,18 @@ def accelerate(model, mode, model_dir, backend: str = "auto", cache_root: str | 
     finally:
         if wanted and not cache_root:  # the compiled models are in memory: the converted files are not needed
             shutil.rmtree(root, ignore_errors=True)
-    info = {"backend": "openvino" if any(s.runtime == "openvino" for s in stages.values()) else "torch",
-            "openvino": version, "stages": {name: str(stage) for name, stage in stages.items()},
-            "cpu": cpu.model, "cpu_features": list(cpu.features)}
+    info = describe(stages, cpu, version)
     log.info("runtime (%s mode): %s; cpu %s [%s]", mode.name,
              ", ".join(f"{name} {stage}" for name, stage in stages.items()), cpu.model, " ".join(cpu.features))
     return info
+
+
+def describe(stages: dict[str, Stage], cpu: CpuInfo | None = None, version: str | None = None) -> dict:
+    """What runs where, as the start log and /ready show it."""
+    cpu = cpu or cpu_info()
+    return {"backend": "openvino" if any(s.runtime == "openvino" for s in stages.values()) else "torch",
+            "openvino": version, "stages": {name: str(stage) for name, stage in stages.items()},
+            "cpu": cpu.model, "cpu_features": list(cpu.features)}
 
 
 def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, threads: int) -> None:

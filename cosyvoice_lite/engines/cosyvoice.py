@@ -2,13 +2,14 @@
 and HiFT chunks) -> 24 kHz audio."""
 from __future__ import annotations
 
+import threading
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..audio import Resampler
-from ..backends import accelerate, external_paths, runtime_plan
+from ..backends import accelerate, describe, external_paths, runtime_plan
 from ..cache import dequantize, quantize, segment_key
 from ..decode.scheduler import SEGMENT_END, Scheduler
 from ..frontend import NothingToSpeak, TextFrontend
@@ -52,29 +53,53 @@ class CosyVoiceEngine(Engine):
 
     def __init__(self, model_dir, n_timesteps: int | None = None, mode: str | None = None, max_batch: int = 4,
                  first_hop: int | None = FIRST_HOP, threads: int | None = None, backend: str = "auto",
-                 cache_root: str | None = None):
+                 cache_root: str | None = None, defer_backend: bool = False):
+        """``defer_backend``: compile the OpenVINO stages at the first synthesis or warm-up, in the process that
+        serves, not here (the service: gunicorn loads the model in its master and forks the workers, and
+        OpenVINO's thread pool does not survive a fork: a worker would run the compiled stages on one core)."""
         configure_process(threads)
         self.mode = settings(mode)
         self.model_dir = model_dir
         self.first_hop = first_hop
         self._identity: str | None = None
         # one plan for the whole model: what OpenVINO runs is built float32 and left unread, the rest in the mode
-        stages = runtime_plan(self.mode, backend)
-        self.model = load_model(model_dir, mode=self.mode.name, external=external_paths(stages))
+        self._stages = runtime_plan(self.mode, backend)
+        self.model = load_model(model_dir, mode=self.mode.name, external=external_paths(self._stages))
         release_free_memory()  # what the conversions freed, before the backend compiles its stages
         # backend: 'auto' | 'openvino' | 'torch' (backends.plan); cache_root: where compiled models are kept
-        self.runtime = accelerate(self.model, self.mode, model_dir, backend=backend, cache_root=cache_root,
-                                  threads=torch.get_num_threads(), stages=stages)
+        self._backend = {"backend": backend, "cache_root": cache_root, "threads": torch.get_num_threads()}
+        self._backend_lock = threading.Lock()
+        self._backend_ready = False
+        self.runtime = describe(self._stages)  # the plan, until the stages are compiled
         self.frontend = TextFrontend()
         self.n_timesteps = n_timesteps or self.mode.n_timesteps
         self.max_batch = max(1, max_batch)
         self.scheduler = Scheduler(self.model, max_batch=self.max_batch, first_hop=first_hop,
                                    n_timesteps=self.n_timesteps)
-        self.description = f"CosyVoice-300M-SFT from {model_dir} ({self.mode.name} mode, {self.runtime['backend']})"
         self._speakers = [Speaker(sid, *COSYVOICE_SPEAKERS.get(sid, (sid, "und")), engine=self.name)
                           for sid in self.model.speakers]
+        if not defer_backend:
+            self.prepare()
         release_compute_threads()  # synthesis runs on the scheduler's thread, not on this one
         release_free_memory()  # loading and conversion freed much more than they keep
+
+    @property
+    def description(self) -> str:
+        return f"CosyVoice-300M-SFT from {self.model_dir} ({self.mode.name} mode, {self.runtime['backend']})"
+
+    def prepare(self) -> None:
+        """Compile the stages the plan gives to the execution backend (once; callers wait for it)."""
+        with self._backend_lock:
+            if self._backend_ready:
+                return
+            self.runtime = accelerate(self.model, self.mode, self.model_dir, stages=self._stages, **self._backend)
+            self._identity = None  # the cache key names what runs where
+            self._backend_ready = True
+        release_free_memory()
+
+    def warmup(self):
+        self.prepare()
+        return super().warmup()
 
     def speakers(self) -> list[Speaker]:
         return self._speakers
@@ -119,6 +144,7 @@ class CosyVoiceEngine(Engine):
 
     def _synthesize(self, text, speaker, speed, normalize, cancel, seed: int | None = None, cache=None,
                     plan: Plan | None = None, **sampling) -> Iterator[np.ndarray]:
+        self.prepare()  # a request that comes before the warm-up waits for the compiled stages
         tokens = (plan if plan is not None else self.plan(text, normalize)).data
         # a seeded run draws each segment from one random stream, which the cache cannot reproduce: not cached
         store = cache.cache if cache is not None and seed is None else None

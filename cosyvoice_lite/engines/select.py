@@ -35,7 +35,8 @@ def load_engine(settings) -> Engine:
             raise StartupError(f"this build has no CosyVoice engine ({e})") from e
         try:
             engine = CosyVoiceEngine(model_dir, threads=settings.threads, max_batch=settings.max_batch,
-                                     backend=settings.backend, cache_root=settings.cache_root)
+                                     backend=settings.backend, cache_root=settings.cache_root,
+                                     defer_backend=True)  # compiled in the worker, after gunicorn's fork
         except Exception as e:
             raise StartupError(f"cannot load the CosyVoice model in {model_dir}: {type(e).__name__}: {e}") from e
         log.info("engine: cosyvoice, model %s, %d speakers, %d threads per worker, %d requests decoded at once",
