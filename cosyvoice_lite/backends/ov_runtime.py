@@ -12,11 +12,9 @@ convert one at a time (a lock file); the directory appears complete or not at al
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import logging
-import mmap
 import os
 import shutil
 import subprocess
@@ -204,7 +202,9 @@ def ensure_converted(stage: str, directory: Path, model_dir, weights: str = "f16
 def unmap_file_pages(directory: Path | None) -> None:
     """madvise(MADV_DONTNEED) every mapping of a file under ``directory`` (read-only mappings: the data stays in
     the file and the page cache; this process just stops holding the pages)."""
-    if directory is None or not hasattr(mmap, "MADV_DONTNEED"):
+    from ..model.mapping import drop_pages
+
+    if directory is None:
         return
     prefix = str(Path(directory).resolve()) + os.sep
     try:
@@ -212,10 +212,8 @@ def unmap_file_pages(directory: Path | None) -> None:
             spans = [line.split()[0] for line in maps if line.split()[-1].startswith(prefix)]
     except OSError:
         return
-    libc = ctypes.CDLL(None)
     for span in spans:
-        low, high = (int(x, 16) for x in span.split("-"))
-        libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), mmap.MADV_DONTNEED)
+        drop_pages(*(int(x, 16) for x in span.split("-")))
 
 
 def compile_stage(stage: str, directory: Path, precision: str, threads: int, embed_time=None, example=None):

@@ -65,7 +65,7 @@ class CosyVoiceEngine(Engine):
         # one plan for the whole model: what OpenVINO runs is built float32 and left unread, the rest in the mode
         self._stages = runtime_plan(self.mode, backend)
         self.model = load_model(model_dir, mode=self.mode.name, external=external_paths(self._stages))
-        release_free_memory()  # what the conversions freed, before the backend compiles its stages
+        release_free_memory()  # loading frees much more than it keeps (the backend trims after each stage)
         # backend: 'auto' | 'openvino' | 'torch' (backends.plan); cache_root: where compiled models are kept
         self._backend = {"backend": backend, "cache_root": cache_root, "threads": torch.get_num_threads()}
         self._backend_lock = threading.Lock()
@@ -81,7 +81,6 @@ class CosyVoiceEngine(Engine):
         if not defer_backend:
             self.prepare()
         release_compute_threads()  # synthesis runs on the scheduler's thread, not on this one
-        release_free_memory()  # loading and conversion freed much more than they keep
 
     @property
     def description(self) -> str:
@@ -95,7 +94,6 @@ class CosyVoiceEngine(Engine):
             self.runtime = accelerate(self.model, self.mode, self.model_dir, stages=self._stages, **self._backend)
             self._identity = None  # the cache key names what runs where
             self._backend_ready = True
-        release_free_memory()
 
     def warmup(self):
         self.prepare()

@@ -291,10 +291,10 @@ def load_model(model_dir: str | Path, mode: str = "exact", external: tuple = ())
     model = CosyVoiceSFT(llm, flow, hift, speakers, sample_rate=sample_rate, model_dir=model_dir, mode=target,
                          external=policy.external)
     if lean:
-        networks = {"flow": flow, "hift": hift}
-        keep = {name: [networks[name].get_submodule(path.split(".", 1)[1]) for path in policy.external
-                       if path.split(".", 1)[0] == name] for name in networks}
-        copied += copy_out_of_mappings(flow, keep["flow"]) + copy_out_of_mappings(hift, keep["hift"])
+        for name, network in (("flow", flow), ("hift", hift)):  # what the backend replaces stays mapped, unread
+            external = [network.get_submodule(path[len(name) + 1:]) for path in policy.external
+                        if path.startswith(name + ".")]
+            copied += copy_out_of_mappings(network, external)
         clear_mappings()  # only the external modules still refer to a mapping, until the backend replaces them
         log.info("%.0f MB of unconverted tensors copied out of the checkpoint mappings", copied / 2 ** 20)
     return model

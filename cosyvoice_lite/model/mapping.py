@@ -63,10 +63,16 @@ def release_pages(tensor: torch.Tensor) -> None:
     Only whole pages inside the tensor are dropped; the caller must not use the tensor afterwards (reading it
     again would still work: the pages come back from the file).
     """
-    if not _in_mapping(tensor) or not hasattr(_mmap, "MADV_DONTNEED"):
+    if _in_mapping(tensor):
+        start = tensor.data_ptr()
+        drop_pages(start, start + tensor.numel() * tensor.element_size())
+
+
+def drop_pages(start: int, end: int) -> None:
+    """madvise(MADV_DONTNEED) the whole pages between two addresses of a read-only file mapping: the process
+    stops holding them; a later read faults them in from the file."""
+    if not hasattr(_mmap, "MADV_DONTNEED"):
         return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
     page = _mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page
     if last > first:
