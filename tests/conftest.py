@@ -80,6 +80,25 @@ class Gate:
     def mode(self, mode: str):
         (self.path / "mode").write_text(mode)
 
+    def hold(self, mode: str):
+        """Close the gate, so that syntheses wait where ``mode`` says (see gated_engine)."""
+        self.mode(mode)
+        self.close()
+
+    def release(self):
+        """No mode and the gate open: nothing waits any more."""
+        self.mode("")
+        self.open()
+
+
+def edit_checkpoint(path: Path, change) -> None:
+    """Rewrite a checkpoint file with ``change(state)`` applied to what it holds (a dict)."""
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
 
 # ---- Flask apps ---------------------------------------------------------------------------------------------
 
@@ -168,8 +187,11 @@ class Server:
 
 
 def start_gunicorn(tmp_dir: Path, env: dict | None = None, app: str = "app:app", ready_timeout: float = 90.0,
-                   wait_ready: bool = True, prefix: tuple[str, ...] = ()) -> Server:
-    """``prefix``: a command gunicorn runs under (e.g. prlimit or setpriv)."""
+                   wait_ready: bool = True, prefix: tuple[str, ...] = (), gate: "Gate | None" = None) -> Server:
+    """``prefix``: a command gunicorn runs under (e.g. prlimit or setpriv); ``gate``: serve the app's engine
+    behind that gate (gated_engine)."""
+    if gate is not None:
+        env, app = {**(env or {}), "GATE_DIR": str(gate.path)}, "gated_engine:make_app()"
     port = free_port()
     empty_models = tmp_dir / "no-model"
     empty_models.mkdir(exist_ok=True)
@@ -221,6 +243,7 @@ def stop_gunicorn(server: Server, timeout: float = 15.0) -> int | None:
 
 @contextmanager
 def gunicorn(tmp_dir: Path, env: dict | None = None, app: str = "app:app", **kwargs):
+    """start_gunicorn as a context: stopped at the end."""
     server = start_gunicorn(tmp_dir, env, app, **kwargs)
     try:
         yield server
@@ -234,8 +257,7 @@ def gated_server(tmp_path_factory):
     QUEUE_SIZE=1, REQUEST_TIMEOUT=3."""
     tmp = tmp_path_factory.mktemp("gated")
     gate = Gate(tmp / "gate")
-    with gunicorn(tmp, {"GATE_DIR": str(gate.path), "QUEUE_SIZE": "1", "REQUEST_TIMEOUT": "3"},
-                  app="gated_engine:make_app()") as server:
+    with gunicorn(tmp, {"QUEUE_SIZE": "1", "REQUEST_TIMEOUT": "3"}, gate=gate) as server:
         server.gate = gate
         yield server
 
@@ -243,10 +265,8 @@ def gated_server(tmp_path_factory):
 @pytest.fixture
 def gserver(gated_server):
     """The module's gated server with the gate open and no mode, after each test too."""
-    gated_server.gate.mode("")
-    gated_server.gate.open()
+    gated_server.gate.release()
     yield gated_server
-    gated_server.gate.mode("")
-    gated_server.gate.open()
+    gated_server.gate.release()
     gated_server.wait_for(lambda: gated_server.metric("cosyvoice_in_progress") == 0
                           and gated_server.metric("cosyvoice_queue_depth") == 0, 15, "idle server")

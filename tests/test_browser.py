@@ -156,7 +156,7 @@ def page(browser, tmp_path_factory):
     """A gunicorn with the offline voice behind a gate, MAX_TEXT_CHARS=300, and the page open in chromium."""
     tmp = tmp_path_factory.mktemp("page")
     gate = Gate(tmp / "gate")
-    with gunicorn(tmp, {"GATE_DIR": str(gate.path), "MAX_TEXT_CHARS": "300"}, app="gated_engine:make_app()") as server:
+    with gunicorn(tmp, {"MAX_TEXT_CHARS": "300"}, gate=gate) as server:
         browser.open_page(f"http://127.0.0.1:{server.port}/")
         server.gate, server.browser = gate, browser
         yield server
@@ -165,11 +165,9 @@ def page(browser, tmp_path_factory):
 @pytest.fixture
 def held(page):
     """The page's server with its engine held after the first chunk of every request until gate.open()."""
-    page.gate.mode("after_first")
-    page.gate.close()
+    page.gate.hold("after_first")
     yield page
-    page.gate.open()
-    page.gate.mode("")
+    page.gate.release()
     page.wait_for(lambda: page.metric("cosyvoice_in_progress") == 0, 15, "idle server")
 
 

@@ -116,8 +116,7 @@ def test_cosyvoice_tiny_model_over_http(tmp_path, tiny_model_dir):
 # ---- gated server: streaming, queue, timeouts, disconnects ---------------------------------------------------
 
 def test_stream_first_bytes_arrive_before_the_last_segment_is_synthesised(gserver):
-    gserver.gate.mode("after_first")
-    gserver.gate.close()
+    gserver.gate.hold("after_first")
     conn, response = post_json(gserver.port, "/tts", {"text": SENTENCES, "stream": True})
     try:
         assert response.status == 200
@@ -133,8 +132,7 @@ def test_stream_first_bytes_arrive_before_the_last_segment_is_synthesised(gserve
 
 
 def test_health_answers_within_a_second_during_synthesis(gserver):
-    gserver.gate.mode("start")
-    gserver.gate.close()
+    gserver.gate.hold("start")
     thread, result = in_background(gserver.request, "POST", "/tts", {"text": "A long request."})
     gserver.wait_for(lambda: gserver.metric("cosyvoice_in_progress") == 1, what="synthesis to start")
     for path in ("/health", "/ready", "/metrics"):
@@ -148,8 +146,7 @@ def test_health_answers_within_a_second_during_synthesis(gserver):
 
 def fill_the_queue(gserver) -> list:
     """Hold one request in the engine and one waiting (the gserver fixture's capacity): -> their threads."""
-    gserver.gate.mode("start")
-    gserver.gate.close()
+    gserver.gate.hold("start")
     held = [in_background(gserver.request, "POST", "/tts", {"text": f"Request {i}."}) for i in range(2)]
     gserver.wait_for(lambda: gserver.metric("cosyvoice_in_progress") == 1
                      and gserver.metric("cosyvoice_queue_depth") == 1, what="one running and one waiting")
@@ -185,8 +182,7 @@ def test_ready_is_503_while_the_queue_is_full_and_200_again_after(gserver):
 
 
 def test_timeout_gives_504_and_the_worker_recovers(gserver):
-    gserver.gate.mode("start")
-    gserver.gate.close()
+    gserver.gate.hold("start")
     started = time.monotonic()
     status, _, body = gserver.request("POST", "/tts", {"text": "This will time out."})
     elapsed = time.monotonic() - started
@@ -199,8 +195,7 @@ def test_timeout_gives_504_and_the_worker_recovers(gserver):
 
 
 def test_client_hanging_up_mid_stream_stops_its_synthesis(gserver):
-    gserver.gate.mode("after_first")
-    gserver.gate.close()
+    gserver.gate.hold("after_first")
     conn, response = post_json(gserver.port, "/tts", {"text": SENTENCES, "stream": True})
     assert response.status == 200 and response.read1(1 << 16)[:4] == b"RIFF"
     rid = response.getheader("X-Request-ID")
@@ -215,8 +210,7 @@ def test_client_hanging_up_mid_stream_stops_its_synthesis(gserver):
 
 
 def test_client_hanging_up_while_waiting_cancels_the_request(gserver):
-    gserver.gate.mode("start")
-    gserver.gate.close()
+    gserver.gate.hold("start")
     sock = socket.create_connection(("127.0.0.1", gserver.port), timeout=5)
     body = json.dumps({"text": "Nobody will listen."}).encode()
     sock.sendall(b"POST /tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -232,8 +226,7 @@ def test_client_hanging_up_while_waiting_cancels_the_request(gserver):
 
 def test_sigterm_lets_the_in_flight_request_finish(tmp_path, gate):
     gate.mode("start")
-    server = start_gunicorn(tmp_path, {"GATE_DIR": str(gate.path), "GRACEFUL_TIMEOUT": "20"},
-                            app="gated_engine:make_app()")
+    server = start_gunicorn(tmp_path, {"GRACEFUL_TIMEOUT": "20"}, gate=gate)
     try:
         gate.close()
         thread, result = in_background(server.request, "POST", "/tts", {"text": "Finish me, please."})

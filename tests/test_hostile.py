@@ -15,8 +15,7 @@ import threading
 import time
 
 import pytest
-import torch
-from conftest import ROOT, free_port, gunicorn, start_gunicorn, stop_gunicorn
+from conftest import ROOT, edit_checkpoint, free_port, gunicorn, start_gunicorn, stop_gunicorn
 
 HOSTILE_ROWS = {
     "presentation_form": "\ufdfa" * 4096,                 # 12,289 text tokens in one word
@@ -239,16 +238,16 @@ def _bad_model_dir(tmp_path, tiny_model_dir, case: str):
         (model_dir / "llm.pt").mkdir()
         return model_dir, "llm.pt is a directory"
     if case == "nan_in_hift":
-        state = torch.load(model_dir / "hift.pt", weights_only=True)
-        name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
-        state[name] = state[name].clone()
-        state[name].view(-1)[0] = float("nan")
-        torch.save(state, model_dir / "hift.pt")
+        def poison(state):
+            name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+            state[name] = state[name].clone()
+            state[name].view(-1)[0] = float("nan")
+
+        edit_checkpoint(model_dir / "hift.pt", poison)
         return model_dir, "hift.pt"
     if case == "speaker_id_with_newline":
-        info = torch.load(model_dir / "spk2info.pt", weights_only=True)
-        info["evil\nX-Injected: 1"] = next(iter(info.values()))
-        torch.save(info, model_dir / "spk2info.pt")
+        edit_checkpoint(model_dir / "spk2info.pt",
+                        lambda info: info.update({"evil\nX-Injected: 1": next(iter(info.values()))}))
         return model_dir, "control character"
     if case == "model_dir_symlink_loop":
         loop = tmp_path / "loop"
@@ -288,10 +287,8 @@ def test_ready_shows_no_paths_to_anonymous_callers_when_api_key_is_set(tmp_path,
 
 
 def test_draining_server_refuses_new_connections(tmp_path, gate):
-    gate.mode("after_first")
-    gate.close()
-    server = start_gunicorn(tmp_path, {"GATE_DIR": str(gate.path), "GRACEFUL_TIMEOUT": "20"},
-                            app="gated_engine:make_app()")
+    gate.hold("after_first")
+    server = start_gunicorn(tmp_path, {"GRACEFUL_TIMEOUT": "20"}, gate=gate)
     try:
         conn, response = post(server.port, {"text": "One. Two. Three.", "stream": True})
         assert response.read1(65536)[:4] == b"RIFF"

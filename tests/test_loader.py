@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import edit_checkpoint
 from golden_data import GOLDEN_MODEL
 
 from cosyvoice_lite.model import ModelLoadError, load_model
@@ -76,19 +77,16 @@ MODES = ["exact", "default", "fast"]
 
 @pytest.mark.parametrize("mode", MODES)
 def test_missing_key_is_named(model_copy, mode):
-    state = torch.load(model_copy / "llm.pt", weights_only=True)
-    del state["llm_decoder.bias"]  # a float16 layer in the lean modes
-    torch.save(state, model_copy / "llm.pt")
+    edit_checkpoint(model_copy / "llm.pt", lambda state: state.pop("llm_decoder.bias"))  # float16 when lean
     with pytest.raises(ModelLoadError, match=r"llm.pt .*missing keys \(e.g. llm_decoder.bias\)"):
         load_model(model_copy, mode=mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_unexpected_key_is_named(model_copy, mode):
-    state = torch.load(model_copy / "flow.pt", weights_only=True)
-    state["extra.weight"] = torch.zeros(1)
-    state["decoder.estimator.final_proj.scale"] = torch.zeros(1)  # below a time-major conv of the lean modes
-    torch.save(state, model_copy / "flow.pt")
+    edit_checkpoint(model_copy / "flow.pt", lambda state: state.update({
+        "extra.weight": torch.zeros(1),
+        "decoder.estimator.final_proj.scale": torch.zeros(1)}))  # below a time-major conv of the lean modes
     with pytest.raises(ModelLoadError, match=r"flow.pt .*2 unexpected keys \(e.g. extra.weight, "
                                              r"decoder.estimator.final_proj.scale\)"):
         load_model(model_copy, mode=mode)
@@ -107,20 +105,22 @@ def test_checkpoint_of_another_size_reports_shape_mismatch(model_copy, tmp_path_
                                  "llm_decoder.bias", "spk_embed_affine_layer.weight"])
 def test_non_finite_llm_weight_is_named(model_copy, mode, key):
     """Whether the layer is float32, int8 or float16 in the mode: the float32 checkpoint value is checked."""
-    state = torch.load(model_copy / "llm.pt", weights_only=True)
-    state[key] = state[key].clone()
-    state[key].view(-1)[1] = float("inf")
-    torch.save(state, model_copy / "llm.pt")
+    def poison(state):
+        state[key] = state[key].clone()
+        state[key].view(-1)[1] = float("inf")
+
+    edit_checkpoint(model_copy / "llm.pt", poison)
     with pytest.raises(ModelLoadError, match=f"llm.pt: {key} has NaN or infinite values"):
         load_model(model_copy, mode=mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_float32_weight_beyond_the_float16_range_still_loads(model_copy, mode):
-    state = torch.load(model_copy / "llm.pt", weights_only=True)
-    state["text_embedding.weight"] = state["text_embedding.weight"].clone()
-    state["text_embedding.weight"][0, 0] = 1e5  # overflows the lean modes' float16 table; valid in float32
-    torch.save(state, model_copy / "llm.pt")
+    def enlarge(state):
+        state["text_embedding.weight"] = state["text_embedding.weight"].clone()
+        state["text_embedding.weight"][0, 0] = 1e5  # overflows the lean modes' float16 table; valid in float32
+
+    edit_checkpoint(model_copy / "llm.pt", enlarge)
     assert load_model(model_copy, mode=mode).mode.name == mode
 
 

@@ -55,8 +55,7 @@ def test_sdk_create_gives_the_whole_mp3(gserver):
 
 
 def test_sdk_streaming_response_gets_audio_before_the_synthesis_ends(gserver):
-    gserver.gate.mode("after_first")
-    gserver.gate.close()
+    gserver.gate.hold("after_first")
     with sdk(gserver).audio.speech.with_streaming_response.create(
             model="tts-1", voice="nova", input=SENTENCES, response_format="pcm") as response:
         chunks = response.iter_bytes()
@@ -97,8 +96,7 @@ def test_sdk_sse_events_carry_the_audio_then_done(gserver):
 
 
 def test_sdk_sse_sends_a_delta_before_the_synthesis_ends(gserver):
-    gserver.gate.mode("after_first")
-    gserver.gate.close()
+    gserver.gate.hold("after_first")
     with sdk(gserver).audio.speech.with_streaming_response.create(
             model="tts-1", voice="alloy", input=SENTENCES, response_format="mp3", stream_format="sse") as response:
         lines = response.iter_lines()
@@ -171,8 +169,7 @@ def test_log_lines_of_errors_streams_and_probes(gserver):
 
 
 def test_log_line_of_a_stream_the_client_left_has_its_real_synthesis_time(gserver):
-    gserver.gate.mode("after_first")
-    gserver.gate.close()
+    gserver.gate.hold("after_first")
     with sdk(gserver).audio.speech.with_streaming_response.create(
             model="tts-1", voice="alloy", input=SENTENCES, response_format="pcm") as response:
         received = response.iter_bytes()  # kept: a dropped iterator closes the response, i.e. hangs up at once
@@ -360,8 +357,7 @@ def test_probe_log_lines_are_debug(client, caplog):
 
 def test_stream_closed_early_logs_its_synthesis_time(make_app, piper_engine, gate, caplog):
     app = make_app(GatedEngine(piper_engine, gate.path))
-    gate.mode("after_first")
-    gate.close()
+    gate.hold("after_first")
     with caplog.at_level(logging.INFO, logger="cosyvoice_lite.request"):
         response = app.test_client().post("/v1/audio/speech", json={"input": SENTENCES, "response_format": "pcm"},
                                           buffered=False)

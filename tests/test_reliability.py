@@ -391,8 +391,7 @@ def test_cancelled_streams_leak_nothing(gserver):
     pool_threads = 1 + 1 + 8  # gunicorn.conf.py: QUEUE_SIZE + 1 + 8 (the gated server has QUEUE_SIZE=1)
 
     def one_round(tag: str, reset: bool):
-        gserver.gate.mode("after_first")
-        gserver.gate.close()
+        gserver.gate.hold("after_first")
         running = _open_stream(gserver.port, f"{tag}-run")
         head = b""
         while b"RIFF" not in head:  # the first audio is out
@@ -433,8 +432,7 @@ def test_cancelled_streams_leak_nothing(gserver):
             assert len(lines) == 1 and "outcome=client_gone" in lines[0], lines
 
     # every place in the queue is still usable: one synthesising + one waiting, both answered 200
-    gserver.gate.mode("start")
-    gserver.gate.close()
+    gserver.gate.hold("start")
     held = [in_background(gserver.request, "POST", "/tts", {"text": f"Capacity {i}."}) for i in range(2)]
     gserver.wait_for(lambda: gserver.metric("cosyvoice_in_progress") == 1
                      and gserver.metric("cosyvoice_queue_depth") == 1, 10, "both places taken")
@@ -451,10 +449,8 @@ def test_killed_worker_is_replaced_and_other_in_flight_requests_survive(tmp_path
     """WORKERS=2, QUEUE_SIZE=0: one request in synthesis on each worker; SIGKILL one worker. Its request is
     lost (its connection dies with it); the other worker's request completes with 200; the master starts a
     new worker and the next requests all succeed."""
-    gate.mode("start")
-    gate.close()
-    server = start_gunicorn(tmp_path, {"GATE_DIR": str(gate.path), "WORKERS": "2", "QUEUE_SIZE": "0"},
-                            app="gated_engine:make_app()")
+    gate.hold("start")
+    server = start_gunicorn(tmp_path, {"WORKERS": "2", "QUEUE_SIZE": "0"}, gate=gate)
     try:
         server.wait_for(lambda: len(server_pids(server.port)[1]) == 2, 30, "two workers")
         master, workers = server_pids(server.port)
@@ -503,10 +499,8 @@ def test_killed_worker_is_replaced_and_other_in_flight_requests_survive(tmp_path
 # ---- shutdown ----------------------------------------------------------------------------------------------------
 
 def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(tmp_path, gate):
-    gate.mode("after_first")
-    gate.close()
-    server = start_gunicorn(tmp_path, {"GATE_DIR": str(gate.path), "GRACEFUL_TIMEOUT": "20"},
-                            app="gated_engine:make_app()")
+    gate.hold("after_first")
+    server = start_gunicorn(tmp_path, {"GRACEFUL_TIMEOUT": "20"}, gate=gate)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         conn.request("POST", "/tts", body=json.dumps({"text": SENTENCES, "stream": True}),
@@ -532,10 +526,8 @@ def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(tmp_path, gate):
 
 def test_sigterm_shutdown_is_bounded_by_the_grace_period(tmp_path, gate):
     """A stream that never ends does not keep the server alive past GRACEFUL_TIMEOUT (2 s here)."""
-    gate.mode("after_first")
-    gate.close()
-    server = start_gunicorn(tmp_path, {"GATE_DIR": str(gate.path), "GRACEFUL_TIMEOUT": "2"},
-                            app="gated_engine:make_app()")
+    gate.hold("after_first")
+    server = start_gunicorn(tmp_path, {"GRACEFUL_TIMEOUT": "2"}, gate=gate)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         conn.request("POST", "/tts", body=json.dumps({"text": SENTENCES, "stream": True}),

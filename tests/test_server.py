@@ -60,8 +60,7 @@ def test_ready_after_warmup_names_engine_and_queue(client):
 
 
 def test_ready_is_503_until_warmup_finished(make_app, piper_engine, gate):
-    gate.mode("warmup")
-    gate.close()
+    gate.hold("warmup")
     app = make_app(GatedEngine(piper_engine, gate.path), wait=False)
     client = app.test_client()
     response = client.get("/ready")
@@ -151,8 +150,7 @@ def test_tts_stream_pcm_is_raw_samples(client):
 
 def test_tts_stream_sends_first_audio_before_the_rest_is_synthesised(make_app, cosyvoice_engine, gate):
     """With the engine held after its first chunk, the first audio bytes are already in the client's hands."""
-    gate.mode("after_first")
-    gate.close()
+    gate.hold("after_first")
     client = make_app(GatedEngine(cosyvoice_engine, gate.path)).test_client()
     response = client.post("/tts", json={"text": "你好。今天天气很好。", "stream": True}, buffered=False)
     assert response.status_code == 200
@@ -168,8 +166,7 @@ def test_tts_stream_sends_first_audio_before_the_rest_is_synthesised(make_app, c
 
 
 def test_stream_closed_before_reading_cancels_and_logs_once(make_app, piper_engine, gate, caplog):
-    gate.mode("after_first")
-    gate.close()
+    gate.hold("after_first")
     app = make_app(GatedEngine(piper_engine, gate.path))
     with caplog.at_level(logging.INFO, logger="cosyvoice_lite.request"):
         response = app.test_client().post("/tts", json={"text": SENTENCES, "stream": True}, buffered=False)
@@ -422,8 +419,7 @@ def test_engine_failure_is_json_500_and_service_keeps_serving(make_app, piper_en
 
 
 def test_timeout_is_504_and_frees_the_worker(make_app, piper_engine, gate):
-    gate.mode("start")
-    gate.close()
+    gate.hold("start")
     # 2 s: long enough for "Fast now." on a busy machine; the held request times out whatever the machine does
     app = make_app(GatedEngine(piper_engine, gate.path), request_timeout=2.0)
     client = app.test_client()
@@ -440,8 +436,7 @@ def test_timeout_is_504_and_frees_the_worker(make_app, piper_engine, gate):
 
 
 def test_full_queue_is_immediate_503_with_retry_after(make_app, piper_engine, gate):
-    gate.mode("start")
-    gate.close()
+    gate.hold("start")
     app = make_app(GatedEngine(piper_engine, gate.path), queue_size=1)
     synth = app.extensions["cosyvoice_lite"].synth
     results = []
