@@ -247,6 +247,9 @@ def gunicorn(tmp_dir: Path, env: dict | None = None, app: str = "app:app", **kwa
     server = start_gunicorn(tmp_dir, env, app, **kwargs)
     try:
         yield server
+    except BaseException:  # the server's side of a failing test, in pytest's report
+        sys.stderr.write(f"---- gunicorn log (tail) ----\n{server.log()[-6000:]}\n")
+        raise
     finally:
         stop_gunicorn(server)
 

@@ -346,6 +346,30 @@ def _slow_client(port: int, kind: str, stop: threading.Event, results: list) -> 
         sock.close()
 
 
+def test_clients_that_never_close_do_not_stall_the_worker(tmp_path, tiny_model_dir):
+    """A finished 'Connection: close' answer waits a moment for the client's own close; six clients that never
+    close must not hold up the seventh."""
+    with gunicorn(tmp_path, {"MODEL_DIR": str(tiny_model_dir)}) as server:
+        holders = []
+        for _ in range(6):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            holders.append(sock)
+        try:
+            time.sleep(0.3)
+            started = time.monotonic()
+            assert server.request("GET", "/health", timeout=10)[0] == 200
+            assert time.monotonic() - started < 1.0
+            for sock in holders:  # each got its answer, then the server's close
+                answer = b""
+                while chunk := sock.recv(4096):
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 200")
+        finally:
+            for sock in holders:
+                sock.close()
+
+
 def test_fifty_slow_clients_do_not_starve_the_worker(tmp_path, tiny_model_dir):
     env = {"MODEL_DIR": str(tiny_model_dir), "QUEUE_SIZE": "2", "HEADER_TIMEOUT": "2", "BODY_TIMEOUT": "2",
            "WRITE_TIMEOUT": "2", "REQUEST_TIMEOUT": "15"}

@@ -5,6 +5,9 @@
   slowly, or connect and send nothing, hold no thread. Headers and body must arrive within HEADER_TIMEOUT +
   BODY_TIMEOUT of the first byte, else the connection is closed with a 408.
 - Every write of a response has WRITE_TIMEOUT seconds: a client that stops reading a stream frees its thread.
+- A closing connection lingers (reading what the client still sends, so that no reset cuts the last answer) on the
+  event loop's poller, not in a blocking read on its thread: a client that neither reads nor closes cannot stall
+  every other connection of the worker.
 - gunicorn's own refusals (a request it cannot parse: bad request line, headers too large, an unsupported
   Transfer-Encoding, ...) are JSON in the service's error shape, not HTML; a stopping worker closes its listeners.
 """
@@ -12,8 +15,10 @@ from __future__ import annotations
 
 import json
 import re
+import selectors
 import socket
 import time
+from functools import partial
 
 from gunicorn import util
 from gunicorn.workers import gthread
@@ -29,6 +34,8 @@ _EXPECT = re.compile(rb"\r\nexpect:", re.IGNORECASE)
 # the last chunk ('0', maybe with extensions) and the trailer section up to its empty line
 _LAST_CHUNK = re.compile(rb"(?:^|\r\n)0+(?:;[^\r\n]*)?\r\n(?:[^\r\n]+\r\n)*\r\n")
 HEAD_LIMIT = 64 * 1024  # more than gunicorn's request line and header limits together
+LINGER_SECONDS = 2.0     # as gunicorn's own graceful close
+LINGER_BYTES = 65536
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -69,6 +76,7 @@ class JsonErrorWorker(ThreadWorker):
         self.body_timeout = settings.body_timeout
         self.write_timeout = settings.write_timeout
         self.max_body = settings.max_body_bytes
+        self.lingering = {}  # socket -> (deadline, bytes drained)
         super().init_process()
 
     def handle(self, conn):
@@ -103,10 +111,60 @@ class JsonErrorWorker(ThreadWorker):
         conn.data_ready = True
         return super().handle(conn)
 
+    def finish_request(self, conn, fs):
+        """gunicorn closes a finished connection with a blocking lingering read on the event loop's thread (up to
+        2 s each); here the lingering is left to the poller."""
+        try:
+            result = fs.result() if not fs.cancelled() else False
+        except Exception:
+            result = False
+        if result:  # kept alive, or deferred back to the poller (gthread._DEFER): gunicorn's own handling
+            return super().finish_request(conn, fs)
+        self.nr_conns -= 1
+        self._linger(conn.sock)
+
+    def _linger(self, sock) -> None:
+        try:
+            sock.shutdown(socket.SHUT_WR)  # our FIN; then read until the client's
+            sock.setblocking(False)
+            self.poller.register(sock, selectors.EVENT_READ, partial(self._drain, sock))
+        except (OSError, ValueError, KeyError):
+            sock.close()
+            return
+        self.lingering[sock] = (time.monotonic() + LINGER_SECONDS, 0)
+
+    def _drain(self, sock, _fileobj=None) -> None:
+        deadline, drained = self.lingering.get(sock, (0.0, 0))
+        try:
+            data = sock.recv(LINGER_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        drained += len(data)
+        if data and drained < LINGER_BYTES and time.monotonic() < deadline:
+            self.lingering[sock] = (deadline, drained)
+            return
+        self._end_linger(sock)
+
+    def _end_linger(self, sock) -> None:
+        self.lingering.pop(sock, None)
+        try:
+            self.poller.unregister(sock)
+        except (OSError, ValueError, KeyError):
+            pass
+        sock.close()
+
     def murder_pending(self):
+        now = time.monotonic()
+        for sock in [s for s, (deadline, _) in self.lingering.items() if now > deadline]:
+            self._end_linger(sock)
+        self._refuse_stalled(now)
+        super().murder_pending()
+
+    def _refuse_stalled(self, now: float) -> None:
         """A partial request that has been silent for BODY_TIMEOUT gets its 408 now (gunicorn would close it
         without a word after its keep-alive time)."""
-        now = time.monotonic()
         for conn in [c for c in self.pending_conns if getattr(c, "received", None)]:
             if now - conn.last_data > self.body_timeout or now > conn.read_deadline:
                 self.pending_conns.remove(conn)
@@ -118,7 +176,6 @@ class JsonErrorWorker(ThreadWorker):
                 self._drop(conn)
                 self.nr_conns -= 1
                 conn.close()
-        super().murder_pending()
 
     def _refuse_slow(self, conn, message: str) -> None:
         """A 408 JSON answer, logged and counted like the app's own answers."""
@@ -136,8 +193,7 @@ class JsonErrorWorker(ThreadWorker):
 
     @staticmethod
     def _drop(conn) -> bool:
-        """End the connection here, in the request thread: gunicorn's graceful close lingers up to 2 s reading
-        what the client still sends, on the event loop's thread, where 30 tricklers would stall everything."""
+        """End the connection at once: a client that left, or was refused for being slow, gets no lingering."""
         try:
             conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
