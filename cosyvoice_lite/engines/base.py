@@ -99,6 +99,7 @@ class Engine:
     max_batch = 1
     caches_segments = False  # True: _synthesize takes cache= (a cache.CacheUse) and keys segments by cache_identity
     uses_plan = False  # _synthesize accepts plan= (the Plan's data)
+    sampled = False  # _synthesize accepts seed= (engines whose random draws can be seeded; others ignore seeds)
     _executor: SerialExecutor | None = None
 
     @property
@@ -126,15 +127,18 @@ class Engine:
         return None
 
     def synthesize(self, text: str, speaker: Speaker, speed: float = 1.0, normalize: bool = True,
-                   cancel: threading.Event | None = None, cache=None, plan: Plan | None = None
-                   ) -> Iterator[np.ndarray]:
+                   cancel: threading.Event | None = None, cache=None, plan: Plan | None = None,
+                   seed: int | None = None) -> Iterator[np.ndarray]:
         """Yield float32 mono chunks at OUTPUT_RATE; raise SynthesisError for text with nothing to speak and
         Cancelled as soon as ``cancel`` (a cancel.CancelToken or a threading.Event) is set. ``cache``: the
         request's cache.CacheUse, used by engines with ``caches_segments`` (its status says what was found).
-        ``plan``: this text's ``plan(text, normalize)`` when the caller has it already."""
+        ``plan``: this text's ``plan(text, normalize)`` when the caller has it already. ``seed``: the same text,
+        speaker and seed give the same audio (``sampled`` engines; such a request bypasses the audio cache)."""
         extra = {"cache": cache} if cache is not None and self.caches_segments else {}
         if self.uses_plan and plan is not None:
             extra["plan"] = plan
+        if self.sampled and seed is not None:
+            extra["seed"] = seed
         if self.max_batch > 1:
             chunks = self._synthesize(text, speaker, speed, normalize, cancel, **extra)
         else:

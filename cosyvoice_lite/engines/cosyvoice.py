@@ -50,6 +50,7 @@ class CosyVoiceEngine(Engine):
     name = "cosyvoice"
     caches_segments = True
     uses_plan = True
+    sampled = True
 
     def __init__(self, model_dir, n_timesteps: int | None = None, mode: str | None = None, max_batch: int = 4,
                  first_hop: int | None = FIRST_HOP, threads: int | None = None, backend: str = "auto",

@@ -73,8 +73,9 @@ class Speed:
 class Job:
     def __init__(self, text: str, speaker: Speaker, speed: float = 1.0, normalize: bool = True, request_id: str = "",
                  deadline: float | None = None, client_gone=None, cache=None, plan: Plan | None = None,
-                 max_audio_s: float | None = None):
+                 max_audio_s: float | None = None, seed: int | None = None):
         self.text, self.speaker, self.speed, self.normalize = text, speaker, speed, normalize
+        self.seed = seed
         self.cache = CacheUse(cache)  # the audio cache this request may use (None: off); status set by the engine
         self.request_id = request_id
         self.plan = plan
@@ -228,7 +229,7 @@ class Admission:
         job.started = time.perf_counter()
         try:
             chunks = self.engine.synthesize(job.text, job.speaker, job.speed, job.normalize, job.cancel,
-                                            cache=job.cache, plan=job.plan)
+                                            cache=job.cache, plan=job.plan, seed=job.seed)
             for chunk in chunks:
                 chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
                 if job.first_audio is None:

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from .. import audio
 from .openai import VoiceTable, model_ids
-from .schema import SPEED_RANGE
+from .schema import SEED_MAX, SPEED_RANGE
 
 # Every optional field may be null, meaning its default.
 SPEED = {"type": "number", "minimum": SPEED_RANGE[0], "maximum": SPEED_RANGE[1], "default": 1.0, "nullable": True}
 CACHE = {"type": "boolean", "default": True, "nullable": True,
          "description": "false: neither read nor write the sentence-level audio cache for this request"}
+SEED = {"type": "integer", "minimum": 0, "maximum": SEED_MAX, "nullable": True,
+        "description": "CosyVoice: the same text, speaker and seed give the same audio (its speech tokens are "
+                       "sampled); a seeded request bypasses the audio cache. The offline voice ignores it"}
 
 
 def _error(description: str) -> dict:
@@ -84,7 +87,7 @@ def openapi_spec(settings, engine) -> dict:
                                "description": f"chunked streaming; formats {', '.join(audio.STREAMABLE_FORMATS)}"},
                     "normalize": {"type": "boolean", "default": True, "nullable": True,
                                   "description": "text normalisation (numbers, dates, ...)"},
-                    "cache": CACHE}},
+                    "cache": CACHE, "seed": SEED}},
                 "SpeechRequest": {"type": "object", "required": ["input"], "properties": {
                     "model": {"type": "string", "nullable": True,
                               "description": f"accepted and ignored: one engine serves every model name "
@@ -106,7 +109,7 @@ def openapi_spec(settings, engine) -> dict:
                                               "stream by default, opus and flac come whole"},
                     "normalize": {"type": "boolean", "default": True, "nullable": True,
                                   "description": "extension: text normalisation"},
-                    "cache": CACHE}},
+                    "cache": CACHE, "seed": SEED}},
                 "Speaker": {"type": "object", "properties": {
                     "id": {"type": "string"}, "alias": {"type": "string"}, "language": {"type": "string"},
                     "engine": {"type": "string"}}},

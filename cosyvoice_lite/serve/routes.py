@@ -42,7 +42,7 @@ def synthesize_response(service: Service, req: SpeechRequest) -> Response:
     settings = service.settings
     job = Job(req.text, req.speaker, req.speed, req.normalize, request_id=rec.id,
               deadline=rec.started + settings.request_timeout, client_gone=client_gone_check(request.environ),
-              cache=service.cache if req.cache else None, max_audio_s=settings.max_audio_seconds)
+              cache=service.cache if req.cache else None, max_audio_s=settings.max_audio_seconds, seed=req.seed)
     try:
         service.synth.submit(job)
     except QueueFull as e:

@@ -11,6 +11,7 @@ from .context import Service
 from .errors import ApiError
 
 SPEED_RANGE = (0.25, 4.0)
+SEED_MAX = 2**63 - 1
 
 
 @dataclass
@@ -23,6 +24,7 @@ class SpeechRequest:
     normalize: bool
     sse: bool = False  # OpenAI's stream_format "sse": the audio in speech.audio.delta events
     cache: bool = True  # may read and write the audio cache
+    seed: int | None = None  # the same text, speaker and seed give the same audio
 
 
 def optional(body: dict, key: str, default):
@@ -103,9 +105,12 @@ def parse_speech_request(body: dict, service: Service, *, text_key: str, speaker
     for key, value in (("stream", stream), ("normalize", normalize), ("cache", cache)):
         if not isinstance(value, bool):
             raise ApiError(400, f"'{key}' must be true or false", code=f"invalid_{key}", param=key)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):
+        raise ApiError(400, f"'seed' must be an integer from 0 to {SEED_MAX}", code="invalid_seed", param="seed")
     if stream and asked is None:
         stream = fmt in audio.STREAMABLE_FORMATS
     elif stream and fmt not in audio.STREAMABLE_FORMATS:
         raise ApiError(400, f"{fmt} cannot be streamed; stream one of {', '.join(audio.STREAMABLE_FORMATS)}",
                        code="invalid_format", param=format_key)
-    return SpeechRequest(text, speaker, speed, fmt, stream, normalize, cache=cache)
+    return SpeechRequest(text, speaker, speed, fmt, stream, normalize, cache=cache, seed=seed)
