@@ -18,7 +18,8 @@ RTF = synthesis seconds / audio seconds for the whole utterance at once (LLM, th
 measured the official code); streamed RTF = the same utterance through the engine (chunked flow and HiFT, as the
 service runs it); first audio = seconds from the engine call to its first streamed chunk for a two-sentence text;
 concurrent speedup = audio per second with 4 concurrent requests over audio per second with the same 4 requests
-one after another. Peak RSS (serving) is taken after the engine tests (load, streaming, 4 concurrent requests),
+one after another (scripts/workload.py: seeded, so both runs decode the same tokens; scripts/bench_http.py sends the
+same requests over HTTP). Peak RSS (serving) is taken after the engine tests (load, streaming, 4 concurrent requests),
 before the one-shot whole-utterance test, which holds the whole utterance's activations at once.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 TEXT = "希望你以后能够做得比我还好哟。今天天气很好，我们一起去公园散步吧。"
 STREAM_TEXT = "Hello, and welcome to the show. Today we talk about speech synthesis on small computers."
-CONCURRENT_TEXT = "今天天气很好，我们一起去公园散步吧。"
+STREAM_TEXT = "今天天气很好，我们一起去公园散步吧。"
 GOLDEN = ROOT / "tests" / "golden"
 
 
@@ -136,7 +137,7 @@ def bench_first_audio(engine) -> dict:
 
 def bench_stream_rtf(engine, n_tokens: int) -> dict:
     """One utterance of n_tokens through the engine's streaming path: synthesis seconds / audio seconds."""
-    text = engine.frontend.tokenize(CONCURRENT_TEXT)
+    text = engine.frontend.tokenize(STREAM_TEXT)
     speaker = engine.speakers()[0].id
     started = time.perf_counter()
     samples = sum(wav.size for wav in engine.scheduler.submit([text], speaker, seed=0, **forced(n_tokens, len(text))))
@@ -144,16 +145,19 @@ def bench_stream_rtf(engine, n_tokens: int) -> dict:
     return {"stream_s": took, "stream_rtf": took / (samples / engine.model.sample_rate)}
 
 
-def bench_concurrency(engine, n_requests: int, n_tokens: int) -> dict:
-    """Audio seconds per wall second: n_requests one after another, then all at once."""
-    text = engine.frontend.tokenize(CONCURRENT_TEXT)
-    speakers = [s.id for s in engine.speakers()]
+def bench_concurrency(engine, n_requests: int) -> dict:
+    """Audio seconds per wall second: n_requests of scripts/workload.py through engine.synthesize (as the service's
+    request threads call it) one after another, then all at once."""
+    from workload import concurrent_request
+
+    from cosyvoice_lite.engines.base import OUTPUT_RATE
+
+    speakers = {s.id: s for s in engine.speakers()}
 
     def one(i, out):
-        samples = 0
-        for wav in engine.scheduler.submit([text], speakers[i % len(speakers)], seed=i, **forced(n_tokens, len(text))):
-            samples += wav.size
-        out[i] = samples / engine.model.sample_rate
+        body = concurrent_request(i, list(speakers))
+        chunks = engine.synthesize(body["text"], speakers[body["speaker"]], seed=body["seed"])
+        out[i] = sum(chunk.size for chunk in chunks) / OUTPUT_RATE
 
     audio = {}
     started = time.perf_counter()
@@ -246,7 +250,7 @@ def worker(args) -> dict:
         result.update(bench_first_audio(engine))
         result.update(bench_stream_rtf(engine, n_tokens))
     if args.concurrency:
-        result.update(bench_concurrency(engine, args.concurrency, int(args.concurrent_seconds * model.token_rate)))
+        result.update(bench_concurrency(engine, args.concurrency))
     if args.cache:
         result.update(bench_cache(engine, n_tokens))
     result["serving_peak_rss_mb"] = peak_rss_mb()
@@ -537,14 +541,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", default="exact,default,fast", help="comma-separated speed modes")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent requests (0: skip)")
-    parser.add_argument("--concurrent-seconds", type=float, default=4.0, help="audio length per concurrent request")
     parser.add_argument("--no-stream", dest="stream", action="store_false", help="skip the first-audio test")
     parser.add_argument("--stream-modes", default="default,fast",
                         help="modes that run the streaming and concurrency tests")
     parser.add_argument("--quality", action="store_true", help="also measure errors against float32")
     parser.add_argument("--quality-tokens", type=int, default=100, help="tokens per case on the full-size model")
     parser.add_argument("--cache", action="store_true", help="also time the audio cache: cold, warm, partial")
-    parser.add_argument("--quick", action="store_true", help="3 s utterance, 2 s concurrent requests, default+fast")
+    parser.add_argument("--quick", action="store_true", help="3 s utterance, default+fast")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--backend", default="auto", choices=("auto", "openvino", "torch"),
                         help="runtime of the flow estimator and HiFT (BACKEND)")
@@ -552,7 +555,7 @@ def main() -> int:
     parser.add_argument("--worker-quality", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.seconds, args.concurrent_seconds = 3.0, 2.0
+        args.seconds = 3.0
         if args.modes == parser.get_default("modes"):
             args.modes = "default,fast"
     if args.worker:
@@ -575,7 +578,7 @@ def main() -> int:
     stream_modes = set(args.stream_modes.split(","))
     for mode in args.modes.split(","):
         argv = ["--worker", mode, "--model-dir", model_dir, "--seconds", str(args.seconds),
-                "--threads", str(args.threads), "--concurrent-seconds", str(args.concurrent_seconds),
+                "--threads", str(args.threads),
                 "--backend", args.backend,
                 "--concurrency", str(args.concurrency if mode in stream_modes else 0)]
         if not args.stream or mode not in stream_modes:

@@ -6,8 +6,9 @@ gunicorn with one worker on this machine (loopback only).
     python scripts/bench_http.py --model-dir models/CosyVoice-300M-SFT --mode fast --json
 
 The figure to compare is ``concurrent_speedup`` (audio seconds per wall second, concurrent over sequential):
-scripts/bench.py measures the same in-process (its "4 concurrent / sequential"); here the requests go through
-admission, the request threads and the scheduler as a user's would.
+scripts/bench.py measures the same requests (scripts/workload.py: text, speakers, seeds) in-process, its
+"4 concurrent / sequential"; here they go through admission, the request threads and the scheduler as a user's
+would.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from load_test import OwnServer  # noqa: E402
+from workload import CONCURRENT_TEXT, concurrent_request  # noqa: E402
 
 FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 
@@ -45,11 +47,6 @@ def machine_info() -> dict:
         pass
     return info
 
-# 13 text tokens: with random weights the LLM runs to its length limit, 20 x 13 speech tokens (~5 s of audio),
-# about the length of bench.py's concurrent requests (--concurrent-seconds 4).
-TEXT = "今天天气很好，我们去散步。"
-
-
 def post(port: int, body: dict, timeout: float = 900.0) -> float:
     """One non-streaming /tts; -> seconds of audio it returned."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -64,10 +61,9 @@ def post(port: int, body: dict, timeout: float = 900.0) -> float:
         conn.close()
 
 
-def run(port: int, n: int, speakers: list[str], rounds: int = 1, text: str = TEXT) -> dict:
-    """``rounds`` times: n requests one after another, then n at once (sampled lengths vary: rounds average it)."""
-    # "cache": false: the audio cache would answer every repeat of these texts without synthesis
-    bodies = [{"text": text, "speaker": speakers[i % len(speakers)], "cache": False} for i in range(n)]
+def run(port: int, n: int, speakers: list[str], rounds: int = 1, text: str = CONCURRENT_TEXT) -> dict:
+    """``rounds`` times: n requests one after another, then n at once (scripts/workload.py's requests)."""
+    bodies = [{**concurrent_request(i, speakers), "text": text} for i in range(n)]
     sequential_s = concurrent_s = sequential_audio = concurrent_audio = 0.0
     for _ in range(rounds):
         started = time.perf_counter()
@@ -100,7 +96,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=4, help="requests (and MAX_BATCH)")
     parser.add_argument("--threads", type=int, default=2, help="TORCH_THREADS")
     parser.add_argument("--rounds", type=int, default=2, help="sequential + concurrent rounds to sum")
-    parser.add_argument("--text", default=TEXT, help="the text of every request")
+    parser.add_argument("--text", default=CONCURRENT_TEXT, help="the text of every request")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cosyvoice-bench-http-") as tmp:
