@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 TEXT = "希望你以后能够做得比我还好哟。今天天气很好，我们一起去公园散步吧。"
 STREAM_TEXT = "Hello, and welcome to the show. Today we talk about speech synthesis on small computers."
-STREAM_TEXT = "今天天气很好，我们一起去公园散步吧。"
+RTF_TEXT = "今天天气很好，我们一起去公园散步吧。"  # the streamed-RTF utterance (its length is forced)
 GOLDEN = ROOT / "tests" / "golden"
 
 
@@ -137,7 +137,7 @@ def bench_first_audio(engine) -> dict:
 
 def bench_stream_rtf(engine, n_tokens: int) -> dict:
     """One utterance of n_tokens through the engine's streaming path: synthesis seconds / audio seconds."""
-    text = engine.frontend.tokenize(STREAM_TEXT)
+    text = engine.frontend.tokenize(RTF_TEXT)
     speaker = engine.speakers()[0].id
     started = time.perf_counter()
     samples = sum(wav.size for wav in engine.scheduler.submit([text], speaker, seed=0, **forced(n_tokens, len(text))))
