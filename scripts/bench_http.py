@@ -9,12 +9,17 @@ The figure to compare is ``concurrent_speedup`` (audio seconds per wall second, 
 scripts/bench.py measures the same requests (scripts/workload.py: text, speakers, seeds) in-process, its
 "4 concurrent / sequential"; here they go through admission, the request threads and the scheduler as a user's
 would.
+
+``--interleave K`` also loads the same model in this process and alternates K HTTP rounds with K in-process
+rounds (bench.py's ``bench_concurrency``), so that both figures see the same machine load; it prints every
+round's gain and the medians.
 """
 from __future__ import annotations
 
 import argparse
 import http.client
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -89,6 +94,42 @@ def run(port: int, n: int, speakers: list[str], rounds: int = 1, text: str = CON
             "concurrent_speedup": con_rate / seq_rate}
 
 
+def interleaved(port: int, model_dir: str, speakers: list[str], args) -> dict:
+    """HTTP and in-process rounds of the same requests, alternated (ABBA...), so that a change in the machine's load
+    hits both; -> each path's gains per round and medians."""
+    import torch
+
+    from bench import bench_concurrency
+
+    from cosyvoice_lite.engines.cosyvoice import CosyVoiceEngine
+    from cosyvoice_lite.serve.settings import Settings
+
+    torch.set_num_threads(args.threads)
+    engine = CosyVoiceEngine(model_dir, mode=args.mode, threads=args.threads, cache_root=Settings.from_env().cache_root)
+    engine.synthesize("你好。", engine.speakers()[0])  # warm-up, as the server's
+    rounds = {"http": [], "in_process": []}
+    try:
+        for k in range(args.interleave):
+            order = ("http", "in_process") if k % 2 == 0 else ("in_process", "http")
+            for name in order:
+                if name == "http":
+                    rounds[name].append(run(port, args.requests, speakers, 1, args.text))
+                else:
+                    rounds[name].append(bench_concurrency(engine, args.requests))
+                print(f"  round {k + 1} {name}: {rounds[name][-1]['concurrent_speedup']:.2f}x", file=sys.stderr)
+    finally:
+        engine.scheduler.close()
+
+    def summary(runs):
+        return {"gains": [r["concurrent_speedup"] for r in runs],
+                "median_gain": statistics.median(r["concurrent_speedup"] for r in runs),
+                "median_sequential_audio_per_s": statistics.median(r["sequential_audio_per_s"] for r in runs),
+                "median_concurrent_audio_per_s": statistics.median(r["concurrent_audio_per_s"] for r in runs)}
+
+    return {"machine": machine_info(), "mode": args.mode, "requests": args.requests,
+            "http": summary(rounds["http"]), "in_process": summary(rounds["in_process"])}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", help="a model directory (default: random full-size weights in a temp dir)")
@@ -97,6 +138,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="TORCH_THREADS")
     parser.add_argument("--rounds", type=int, default=2, help="sequential + concurrent rounds to sum")
     parser.add_argument("--text", default=CONCURRENT_TEXT, help="the text of every request")
+    parser.add_argument("--interleave", type=int, default=0, metavar="K",
+                        help="alternate K HTTP rounds with K in-process rounds of the same requests (medians)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cosyvoice-bench-http-") as tmp:
@@ -114,10 +157,24 @@ def main() -> int:
             speakers = [s["id"] for s in json.loads(conn.getresponse().read())["speakers"]]
             conn.close()
             post(server.port, {"text": "你好。", "speaker": speakers[0]})  # warm-up
-            measured = run(server.port, args.requests, speakers, args.rounds, args.text)
-            result = {"machine": machine_info(), "mode": args.mode, **measured}
+            if args.interleave:
+                result = interleaved(server.port, model_dir, speakers, args)
+            else:
+                measured = run(server.port, args.requests, speakers, args.rounds, args.text)
+                result = {"machine": machine_info(), "mode": args.mode, **measured}
         finally:
             server.stop()
+    if args.interleave:
+        print(f"{args.requests} requests, HTTP and in-process rounds alternated x {args.interleave}, {args.mode} "
+              f"mode, on {result['machine']['cpu']} ({', '.join(result['machine']['cpu_features'])})")
+        for name in ("http", "in_process"):
+            gains = ", ".join(f"{g:.2f}x" for g in result[name]["gains"])
+            print(f"  {name:10s}  gains {gains}; median {result[name]['median_gain']:.2f}x "
+                  f"(sequential {result[name]['median_sequential_audio_per_s']:.3f}, concurrent "
+                  f"{result[name]['median_concurrent_audio_per_s']:.3f} audio s/s)")
+        if args.json:
+            print(json.dumps(result))
+        return 0
     machine = result["machine"]
     print(f"{result['requests']} requests over HTTP x {result['rounds']} rounds, {args.mode} mode, on {machine['cpu']} "
           f"({', '.join(machine['cpu_features'])})")
