@@ -191,6 +191,26 @@ def test_batched_decoding_of_long_sequences_follows_the_single_sequence_path(def
     assert rel(ours, ref) < 1e-2
 
 
+def test_scripted_layer_stack_gives_the_logits_of_the_python_loop(default):
+    """The batched step's TorchScript layer stack runs the same ops as its Python loop: equal logits, bit for bit,
+    for sequences of different lengths stepped together."""
+    inputs = [llm_inputs(case) for case in LLM_CASES]
+    tokens = torch.randint(0, 4096, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    results = []
+    for scripted in (True, False):
+        decoder = LMDecoder(default.llm, batched=True, scripted=scripted)
+        seqs = [decoder.start(text, embedding, min_token_text_ratio=0, max_token_text_ratio=10 ** 6)
+                for text, embedding in inputs]
+        rows = []
+        for step, token in enumerate(tokens):
+            live = seqs[:1 + step // 10]  # the others join later: different cache lengths in one batch
+            rows.append(decoder.logits(live))
+            for s in live:
+                decoder.push(s, token)
+        results.append(rows)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_a_sequence_can_switch_between_batched_and_single_steps(default):
     """The batched step keeps a sequence's keys and values in buffers of its own; single-sequence steps on the same
     cache must see them, and batched steps what single ones appended (across the 128-frame cache growths)."""

@@ -12,7 +12,9 @@ advances any number of sequences by one token:
 """
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -21,6 +23,8 @@ from torch import Tensor, nn
 
 from .layers import Int8Linear
 from .transformer import KVCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,11 +75,14 @@ class PositionTable:
 
 
 class LMDecoder:
-    def __init__(self, llm, batched: bool):
+    def __init__(self, llm, batched: bool, scripted: bool = True):
+        """``scripted``: the batched step runs an int8 layer stack as one TorchScript function (the same ops as
+        its Python loop, without the interpreter between them); False keeps the Python loop."""
         self.llm = llm
         self.batched = batched
         self.positions = PositionTable(llm.llm) if batched else None
         self._plan = None
+        self._stack = None if scripted else False  # _Int8Stack, or False: the Python loop
 
     @torch.inference_mode()
     def start(self, text_token: Tensor, embedding: Optional[Tensor], min_token_text_ratio: float = 2,
@@ -173,10 +180,16 @@ class LMDecoder:
         tables = self.positions.reserve(max(lengths) + 1)
         tokens = torch.tensor([s.decoded[-1] for s in seqs])
         x = enc.embed(self.llm.speech_embedding(tokens)) * enc.pos_enc.xscale  # (B, D)
-        layer_views = zip(*(slot.views for slot in slots))  # per layer: per sequence (kv, k_t, v)
-        for plan, views, table in zip(self._plan, layer_views, tables):
-            x = x + plan.out(self._attention(plan, plan.norm1(x), views, lengths, table))
-            x = x + plan.w2(plan.w1_relu(plan.norm2(x)))
+        if self._stack is None:
+            self._stack = _Int8Stack.of(enc.encoders) or False
+        if self._stack:  # the whole layer stack in one TorchScript call: no Python between its ~400 small ops
+            x = self._stack(x, [[t for slot in slots for t in slot.views[i]] for i in range(len(tables))],
+                            tables, lengths)
+        else:
+            layer_views = zip(*(slot.views for slot in slots))  # per layer: per sequence (kv, k_t, v)
+            for plan, views, table in zip(self._plan, layer_views, tables):
+                x = x + plan.out(self._attention(plan, plan.norm1(x), views, lengths, table))
+                x = x + plan.w2(plan.w1_relu(plan.norm2(x)))
         for slot, n in zip(slots, lengths):
             slot.advance(n + 1)
         return self.llm.llm_decoder(enc.after_norm(x))  # (B, V+1)
@@ -273,6 +286,77 @@ class _LayerPlan:
             self.w1_relu = lambda x: op(x, packed, True)
         else:
             self.w1_relu = lambda x: ff.activation(ff.w_1(x))
+
+
+def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quantized.LinearPackedParamsBase],
+                 biases: List[Tensor], views: List[List[Tensor]], tables: List[Tensor], lengths: List[int],
+                 heads: int, d_k: int, scale: float, eps: float) -> Tensor:
+    """LMDecoder._batched_step's layer loop for int8 layers with ReLU, op for op the same as the Python loop
+    (_LayerPlan, _attention), written for TorchScript. Per layer i: norms[4i:4i+4] = norm1 w, b, norm2 w, b;
+    packs[4i:4i+4] = qkv, out, w_1, w_2; biases[2i:2i+2] = pos_bias_u, pos_bias_v (H, 1, d_k); views[i] = per
+    sequence kv, k_t, v (see _KVSlots)."""
+    B, D = x.size(0), heads * d_k
+    for i in range(len(tables)):
+        h = torch.layer_norm(x, [D], norms[4 * i], norms[4 * i + 1], eps)
+        qkv = torch.ops.quantized.linear_dynamic(h, packs[4 * i], True)  # (B, 3D)
+        q = qkv.narrow(1, 0, D).view(B, heads, 1, d_k)
+        q_u, q_v = q + biases[2 * i], q + biases[2 * i + 1]
+        new = qkv.narrow(1, D, 2 * D).view(B, 2, heads, d_k)
+        table = tables[i]
+        R = table.size(2)
+        outs: List[Tensor] = []
+        for b in range(B):
+            n = lengths[b]
+            kv, k_t, v = views[i][3 * b], views[i][3 * b + 1], views[i][3 * b + 2]
+            kv.select(2, n).copy_(new[b])
+            pos = table.narrow(2, R - n - 1, n + 1)
+            scores = torch.baddbmm(torch.bmm(q_v[b], pos), q_u[b], k_t.narrow(2, 0, n + 1), beta=scale, alpha=scale)
+            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v.narrow(1, 0, n + 1)))
+        attended = outs[0] if B == 1 else torch.stack(outs)
+        x = x + torch.ops.quantized.linear_dynamic(attended.view(B, D), packs[4 * i + 1], True)
+        h = torch.layer_norm(x, [D], norms[4 * i + 2], norms[4 * i + 3], eps)
+        h = torch.ops.quantized.linear_relu_dynamic(h, packs[4 * i + 2], True)
+        x = x + torch.ops.quantized.linear_dynamic(h, packs[4 * i + 3], True)
+    return x
+
+
+_SCRIPTED: list = []
+
+
+class _Int8Stack:
+    """The LM's layers as arguments of the scripted ``_int8_layers`` (collected once)."""
+
+    @classmethod
+    def of(cls, layers) -> Optional["_Int8Stack"]:
+        """None unless every layer has int8 q/k/v, output and feed-forward layers with a ReLU between."""
+        for layer in layers:
+            attn, ff = layer.self_attn, layer.feed_forward
+            if not (all(isinstance(m, Int8Linear) for m in (attn.linear_qkv, attn.linear_out, ff.w_1, ff.w_2))
+                    and isinstance(ff.activation, nn.ReLU)):
+                return None
+        if not _SCRIPTED:
+            try:
+                with warnings.catch_warnings():  # deprecated in favour of torch.compile, which needs a C++
+                    warnings.simplefilter("ignore", DeprecationWarning)  # compiler at run time: not in our image
+                    _SCRIPTED.append(torch.jit.script(_int8_layers))
+            except Exception as error:  # a torch without TorchScript: the Python loop does the same
+                log.warning("TorchScript unavailable, the LM step runs its layers from Python (%s)", error)
+                _SCRIPTED.append(None)
+        return cls(layers, _SCRIPTED[0]) if _SCRIPTED[0] is not None else None
+
+    def __init__(self, layers, function):
+        self.function = function
+        plans = [_LayerPlan(layer) for layer in layers]
+        self.norms = [t for layer in layers for norm in (layer.norm1, layer.norm2) for t in (norm.weight, norm.bias)]
+        self.packs = [m.packed() for layer in layers for m in (layer.self_attn.linear_qkv, layer.self_attn.linear_out,
+                                                                layer.feed_forward.w_1, layer.feed_forward.w_2)]
+        self.biases = [t for plan in plans for t in (plan.bias_u, plan.bias_v)]
+        self.heads, self.d_k, self.scale = plans[0].heads, plans[0].d_k, plans[0].scale
+        self.eps = layers[0].norm1.eps
+
+    def __call__(self, x: Tensor, views: List[List[Tensor]], tables: List[Tensor], lengths: List[int]) -> Tensor:
+        return self.function(x, self.norms, self.packs, self.biases, views, tables, lengths, self.heads, self.d_k,
+                             self.scale, self.eps)
 
 
 def _raw(packet):
