@@ -194,6 +194,16 @@ def test_gunicorns_own_refusals_are_json(tiny_server, name):
     assert error["message"] and error["code"]
 
 
+
+@pytest.mark.parametrize("path", ["//health", "//tts", "/health/", "//v1/audio/voices"])
+def test_odd_paths_are_never_a_redirect_built_from_the_host_header(tiny_server, path):
+    """Werkzeug answers a doubled or trailing slash with a 308 to an absolute URL made from the Host header
+    (an open redirect); here such a path is served, or refused in JSON."""
+    status, headers, body = raw(tiny_server.port, f"GET {path} HTTP/1.1\r\nHost: evil.example\r\n"
+                                                  f"Connection: close\r\n\r\n".encode())
+    assert (status == 200 or 400 <= status < 500) and "location" not in headers and b"evil.example" not in body
+    assert headers["content-type"] == "application/json"
+
 # ---- start-up refuses model files it cannot trust -------------------------------------------------------------
 
 def _yaml_with(model_dir, top: str = "", in_llm: str = "") -> None:
