@@ -9,7 +9,7 @@ from conftest import ROOT
 def test_a_thread_that_releases_its_compute_threads_leaves_no_openmp_threads_behind():
     # a fresh interpreter: the test process's own threads must not count
     script = textwrap.dedent("""
-        import os, threading, torch
+        import os, threading, time, torch
         from cosyvoice_lite.memory import release_compute_threads
         torch.set_num_threads(2)
         count = lambda: len(os.listdir("/proc/self/task"))
@@ -18,6 +18,9 @@ def test_a_thread_that_releases_its_compute_threads_leaves_no_openmp_threads_beh
         x @ x  # a parallel op: OpenMP starts this thread's workers
         with_pool = count()
         release_compute_threads()
+        deadline = time.monotonic() + 5  # the workers are told to stop; each leaves /proc when it has exited
+        while count() > before and time.monotonic() < deadline:
+            time.sleep(0.01)
         print(before, with_pool, count())
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
