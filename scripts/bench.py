@@ -145,9 +145,9 @@ def bench_stream_rtf(engine, n_tokens: int) -> dict:
     return {"stream_s": took, "stream_rtf": took / (samples / engine.model.sample_rate)}
 
 
-def bench_concurrency(engine, n_requests: int) -> dict:
-    """Audio seconds per wall second: n_requests of scripts/workload.py through engine.synthesize (as the service's
-    request threads call it) one after another, then all at once."""
+def bench_concurrency(engine, n_requests: int, text: str | None = None) -> dict:
+    """Audio seconds per wall second: n_requests of scripts/workload.py (``text`` instead of its own, if given)
+    through engine.synthesize (as the service's request threads call it) one after another, then all at once."""
     from workload import concurrent_request
 
     from cosyvoice_lite.engines.base import OUTPUT_RATE
@@ -156,7 +156,7 @@ def bench_concurrency(engine, n_requests: int) -> dict:
 
     def one(i, out):
         body = concurrent_request(i, list(speakers))
-        chunks = engine.synthesize(body["text"], speakers[body["speaker"]], seed=body["seed"])
+        chunks = engine.synthesize(text or body["text"], speakers[body["speaker"]], seed=body["seed"])
         out[i] = sum(chunk.size for chunk in chunks) / OUTPUT_RATE
 
     audio = {}

@@ -116,7 +116,7 @@ def interleaved(port: int, model_dir: str, speakers: list[str], args) -> dict:
                 if name == "http":
                     rounds[name].append(run(port, args.requests, speakers, 1, args.text))
                 else:
-                    rounds[name].append(bench_concurrency(engine, args.requests))
+                    rounds[name].append(bench_concurrency(engine, args.requests, args.text))
                 print(f"  round {k + 1} {name}: {rounds[name][-1]['concurrent_speedup']:.2f}x", file=sys.stderr)
     finally:
         engine.scheduler.close()
