@@ -181,7 +181,7 @@ class LMDecoder:
         tokens = torch.tensor([s.decoded[-1] for s in seqs])
         x = enc.embed(self.llm.speech_embedding(tokens)) * enc.pos_enc.xscale  # (B, D)
         if self._stack is None:
-            self._stack = _Int8Stack.of(enc.encoders) or False
+            self._stack = _Int8Stack.of(enc.encoders, self._plan) or False
         if self._stack:  # the whole layer stack in one TorchScript call: no Python between its ~400 small ops
             x = self._stack(x, [[t for slot in slots for t in slot.views[i]] for i in range(len(tables))],
                             tables, lengths)
@@ -327,7 +327,7 @@ class _Int8Stack:
     """The LM's layers as arguments of the scripted ``_int8_layers`` (collected once)."""
 
     @classmethod
-    def of(cls, layers) -> Optional["_Int8Stack"]:
+    def of(cls, layers, plans: List[_LayerPlan]) -> Optional["_Int8Stack"]:
         """None unless every layer has int8 q/k/v, output and feed-forward layers with a ReLU between."""
         for layer in layers:
             attn, ff = layer.self_attn, layer.feed_forward
@@ -342,11 +342,10 @@ class _Int8Stack:
             except Exception as error:  # a torch without TorchScript: the Python loop does the same
                 log.warning("TorchScript unavailable, the LM step runs its layers from Python (%s)", error)
                 _SCRIPTED.append(None)
-        return cls(layers, _SCRIPTED[0]) if _SCRIPTED[0] is not None else None
+        return cls(layers, plans, _SCRIPTED[0]) if _SCRIPTED[0] is not None else None
 
-    def __init__(self, layers, function):
+    def __init__(self, layers, plans: List[_LayerPlan], function):
         self.function = function
-        plans = [_LayerPlan(layer) for layer in layers]
         self.norms = [t for layer in layers for norm in (layer.norm1, layer.norm2) for t in (norm.weight, norm.bias)]
         self.packs = [m.packed() for layer in layers for m in (layer.self_attn.linear_qkv, layer.self_attn.linear_out,
                                                                 layer.feed_forward.w_1, layer.feed_forward.w_2)]
