@@ -298,3 +298,59 @@ def test_a_deferred_backend_compiles_in_the_process_that_synthesises(tmp_path):
             assert "openvino" in repr(engine.model.flow.decoder.estimator)
     finally:
         engine.scheduler.close()
+
+
+# ---- memory the compiled models hold ----------------------------------------------------------------------------
+
+def resident_kb_of_files_under(directory):
+    """Rss (kB) of this process's mappings of files under `directory`, from /proc/self/smaps."""
+    prefix, total, inside = str(Path(directory).resolve()), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[-1].startswith(prefix)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs /proc/self/smaps")
+def test_a_compiled_model_holds_none_of_its_files_pages_once_primed(tmp_path):
+    model = accelerated("default", tmp_path, ZEN4)
+    if model.runtime["backend"] != "openvino":
+        pytest.skip("openvino not installed")
+    assert list(tmp_path.glob("compiled/*/*/model.bin"))
+    assert resident_kb_of_files_under(tmp_path / "compiled") == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc/self/maps")
+def test_dropping_file_pages_leaves_writable_mappings_alone(tmp_path):
+    import mmap
+
+    from cosyvoice_lite.backends.ov_runtime import unmap_file_pages
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(4 * mmap.PAGESIZE))
+    with open(path, "r+b") as f:
+        private = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)  # writes stay in this process's pages
+        readonly = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    private[:5] = b"hello"
+    assert readonly[0] == 0
+    unmap_file_pages(tmp_path)
+    assert private[:5] == b"hello" and readonly[:5] == bytes(5)
+    assert path.read_bytes()[:5] == bytes(5)
+    private.close()
+    readonly.close()
+
+
+def test_the_compiled_vocoder_gives_the_same_audio_after_a_longer_chunk(exact, ov_bf16):
+    if ov_bf16.runtime["stages"]["hift"] != "openvino bf16":
+        pytest.skip("openvino not installed or HiFT not compiled on this plan")
+    generator = torch.Generator().manual_seed(5)
+    short, long = torch.randn(1, 80, 30, generator=generator), torch.randn(1, 80, 90, generator=generator)
+    sources = {mel.shape[2]: exact.hift.make_source(exact.hift.predict_f0(mel), torch.Generator().manual_seed(0))
+               for mel in (short, long)}
+    with torch.inference_mode():
+        before = ov_bf16.hift.decode(short, sources[30])
+        ov_bf16.hift.decode(long, sources[90])
+        assert torch.equal(ov_bf16.hift.decode(short, sources[30]), before)

@@ -33,6 +33,7 @@ log = logging.getLogger("cosyvoice_lite.backends")
 
 GRAPH_VERSION = 3  # bump when what is traced changes in a way the source hash cannot see (e.g. trace inputs)
 RUNTIME_CACHE_SHAPES = 16
+PRIME_UNMAP_INTERVAL = 0.005  # s between drops of the model file's pages during the first run (see _Runner.prime)
 STAGE_SOURCES = {"estimator": ("estimator.py",), "hift": ("hift.py",)}
 STAGE_FILES = {"estimator": ("cosyvoice.yaml", "flow.pt"), "hift": ("cosyvoice.yaml", "hift.pt")}
 
@@ -63,6 +64,7 @@ class _Runner(nn.Module):
         self._compiled = compiled
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request, reused: calls from several threads take turns
+        self.release_after_call = False  # see HiftBodyRunner
         self.precision = precision
         self.description = description
         self.files: Path | None = None  # the directory whose files the compiled model was read from
@@ -73,8 +75,24 @@ class _Runner(nn.Module):
         Why: the first inference repacks every weight into the kernels' layout (memory of the runtime's own); the
         file's float16 weights are then no longer read but stay resident, as much again as the repacked copy. The
         pages are only unmapped: a later read, if any, faults them in from the file. Done at start-up, so the
-        first request neither pays for the repacking nor sees the memory peak of both copies."""
-        self.run(*inputs)
+        first request neither pays for the repacking nor sees the memory peak of both copies.
+
+        The pages are also dropped while that run reads them (every few milliseconds, from another thread): the
+        weights are repacked one layer at a time, so the file's pages need never be resident all at once. A page
+        dropped before its layer is repacked is read again from the page cache."""
+        done = threading.Event()
+
+        def drop_while_running():
+            while not done.wait(PRIME_UNMAP_INTERVAL):
+                unmap_file_pages(self.files)
+
+        dropper = threading.Thread(target=drop_while_running, name="openvino-prime-unmap", daemon=True)
+        dropper.start()
+        try:
+            self.run(*inputs)
+        finally:
+            done.set()
+            dropper.join()
         unmap_file_pages(self.files)
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -82,6 +100,8 @@ class _Runner(nn.Module):
         with self._lock:
             self._request.infer(arrays)
             out = self._request.get_output_tensor(0).data.copy()  # the request's buffer is reused by the next call
+            if self.release_after_call:
+                self._compiled.release_memory()
         return torch.from_numpy(out)
 
     def extra_repr(self) -> str:
@@ -115,7 +135,15 @@ class TimeEmbedding(nn.Module):
 
 
 class HiftBodyRunner(_Runner):
-    """HiFTGenerator.body(mel, s_stft) -> (B, n_fft+2, S)."""
+    """HiFTGenerator.body(mel, s_stft) -> (B, n_fft+2, S).
+
+    Its intermediate buffers are released after every call: at the audio sample rate they are ~0.3 MB per mel
+    frame, which the compiled model would otherwise keep for the longest chunk it has seen (hundreds of MB, for
+    the worker's life). One call per chunk, so allocating them again costs little next to the call itself."""
+
+    def __init__(self, compiled, precision: str, description: str):
+        super().__init__(compiled, precision, description)
+        self.release_after_call = True
 
     def forward(self, mel, s_stft):
         return self.run(mel, s_stft)
@@ -200,8 +228,9 @@ def ensure_converted(stage: str, directory: Path, model_dir, weights: str = "f16
 
 
 def unmap_file_pages(directory: Path | None) -> None:
-    """madvise(MADV_DONTNEED) every mapping of a file under ``directory`` (read-only mappings: the data stays in
-    the file and the page cache; this process just stops holding the pages)."""
+    """madvise(MADV_DONTNEED) every read-only mapping of a file under ``directory``: the data stays in the file and
+    the page cache; this process just stops holding the pages. A writable mapping is left alone (dropping its
+    pages would lose what was written to them)."""
     from ..model.mapping import drop_pages
 
     if directory is None:
@@ -209,7 +238,8 @@ def unmap_file_pages(directory: Path | None) -> None:
     prefix = str(Path(directory).resolve()) + os.sep
     try:
         with open("/proc/self/maps") as maps:
-            spans = [line.split()[0] for line in maps if line.split()[-1].startswith(prefix)]
+            spans = [fields[0] for fields in map(str.split, maps)
+                     if fields[-1].startswith(prefix) and "w" not in fields[1]]
     except OSError:
         return
     for span in spans:
