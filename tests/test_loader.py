@@ -197,3 +197,35 @@ def test_a_model_copy_has_the_fingerprint_of_its_original_and_a_changed_file_doe
         f.write(b"\0")
     assert model_fingerprint(copy) != model_fingerprint(tiny_model_dir)
     assert model_fingerprint(copy, ("flow.pt",)) == model_fingerprint(tiny_model_dir, ("flow.pt",))
+
+
+# ---- the text embedding of the lean modes, read from llm.pt at each lookup -------------------------------------
+
+TEXT_IDS = torch.tensor([[0, 5, 5, 17, 3]])
+
+
+@pytest.mark.parametrize("mode", ["default", "fast"])
+def test_lean_modes_look_up_the_checkpoints_float32_text_embedding(model_copy, mode):
+    table = torch.load(model_copy / "llm.pt", weights_only=True)["text_embedding.weight"]
+    with torch.inference_mode():
+        rows = load_model(model_copy, mode=mode).llm.text_embedding(TEXT_IDS)
+    assert rows.dtype == torch.float32 and torch.equal(rows, table[TEXT_IDS])
+
+
+def test_a_checkpoint_replaced_by_a_new_file_leaves_the_loaded_model_unchanged(model_copy):
+    model = load_model(model_copy, mode="default")
+    with torch.inference_mode():
+        before = model.llm.text_embedding(TEXT_IDS)
+    other = write_random_model(model_copy.parent / "other", "tiny")
+    (other / "llm.pt").replace(model_copy / "llm.pt")  # as a download does: a new file renamed over the old
+    with torch.inference_mode():
+        assert torch.equal(model.llm.text_embedding(TEXT_IDS), before)
+
+
+def test_a_checkpoint_overwritten_in_place_after_loading_is_reported(model_copy):
+    model = load_model(model_copy, mode="default")
+    data = (model_copy / "llm.pt").read_bytes()
+    with open(model_copy / "llm.pt", "r+b") as f:  # same file, new content (e.g. `cp` over it)
+        f.truncate(len(data) // 2)
+    with pytest.raises(RuntimeError, match="changed on disk after loading.*restart"):
+        model.llm.text_embedding(TEXT_IDS)

@@ -16,7 +16,7 @@ from cosyvoice_lite.model.lm_decoder import LMDecoder
 from cosyvoice_lite.cancel import Cancelled
 from cosyvoice_lite.decode.scheduler import Scheduler
 from cosyvoice_lite.model.config import read_config
-from cosyvoice_lite.model.layers import Fp16Embedding, Fp16Linear, Int8Linear
+from cosyvoice_lite.model.layers import FileEmbedding, Fp16Linear, Int8Linear
 from cosyvoice_lite.model.loader import build_networks, load_state
 from cosyvoice_lite.model.precision import Precision
 from cosyvoice_lite.model.speed import MODE_ENV, SETTINGS, settings
@@ -92,7 +92,7 @@ def test_default_mode_converts_llm_and_flow_linears(default):
     assert fp16 == ["text_encoder.embed.out.0", "llm.embed.out.0", "llm_decoder"]
     assert isinstance(default.llm.llm.encoders[0].feed_forward.w_1, Int8Linear)
     assert isinstance(default.llm.text_encoder_affine_layer, Int8Linear)
-    assert isinstance(default.llm.text_embedding, Fp16Embedding)
+    assert isinstance(default.llm.text_embedding, FileEmbedding)
     assert all(type(m) is Fp16Linear for part in (default.flow.encoder, default.flow.decoder.estimator)
                for m in part.modules() if isinstance(m, (nn.Linear, Int8Linear, Fp16Linear)))
     # the length regulator and the small projections around the encoder stay float32

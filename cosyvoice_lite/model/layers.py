@@ -7,6 +7,8 @@ its converted form exists, so a model is converted one layer at a time.
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mapping import release_pages
+from .mapping import file_location, release_pages
 
 
 class NonFiniteWeight(ValueError):
@@ -216,23 +218,71 @@ class TimeMajorConv1d(_Conv):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, {kind}time-major"
 
 
-class Fp16Embedding(Float32Checkpoint):
-    """An embedding table stored as float16, looked up rows returned as float32: half the memory of a large text
-    table whose rows then go through 16-bit weights anyway."""
+class FileEmbedding(Float32Checkpoint):
+    """An embedding table read from the checkpoint file at each lookup (its float32 rows, with pread) instead of
+    held in memory. For a large table looked up once per text (the text embedding): it then costs no resident
+    memory; the file's pages stay in the OS's page cache. Reads go through a file descriptor, not a mapping, so a
+    checkpoint replaced in place while the service runs gives a clear error instead of a crash. A table not
+    mapped from a file when loaded (a plain torch.load) is kept as a float32 copy."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.float16))
+        self.table: Optional[Tensor] = None  # the in-memory fallback
+        self._fd: Optional[int] = None
+        self._offset = 0
+        self._identity = None  # (inode, size, mtime) of the file when loaded
 
     def checkpoint_shapes(self):
         return {"weight": (self.num_embeddings, self.embedding_dim)}
 
     def convert(self, weight, bias):
-        self.weight = weight.detach().half()
+        weight = weight.detach()
+        location = file_location(weight) if weight.dtype == torch.float32 and weight.is_contiguous() else None
+        if location is None or sys.byteorder != "little":
+            self.table = weight.float().contiguous().clone()
+            return
+        self.close()
+        self._fd = os.open(location[0], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._offset = location[1]
+        self._identity = self._stat()
+
+    def _stat(self):
+        st = os.fstat(self._fd)
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.weight).float()
+        if self._fd is None:
+            if self.table is None:
+                raise RuntimeError("FileEmbedding has no weights yet: load a state dict into it first")
+            return F.embedding(ids, self.table)
+        if self._stat() != self._identity:
+            raise RuntimeError("the checkpoint file holding the text embedding changed on disk after loading "
+                               "(overwritten in place?): restart the service to load the new model")
+        width = self.embedding_dim * 4
+        flat = ids.reshape(-1).tolist()
+        if any(i < 0 or i >= self.num_embeddings for i in flat):
+            raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
+        rows = {}
+        for i in set(flat):
+            data = os.pread(self._fd, width, self._offset + i * width)
+            if len(data) != width:
+                raise RuntimeError("the checkpoint file holding the text embedding is shorter than when loaded")
+            rows[i] = torch.frombuffer(bytearray(data), dtype=torch.float32)
+        out = torch.stack([rows[i] for i in flat]) if flat else torch.empty(0, self.embedding_dim)
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+    def extra_repr(self) -> str:
+        where = "read from the checkpoint file" if self._fd is not None else "in memory"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {where}"
 
 
 class ExpMish(nn.Module):

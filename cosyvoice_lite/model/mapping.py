@@ -80,6 +80,24 @@ def drop_pages(start: int, end: int) -> None:
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _mmap.MADV_DONTNEED)
 
 
+def file_location(tensor: torch.Tensor):
+    """(path, byte offset) of a tensor's data in the file it is mapped from, or None when it is not file-mapped."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= start and end <= hi:
+                    if len(fields) >= 6 and fields[5].startswith("/"):
+                        return fields[5], int(fields[2], 16) + start - lo
+                    return None
+    except OSError:
+        pass
+    return None
+
+
 def clear_mappings() -> None:
     """Forget every registered mapping (called once nothing refers to them any more)."""
     _MAPPED.clear()

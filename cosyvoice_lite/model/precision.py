@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from .layers import ExpMish, Fp16Embedding, Fp16Linear, Int8Conv1d, Int8Linear, TimeMajorConv1d
+from .layers import ExpMish, FileEmbedding, Fp16Linear, Int8Conv1d, Int8Linear, TimeMajorConv1d
 from .speed import ModeSettings
 
 # LLM linears kept at 16 bits in the int8 modes: the input layers see rows of very different scales at once (the
@@ -23,7 +23,8 @@ from .speed import ModeSettings
 # decides the sampled token directly. Together they are 2% of the LLM's weights.
 LLM_FP16 = ("embed.out.0", "llm_decoder")
 LLM_SKIP = ("spk_embed_affine_layer",)  # tiny, run once per segment: float32
-LLM_FP16_TABLES = ("text_embedding",)  # the large text table; its rows go through 16-bit input layers anyway
+# the large text table, looked up once per text: read from the checkpoint file (layers.FileEmbedding)
+LLM_FILE_TABLES = ("text_embedding",)
 # The parts of the flow whose linears follow the mode (the length regulator and small projections stay float32).
 FLOW_LINEARS = ("flow.encoder", "flow.decoder.estimator")
 FLOW_TIME_MAJOR = ("flow.decoder.estimator",)
@@ -117,8 +118,8 @@ class Precision:
 
     def embedding(self, num_embeddings: int, embedding_dim: int, name: str = "") -> nn.Module:
         path = self._join(name)
-        if self.llm != "fp32" and _under(path, ("llm",)) and _ends_with(path, LLM_FP16_TABLES):
-            return Fp16Embedding(num_embeddings, embedding_dim)
+        if self.llm != "fp32" and _under(path, ("llm",)) and _ends_with(path, LLM_FILE_TABLES):
+            return FileEmbedding(num_embeddings, embedding_dim)
         return nn.Embedding(num_embeddings, embedding_dim)
 
 
