@@ -205,11 +205,13 @@ TEXT_IDS = torch.tensor([[0, 5, 5, 17, 3]])
 
 
 @pytest.mark.parametrize("mode", ["default", "fast"])
-def test_lean_modes_look_up_the_checkpoints_float32_text_embedding(model_copy, mode):
-    table = torch.load(model_copy / "llm.pt", weights_only=True)["text_embedding.weight"]
+@pytest.mark.parametrize("network, table", [("llm", "text_embedding"), ("llm", "speech_embedding"),
+                                            ("flow", "input_embedding")])
+def test_lean_modes_look_up_the_checkpoints_float32_embeddings(model_copy, mode, network, table):
+    rows_of = torch.load(model_copy / f"{network}.pt", weights_only=True)[f"{table}.weight"]
     with torch.inference_mode():
-        rows = load_model(model_copy, mode=mode).llm.text_embedding(TEXT_IDS)
-    assert rows.dtype == torch.float32 and torch.equal(rows, table[TEXT_IDS])
+        rows = getattr(getattr(load_model(model_copy, mode=mode), network), table)(TEXT_IDS)
+    assert rows.dtype == torch.float32 and torch.equal(rows, rows_of[TEXT_IDS])
 
 
 def test_a_checkpoint_replaced_by_a_new_file_leaves_the_loaded_model_unchanged(model_copy):

@@ -163,7 +163,7 @@ class LMDecoder:
         return list(s.decoded), torch.cat(rows, dim=0)
 
     def _last_input(self, s: Sequence) -> Tensor:
-        return self.llm.speech_embedding.weight[s.decoded[-1]].reshape(1, 1, -1)
+        return self.llm.speech_embedding(torch.tensor([s.decoded[-1]])).reshape(1, 1, -1)
 
     def _batched_step(self, seqs: List[Sequence]) -> Tensor:
         """One new frame for each sequence (all past their prefix) -> raw logits (B, V+1).

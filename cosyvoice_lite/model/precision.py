@@ -23,8 +23,9 @@ from .speed import ModeSettings
 # decides the sampled token directly. Together they are 2% of the LLM's weights.
 LLM_FP16 = ("embed.out.0", "llm_decoder")
 LLM_SKIP = ("spk_embed_affine_layer",)  # tiny, run once per segment: float32
-# the large text table, looked up once per text: read from the checkpoint file (layers.FileEmbedding)
-LLM_FILE_TABLES = ("text_embedding",)
+# embedding tables read from the checkpoint file at each lookup in the lean modes (layers.FileEmbedding): a lookup
+# reads a few rows (per text, per token step, per flow chunk), too few to pay for holding the tables in memory
+FILE_TABLES = ("llm.text_embedding", "llm.speech_embedding", "flow.input_embedding")
 # The parts of the flow whose linears follow the mode (the length regulator and small projections stay float32).
 FLOW_LINEARS = ("flow.encoder", "flow.decoder.estimator")
 FLOW_TIME_MAJOR = ("flow.decoder.estimator",)
@@ -118,7 +119,8 @@ class Precision:
 
     def embedding(self, num_embeddings: int, embedding_dim: int, name: str = "") -> nn.Module:
         path = self._join(name)
-        if self.llm != "fp32" and _under(path, ("llm",)) and _ends_with(path, LLM_FILE_TABLES):
+        lean = self.llm != "fp32" if _under(path, ("llm",)) else self.flow != "fp32"
+        if lean and path in FILE_TABLES:
             return FileEmbedding(num_embeddings, embedding_dim)
         return nn.Embedding(num_embeddings, embedding_dim)
 
