@@ -229,5 +229,5 @@ def test_a_checkpoint_overwritten_in_place_after_loading_is_reported(model_copy)
     data = (model_copy / "llm.pt").read_bytes()
     with open(model_copy / "llm.pt", "r+b") as f:  # same file, new content (e.g. `cp` over it)
         f.truncate(len(data) // 2)
-    with pytest.raises(RuntimeError, match="changed on disk after loading.*restart"):
+    with pytest.raises(RuntimeError, match="llm.pt changed on disk after it was loaded.*restart"):
         model.llm.text_embedding(TEXT_IDS)

@@ -220,8 +220,8 @@ class TimeMajorConv1d(_Conv):
 
 class FileEmbedding(Float32Checkpoint):
     """An embedding table read from the checkpoint file at each lookup (its float32 rows, with pread) instead of
-    held in memory. For a large table looked up once per text (the text embedding): it then costs no resident
-    memory; the file's pages stay in the OS's page cache. Reads go through a file descriptor, not a mapping, so a
+    held in memory. For tables of which a lookup needs a few rows (per text, per token step, per chunk): they then
+    cost no resident memory; the file's pages stay in the OS's page cache. Reads go through a file descriptor, not a mapping, so a
     checkpoint replaced in place while the service runs gives a clear error instead of a crash. A table not
     mapped from a file when loaded (a plain torch.load) is kept as a float32 copy."""
 
@@ -232,6 +232,7 @@ class FileEmbedding(Float32Checkpoint):
         self._fd: Optional[int] = None
         self._offset = 0
         self._identity = None  # (inode, size, mtime) of the file when loaded
+        self._path = ""
 
     def checkpoint_shapes(self):
         return {"weight": (self.num_embeddings, self.embedding_dim)}
@@ -244,7 +245,7 @@ class FileEmbedding(Float32Checkpoint):
             return
         self.close()
         self._fd = os.open(location[0], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self._offset = location[1]
+        self._path, self._offset = location
         self._identity = self._stat()
 
     def _stat(self):
@@ -257,8 +258,8 @@ class FileEmbedding(Float32Checkpoint):
                 raise RuntimeError("FileEmbedding has no weights yet: load a state dict into it first")
             return F.embedding(ids, self.table)
         if self._stat() != self._identity:
-            raise RuntimeError("the checkpoint file holding the text embedding changed on disk after loading "
-                               "(overwritten in place?): restart the service to load the new model")
+            raise RuntimeError(f"{self._path} changed on disk after it was loaded (overwritten in place?): restart "
+                               "the service to load the new model")
         width = self.embedding_dim * 4
         flat = ids.reshape(-1).tolist()
         if any(i < 0 or i >= self.num_embeddings for i in flat):
@@ -267,7 +268,7 @@ class FileEmbedding(Float32Checkpoint):
         for i in set(flat):
             data = os.pread(self._fd, width, self._offset + i * width)
             if len(data) != width:
-                raise RuntimeError("the checkpoint file holding the text embedding is shorter than when loaded")
+                raise RuntimeError(f"{self._path} is shorter than when it was loaded: restart the service")
             rows[i] = torch.frombuffer(bytearray(data), dtype=torch.float32)
         out = torch.stack([rows[i] for i in flat]) if flat else torch.empty(0, self.embedding_dim)
         return out.reshape(*ids.shape, self.embedding_dim)
