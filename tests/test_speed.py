@@ -191,6 +191,24 @@ def test_batched_decoding_of_long_sequences_follows_the_single_sequence_path(def
     assert rel(ours, ref) < 1e-2
 
 
+def test_a_long_sequence_leaves_no_large_position_table_and_later_logits_are_unchanged(default):
+    """The relative-position rows a long sequence needed are given back when shorter ones follow and when the
+    decoder is idle; what the short sequences compute is the same as on a fresh decoder."""
+    text, embedding = llm_inputs(LLM_CASES[0])
+    tokens = torch.randint(0, 4096, (1200,), generator=torch.Generator().manual_seed(4)).tolist()
+    fresh = LMDecoder(default.llm, batched=True)
+    _, ref = fresh.greedy(text, embedding, 40, forced=tokens[:40])
+    decoder = LMDecoder(default.llm, batched=True)
+    decoder.greedy(text, embedding, 1200, forced=tokens)
+    assert decoder.positions.size > 1200
+    _, after = decoder.greedy(text, embedding, 40, forced=tokens[:40])
+    assert torch.equal(after, ref)
+    assert decoder.positions.size == decoder.positions.KEEP  # a fresh one holds less; never more than this
+    decoder.greedy(text, embedding, 1200, forced=tokens)
+    decoder.release_idle()
+    assert decoder.positions.size == decoder.positions.KEEP
+
+
 def test_scripted_layer_stack_gives_the_logits_of_the_python_loop(default):
     """The batched step's TorchScript layer stack runs the same ops as its Python loop: equal logits, bit for bit,
     for sequences of different lengths stepped together."""

@@ -157,6 +157,7 @@ class Scheduler:
             with self._lock:
                 self._working = False
                 if not self._inbox and not self._active and not self._stopping:
+                    self.model.decoder.release_idle()  # what a long request grew
                     release_compute_threads()  # idle: another thread may run torch meanwhile (tools, benchmarks)
                 while not self._inbox and not self._active and not self._stopping:
                     self._wakeup.wait()

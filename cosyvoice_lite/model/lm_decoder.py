@@ -50,24 +50,43 @@ class PositionTable:
 
     Descending order makes the rows for a query at position n-1 a plain slice: key j meets relative position
     n-1-j, i.e. the last n rows. R grows in blocks as sequences get longer, for all layers at once (they are
-    always asked for the same lengths), so a step checks the size once instead of once per layer.
+    always asked for the same lengths), so a step checks the size once instead of once per layer. It shrinks again
+    when the sequences in progress need less than half of it (a long request would otherwise leave a table as
+    large as its keys and values for the worker's life); shrinking is a copy of the rows kept, not a projection.
     """
 
     BLOCK = 128
+    KEEP = 4 * BLOCK  # rows never given back: the positions of an ordinary sentence
 
     def __init__(self, encoder):
         self.encoder = encoder
-        self.size = 0
-        self.tables: List[Tensor] = []
+        self._held = (0, [])  # (R, tables): one attribute, so that a shrink from another thread is never seen half
+
+    @property
+    def size(self) -> int:
+        return self._held[0]
 
     def reserve(self, n: int) -> List[Tensor]:
         """The tables of all layers, each (H, d_k, R) with R >= n."""
-        if self.size < n:
-            size = -(-n // self.BLOCK) * self.BLOCK
+        held, tables = self._held
+        size = -(-n // self.BLOCK) * self.BLOCK
+        if held < n:
             pe = self.encoder.pos_enc.rows(size - 1, 0, torch.empty(0))[0]  # (size, D), r descending
-            self.tables = [self._project(layer.self_attn, pe) for layer in self.encoder.encoders]
-            self.size = size
-        return self.tables
+            tables = [self._project(layer.self_attn, pe) for layer in self.encoder.encoders]
+            self._held = (size, tables)
+        elif held > max(2 * size, self.KEEP):
+            tables = self.shrink(max(size, self.KEEP))
+        return tables
+
+    def shrink(self, size: Optional[int] = None) -> List[Tensor]:
+        """Keep the rows of relative positions size-1 .. 0 only (default: KEEP), the last rows of each table;
+        returns the tables held afterwards."""
+        size = self.KEEP if size is None else size
+        held, tables = self._held
+        if held > size:
+            tables = [t[:, :, t.size(2) - size:].contiguous() for t in tables]
+            self._held = (size, tables)
+        return tables
 
     @staticmethod
     def _project(attn, pe: Tensor) -> Tensor:
@@ -96,6 +115,11 @@ class LMDecoder:
         return Sequence(self.llm.new_cache(), self.llm.prefix(text_token, embedding), min_len, max_len,
                         {**self.llm.sampling, **(sampling or {})}, generator, finished=max_len <= 0,
                         on_logits=on_logits)
+
+    def release_idle(self) -> None:
+        """No sequence in progress: give back what long ones grew (see PositionTable)."""
+        if self.positions is not None:
+            self.positions.shrink()
 
     def tokens(self, seq: Sequence) -> Iterator[int]:
         """Decode one sequence to its end, yielding each speech token as it is drawn."""
