@@ -88,7 +88,8 @@ def main() -> None:
         print(f"{name:18s} {len(text)} chars -> {len(tokens)} segments, longest {max(tokens)} tokens")
 
     server = OwnServer(args.engine or "cosyvoice", args.model_dir, workers=1, queue_size=8, threads=2,
-                       extra_env={"COSYVOICE_MODE": args.mode, "MAX_BATCH": str(args.concurrent),
+                       # the audio cache off: a text whose segments are cached would be served, not synthesised
+                       extra_env={"COSYVOICE_MODE": args.mode, "MAX_BATCH": str(args.concurrent), "CACHE": "off",
                                   "REQUEST_TIMEOUT": str(int(args.seconds + 120))})
     try:
         worker = server_pids(server.port)[1][0]
