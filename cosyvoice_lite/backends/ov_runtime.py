@@ -59,12 +59,13 @@ class _Runner(nn.Module):
     """A compiled OpenVINO model called like the module it replaces (torch tensors in and out). No parameters:
     the weights live in the compiled model."""
 
+    release_after_call = False  # give the intermediate buffers back after each call (see HiftBodyRunner)
+
     def __init__(self, compiled, precision: str, description: str):
         super().__init__()
         self._compiled = compiled
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request, reused: calls from several threads take turns
-        self.release_after_call = False  # see HiftBodyRunner
         self.precision = precision
         self.description = description
         self.files: Path | None = None  # the directory whose files the compiled model was read from
@@ -141,9 +142,7 @@ class HiftBodyRunner(_Runner):
     frame, which the compiled model would otherwise keep for the longest chunk it has seen (hundreds of MB, for
     the worker's life). One call per chunk, so allocating them again costs little next to the call itself."""
 
-    def __init__(self, compiled, precision: str, description: str):
-        super().__init__(compiled, precision, description)
-        self.release_after_call = True
+    release_after_call = True
 
     def forward(self, mel, s_stft):
         return self.run(mel, s_stft)
@@ -231,19 +230,14 @@ def unmap_file_pages(directory: Path | None) -> None:
     """madvise(MADV_DONTNEED) every read-only mapping of a file under ``directory``: the data stays in the file and
     the page cache; this process just stops holding the pages. A writable mapping is left alone (dropping its
     pages would lose what was written to them)."""
-    from ..model.mapping import drop_pages
+    from ..model.mapping import drop_pages, file_mappings
 
     if directory is None:
         return
     prefix = str(Path(directory).resolve()) + os.sep
-    try:
-        with open("/proc/self/maps") as maps:
-            spans = [fields[0] for fields in map(str.split, maps)
-                     if fields[-1].startswith(prefix) and "w" not in fields[1]]
-    except OSError:
-        return
-    for span in spans:
-        drop_pages(*(int(x, 16) for x in span.split("-")))
+    for lo, hi, permissions, _, path in file_mappings():
+        if path.startswith(prefix) and "w" not in permissions:
+            drop_pages(lo, hi)
 
 
 def compile_stage(stage: str, directory: Path, precision: str, threads: int, embed_time=None, example=None):

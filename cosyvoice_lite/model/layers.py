@@ -221,9 +221,9 @@ class TimeMajorConv1d(_Conv):
 class FileEmbedding(Float32Checkpoint):
     """An embedding table read from the checkpoint file at each lookup (its float32 rows, with pread) instead of
     held in memory. For tables of which a lookup needs a few rows (per text, per token step, per chunk): they then
-    cost no resident memory; the file's pages stay in the OS's page cache. Reads go through a file descriptor, not a mapping, so a
-    checkpoint replaced in place while the service runs gives a clear error instead of a crash. A table not
-    mapped from a file when loaded (a plain torch.load) is kept as a float32 copy."""
+    cost no resident memory; the file's pages stay in the OS's page cache. Reads go through a file descriptor, not
+    a mapping, so a checkpoint replaced in place while the service runs gives a clear error instead of a crash. A
+    table not mapped from a file when loaded (a plain torch.load) is kept as a float32 copy."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
@@ -240,11 +240,15 @@ class FileEmbedding(Float32Checkpoint):
     def convert(self, weight, bias):
         weight = weight.detach()
         location = file_location(weight) if weight.dtype == torch.float32 and weight.is_contiguous() else None
-        if location is None or sys.byteorder != "little":
+        self.close()
+        if location is not None and sys.byteorder == "little":
+            try:
+                self._fd = os.open(location[0], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:  # e.g. the file was removed while loading
+                self._fd = None
+        if self._fd is None:
             self.table = weight.float().contiguous().clone()
             return
-        self.close()
-        self._fd = os.open(location[0], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._path, self._offset = location
         self._identity = self._stat()
 

@@ -80,21 +80,28 @@ def drop_pages(start: int, end: int) -> None:
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _mmap.MADV_DONTNEED)
 
 
+def file_mappings():
+    """(start, end, permissions, file offset, path) of each of this process's mappings of a file, from
+    /proc/self/maps (none where it cannot be read)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        fields = line.split(maxsplit=5)  # the path is the rest of the line (it may hold spaces)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            yield lo, hi, fields[1], int(fields[2], 16), fields[5]
+
+
 def file_location(tensor: torch.Tensor):
     """(path, byte offset) of a tensor's data in the file it is mapped from, or None when it is not file-mapped."""
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split()
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                if lo <= start and end <= hi:
-                    if len(fields) >= 6 and fields[5].startswith("/"):
-                        return fields[5], int(fields[2], 16) + start - lo
-                    return None
-    except OSError:
-        pass
+    for lo, hi, _, offset, path in file_mappings():
+        if lo <= start and end <= hi:
+            return path, offset + start - lo
     return None
 
 
