@@ -50,7 +50,9 @@ class PositionTable:
 
     Descending order makes the rows for a query at position n-1 a plain slice: key j meets relative position
     n-1-j, i.e. the last n rows. R grows in blocks as sequences get longer, for all layers at once (they are
-    always asked for the same lengths), so a step checks the size once instead of once per layer. It shrinks again
+    always asked for the same lengths), so a step checks the size once instead of once per layer. The tables of all
+    layers are views of one block: large enough to be a mapping of its own (memory.map_large_blocks), so the block a
+    growth replaces goes back to the OS at once instead of staying in the heap as garbage. It shrinks again
     when the sequences in progress need less than half of it (a long request would otherwise leave a table as
     large as its keys and values for the worker's life); shrinking is a copy of the rows kept, not a projection.
     """
@@ -72,7 +74,12 @@ class PositionTable:
         size = -(-n // self.BLOCK) * self.BLOCK
         if held < n:
             pe = self.encoder.pos_enc.rows(size - 1, 0, torch.empty(0))[0]  # (size, D), r descending
-            tables = [self._project(layer.self_attn, pe) for layer in self.encoder.encoders]
+            layers = self.encoder.encoders
+            attn = layers[0].self_attn
+            block = pe.new_empty(len(layers), attn.h, attn.d_k, size)
+            for layer, table in zip(layers, block):
+                self._project(layer.self_attn, pe, out=table)
+            tables = list(block.unbind(0))
             self._held = (size, tables)
         elif held > max(2 * size, self.KEEP):
             tables = self.shrink(max(size, self.KEEP))
@@ -84,13 +91,13 @@ class PositionTable:
         size = self.KEEP if size is None else size
         held, tables = self._held
         if held > size:
-            tables = [t[:, :, t.size(2) - size:].contiguous() for t in tables]
+            tables = list(torch.stack([t[:, :, t.size(2) - size:] for t in tables]).unbind(0))
             self._held = (size, tables)
         return tables
 
     @staticmethod
-    def _project(attn, pe: Tensor) -> Tensor:
-        return attn.linear_pos(pe).view(pe.size(0), attn.h, attn.d_k).permute(1, 2, 0).contiguous()
+    def _project(attn, pe: Tensor, out: Tensor) -> None:
+        out.copy_(attn.linear_pos(pe).view(pe.size(0), attn.h, attn.d_k).permute(1, 2, 0))
 
 
 class LMDecoder:
@@ -243,14 +250,17 @@ class LMDecoder:
 
 
 class _KVSlots:
-    """A sequence's keys and values as the batched step writes them: per layer one buffer (2, H, capacity, d_k)
-    whose halves are the LayerCache's k and v (views, so the cache stays what `KVCache` says it is).
+    """A sequence's keys and values as the batched step writes them: per layer a buffer (2, H, capacity, d_k)
+    whose halves are the LayerCache's k and v (views, so the cache stays what `KVCache` says it is), all layers'
+    buffers in one block.
 
     One buffer per layer lets a step store a frame's key and value with a single copy, and the per-layer views are
-    made when the buffers are (re)allocated, not at every step. Capacity grows in blocks like LayerCache's.
+    made when the buffers are (re)allocated, not at every step. Capacity grows in blocks of 32 frames: a growth
+    copies the cache (~3 ms for a few hundred frames, a fraction of a step per token), and the room held unused
+    (up to a block per sequence and layer) is what several long sequences would otherwise add to a worker's peak.
     """
 
-    BLOCK = 128
+    BLOCK = 32
 
     def __init__(self, cache: KVCache):
         self.cache = cache
@@ -271,7 +281,7 @@ class _KVSlots:
         n = layers[0].length
         if n >= self.capacity or layers[0].k is not self.first_k:
             self.capacity = (n // self.BLOCK + 1) * self.BLOCK
-            self.views = [self._reallocate(layer, self.capacity) for layer in layers]
+            self.views = self._reallocate(layers, self.capacity)
             self.first_k = layers[0].k
         return n
 
@@ -280,14 +290,20 @@ class _KVSlots:
             layer.length = length
 
     @staticmethod
-    def _reallocate(layer, capacity: int) -> tuple:
-        """Move the layer's n cached frames into a new (2, 1, H, capacity, d_k) buffer; cache.k/v become views."""
-        n, (_, H, _, d_k) = layer.length, layer.k.shape
-        kv = layer.k.new_empty(2, 1, H, capacity, d_k)
-        kv[0, :, :, :n] = layer.k[:, :, :n]
-        kv[1, :, :, :n] = layer.v[:, :, :n]
-        layer.k, layer.v = kv[0], kv[1]  # (1, H, capacity, d_k)
-        return kv[:, 0], kv[0, 0].transpose(1, 2), kv[1, 0]
+    def _reallocate(layers, capacity: int) -> List[tuple]:
+        """Move every layer's n cached frames into one new (layers, 2, 1, H, capacity, d_k) block; each cache.k/v
+        becomes a view of it. One block for all layers is large enough to be a mapping of its own
+        (memory.map_large_blocks): the block it replaces is unmapped when freed, where per-layer buffers would stay
+        in the heap as freed garbage (four sequences growing at once left ~100 MB of it until the next trim)."""
+        n, (_, H, _, d_k) = layers[0].length, layers[0].k.shape
+        block = layers[0].k.new_empty(len(layers), 2, 1, H, capacity, d_k)
+        views = []
+        for layer, kv in zip(layers, block):
+            kv[0, :, :, :n] = layer.k[:, :, :n]
+            kv[1, :, :, :n] = layer.v[:, :, :n]
+            layer.k, layer.v = kv[0], kv[1]  # (1, H, capacity, d_k)
+            views.append((kv[:, 0], kv[0, 0].transpose(1, 2), kv[1, 0]))
+        return views
 
 
 class _LayerPlan:
