@@ -354,3 +354,32 @@ def test_the_compiled_vocoder_gives_the_same_audio_after_a_longer_chunk(exact, o
         before = ov_bf16.hift.decode(short, sources[30])
         ov_bf16.hift.decode(long, sources[90])
         assert torch.equal(ov_bf16.hift.decode(short, sources[30]), before)
+
+
+def test_the_compiled_estimator_gives_the_same_velocity_after_releasing_its_buffers(ov_fp32):
+    if ov_fp32.runtime["stages"]["flow_estimator"] != "openvino fp32":
+        pytest.skip("openvino not installed")
+    estimator = ov_fp32.flow.decoder.estimator
+    generator = torch.Generator().manual_seed(7)
+
+    def inputs(batch, frames):
+        return (torch.randn(batch, 80, frames, generator=generator), torch.ones(batch, 1, frames),
+                torch.randn(batch, 80, frames, generator=generator), torch.rand(batch, generator=generator),
+                torch.randn(batch, 80, generator=generator), torch.randn(batch, 80, frames, generator=generator))
+
+    small, large = inputs(2, 40), inputs(8, 120)
+    with torch.inference_mode():
+        before = estimator(*small)
+        estimator(*large)
+        estimator.release_buffers()
+        assert torch.equal(estimator(*small), before)
+
+
+def test_the_compiled_vocoder_in_windows_stays_near_float32_on_a_long_chunk(exact, ov_bf16):
+    if ov_bf16.runtime["stages"]["hift"] != "openvino bf16":
+        pytest.skip("openvino not installed or HiFT not compiled on this plan")
+    mel = torch.randn(1, 80, 400, generator=torch.Generator().manual_seed(9))
+    source = exact.hift.make_source(exact.hift.predict_f0(mel), torch.Generator().manual_seed(0))
+    assert ov_bf16.hift.body_window and ov_bf16.hift.body_window < 400
+    with torch.inference_mode():
+        assert rel(ov_bf16.hift.decode(mel, source), exact.hift.decode(mel, source)) < BOUNDS["bf16"]["wav"]

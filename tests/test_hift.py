@@ -191,3 +191,64 @@ def test_missing_plain_key_fails_strict_load():
     hift = build(_hift_config(), "hift")
     with pytest.raises(RuntimeError, match=r"source_downs\.0\.bias"):
         hift.load_state_dict(state, strict=True)
+
+
+# --- the body in windows (speed modes bound the frames per body call) ---
+
+WINDOW_CONFIGS = {
+    "official layout": {},
+    "three stages, other kernels": dict(upsample_rates=(8, 4, 2), upsample_kernel_sizes=(16, 8, 4),
+                                        resblock_kernel_sizes=(3, 5), resblock_dilation_sizes=((1, 2), (1, 2)),
+                                        source_resblock_kernel_sizes=(7, 7, 11),
+                                        source_resblock_dilation_sizes=((1, 3, 5),) * 3),
+}
+
+
+def _random_hift(seed: int, **layout) -> HiFTGenerator:
+    torch.manual_seed(seed)  # PyTorch's initialisation: activations of a trained model's order
+    return HiFTGenerator(in_channels=80, base_channels=16, **layout).eval()
+
+
+@pytest.mark.parametrize("layout", WINDOW_CONFIGS)
+@pytest.mark.parametrize("frames", [57, 161, 400])
+def test_body_in_windows_gives_the_chunks_output(layout, frames):
+    hift = _random_hift(frames, **WINDOW_CONFIGS[layout])
+    mel = torch.randn(1, 80, frames)
+    source = torch.randn(1, 1, frames * hift.upsample_factor) * 0.1
+    with torch.inference_mode():
+        whole = hift.decode(mel, source)
+        hift.body_window = 2 * hift.body_context + 8  # the smallest windows the context leaves room for
+        windows = hift.decode(mel, source)
+    assert windows.shape == whole.shape
+    assert (windows - whole).abs().max() <= 1e-5 * whole.abs().max()
+
+
+def test_windows_overlapping_by_less_than_the_receptive_field_change_the_output():
+    hift = _random_hift(0)
+    mel, source = torch.randn(1, 80, 161), torch.randn(1, 1, 161 * hift.upsample_factor) * 0.1
+    with torch.inference_mode():
+        whole = hift.decode(mel, source)
+        hift.body_window, hift.body_context = 40, 2
+        windows = hift.decode(mel, source)
+    assert (windows - whole).abs().max() > 1e-3 * whole.abs().max()
+
+
+def test_body_runs_each_window_within_the_bound():
+    hift = _random_hift(0)
+    hift.body_window = 60
+    calls = []
+    body = hift.body
+
+    def counting(mel, s_stft):
+        calls.append(mel.shape[2])
+        return body(mel, s_stft)
+
+    hift.body_runner = counting
+    with torch.inference_mode():
+        hift.decode(torch.randn(1, 80, 200), torch.randn(1, 1, 200 * hift.upsample_factor) * 0.1)
+    assert len(calls) > 1 and max(calls) <= 60
+
+
+def test_lean_modes_bound_the_body_and_exact_keeps_whole_chunks():
+    assert load_model(GOLDEN / "model", mode="exact").hift.body_window is None
+    assert load_model(GOLDEN / "model", mode="default").hift.body_window == 160

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..memory import release_free_memory
+
 log = logging.getLogger("cosyvoice_lite.backends")
 
 GRAPH_VERSION = 3  # bump when what is traced changes in a way the source hash cannot see (e.g. trace inputs)
@@ -102,8 +104,20 @@ class _Runner(nn.Module):
             self._request.infer(arrays)
             out = self._request.get_output_tensor(0).data.copy()  # the request's buffer is reused by the next call
             if self.release_after_call:
-                self._compiled.release_memory()
+                self._release()
         return torch.from_numpy(out)
+
+    def release_buffers(self) -> None:
+        """Give the intermediate buffers back (the next call allocates them again, for its own shapes), and the
+        pages of the model's files that the calls read (weights the runtime uses in place, not repacked: the next
+        call reads them again from the page cache)."""
+        with self._lock:
+            self._release()
+            unmap_file_pages(self.files)
+
+    def _release(self) -> None:
+        self._compiled.release_memory()
+        release_free_memory()  # the runtime frees them into the heap: hand the pages to the OS as well
 
     def extra_repr(self) -> str:
         return f"openvino {self.description}, {self.precision}"
@@ -140,7 +154,9 @@ class HiftBodyRunner(_Runner):
 
     Its intermediate buffers are released after every call: at the audio sample rate they are ~0.3 MB per mel
     frame, which the compiled model would otherwise keep for the longest chunk it has seen (hundreds of MB, for
-    the worker's life). One call per chunk, so allocating them again costs little next to the call itself."""
+    the worker's life). With dynamic shapes they are many blocks of a few MB, which the heap would keep resident
+    until the next trim (~80 MB per long chunk, on top of the next chunk's), so the heap is trimmed as well. One
+    call per chunk, so allocating them again costs little next to the call itself."""
 
     release_after_call = True
 

@@ -138,8 +138,15 @@ class TokenStream:
             if all(s.stop is not None and s.stop() for s in streams):
                 raise Cancelled()
 
-        mel, caches = flow.solve(mu, spks, z, first.n_timesteps, caches=[s.flow_cache for s in streams],
-                                 keep=[s.mel_overlap for s in streams], on_step=check)
+        try:
+            mel, caches = flow.solve(mu, spks, z, first.n_timesteps, caches=[s.flow_cache for s in streams],
+                                     keep=[s.mel_overlap for s in streams], on_step=check)
+        finally:
+            # a compiled estimator (backends/) would keep buffers for the largest batch it has run, through the
+            # vocoder's turn and the LLM steps that follow: once per chunk, reallocating them costs little
+            release = getattr(flow.decoder.estimator, "release_buffers", None)
+            if release is not None:
+                release()
         for s, cache in zip(streams, caches):
             s.flow_cache = cache
         return list(mel.split(1, dim=0))

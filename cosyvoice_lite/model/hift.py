@@ -121,19 +121,21 @@ class SineGen(nn.Module):
         self.sine_amp, self.noise_std, self.voiced_threshold = sine_amp, noise_std, voiced_threshold
 
     def forward(self, f0: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        # in place where the official code makes a new tensor (same operations, same values): at the audio sample
+        # rate each (B, H+1, T) temporary is ~9 KB per mel frame, and they would all stay in the heap
         cycles = torch.cat([f0 * (k + 1) / self.sampling_rate for k in range(self.harmonic_num + 1)], dim=1)  # (B, H+1, T)
-        theta = 2 * math.pi * (torch.cumsum(cycles, dim=-1) % 1)
+        theta = cycles.cumsum_(dim=-1).remainder_(1).mul_(2 * math.pi)
         shape = (f0.size(0), self.harmonic_num + 1, 1)
         if generator is None:  # the official draw from the global RNG
             phase = Uniform(low=-math.pi, high=math.pi).sample(sample_shape=shape)
         else:
             phase = torch.rand(shape, generator=generator) * (2 * math.pi) - math.pi
         phase[:, 0, :] = 0
-        sines = self.sine_amp * torch.sin(theta + phase)
+        sines = theta.add_(phase).sin_().mul_(self.sine_amp)
         uv = (f0 > self.voiced_threshold).type(torch.float32)  # (B, 1, T)
         noise_amp = uv * self.noise_std + (1 - uv) * self.sine_amp / 3
-        noise = noise_amp * _randn_like(sines, generator)
-        return sines * uv + noise  # (B, H+1, T)
+        noise = _randn_like(sines, generator).mul_(noise_amp)
+        return sines.mul_(uv).add_(noise)  # (B, H+1, T)
 
 
 class SineGen2(nn.Module):
@@ -184,6 +186,30 @@ class SourceModuleHnNSF(nn.Module):
         if generator is None:
             torch.randn_like(source)
         return source.transpose(1, 2)  # (B, 1, T)
+
+
+def _resblock_reach(kernel: int, dilations) -> int:
+    """Samples on each side that one ResBlock's output sees (its dilated conv then a plain one, per dilation)."""
+    return sum((kernel - 1) // 2 * d + (kernel - 1) // 2 for d in dilations)
+
+
+def _body_context(upsample_rates, upsample_kernel_sizes, resblock_kernel_sizes, resblock_dilation_sizes,
+                  source_kernel_sizes, source_dilation_sizes, down_rates) -> int:
+    """An upper bound, in mel frames, of how far from a frame HiFTGenerator.body's inputs reach its output: each
+    layer's reach at its own rate, the parallel residual blocks by the widest, the source branch as a path of its own
+    from the window's edge."""
+    rate, reach = 1, 3.0  # conv_pre: kernel 7 at the mel rate
+    final_rate = int(np.prod(upsample_rates))
+    widest = max(_resblock_reach(k, d) for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes))
+    for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes)):
+        reach += math.ceil(k / u) / rate  # a transposed conv's output sample sees ceil(k / u) input samples
+        rate *= u
+        source = (down_rates[i] if down_rates[i] > 1 else 0) / final_rate  # downsampling conv of kernel 2u
+        source += _resblock_reach(source_kernel_sizes[i], source_dilation_sizes[i]) / rate
+        reach = max(reach + (1 / rate if i == len(upsample_rates) - 1 else 0), source)  # + the reflect-padded column
+        reach += widest / rate
+    reach += 3 / rate  # conv_post: kernel 7
+    return math.ceil(reach)
 
 
 class HiFTGenerator(nn.Module):
@@ -237,6 +263,13 @@ class HiFTGenerator(nn.Module):
         self.f0_predictor = f0_predictor
         # An execution backend may run `body` compiled elsewhere (backends/): a callable with body's signature.
         self.body_runner = None
+        # Mel frames per body call (None: a chunk in one call). A speed mode may bound them: the body's activations
+        # grow with the chunk (hundreds of MB for a few seconds), and windows that overlap by `body_context` frames
+        # on each side give the same output up to float rounding.
+        self.body_window: Optional[int] = None
+        self.body_context = _body_context(upsample_rates, upsample_kernel_sizes, resblock_kernel_sizes,
+                                          resblock_dilation_sizes, source_resblock_kernel_sizes,
+                                          source_resblock_dilation_sizes, [int(u) for u in down_rates])
 
     def predict_f0(self, mel: Tensor) -> Tensor:
         return self.f0_predictor(mel)  # (B, F) Hz
@@ -260,10 +293,30 @@ class HiFTGenerator(nn.Module):
     def decode(self, mel: Tensor, source: Tensor) -> Tensor:
         """mel (B, C, F), source (B, 1, F * upsample_factor) -> waveform (B, F * upsample_factor). Deterministic."""
         s_stft = self._stft(source.squeeze(1))  # (B, n_fft+2, F*upsample_factor/hop_len + 1)
-        x = (self.body_runner or self.body)(mel, s_stft)
+        x = self._run_body(mel, s_stft)
         bins = self.n_fft // 2 + 1
         wav = self._istft(torch.exp(x[:, :bins, :]), torch.sin(x[:, bins:, :]))
         return torch.clamp(wav, -self.audio_limit, self.audio_limit)
+
+    def _run_body(self, mel: Tensor, s_stft: Tensor) -> Tensor:
+        """body(mel, s_stft), in windows of at most body_window frames when set: each window computes its frames
+        with body_context frames more on each side (less at the chunk's edges) and keeps its own frames' columns."""
+        body = self.body_runner or self.body
+        frames, window, context = mel.size(2), self.body_window, self.body_context
+        per_frame = self.upsample_factor // self.hop_len  # s_stft columns per mel frame; one more at the start
+        if not window or frames <= window or s_stft.size(2) != frames * per_frame + 1:
+            return body(mel, s_stft)
+        n = -(-frames // (window - 2 * context))
+        bounds = [round(i * frames / n) for i in range(n + 1)]
+        parts = []
+        for a, b in zip(bounds, bounds[1:]):
+            lo, hi = max(0, a - context), min(frames, b + context)  # the frames this window computes
+            out = body(mel[:, :, lo:hi], s_stft[:, :, lo * per_frame:hi * per_frame + 1])
+            # output column c of the chunk is column c - lo * per_frame of the window; column 0 (the reflect-padded
+            # one) belongs to the first window only
+            first = 0 if a == 0 else a * per_frame + 1
+            parts.append(out[:, :, first - lo * per_frame:(b - lo) * per_frame + 1])
+        return torch.cat(parts, dim=2)
 
     def body(self, mel: Tensor, s_stft: Tensor) -> Tensor:
         """The convolutional generator between the two STFTs (almost all of HiFT's work): mel (B, C, F) and the

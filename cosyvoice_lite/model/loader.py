@@ -260,6 +260,7 @@ def load_model(model_dir: str | Path, mode: str = "exact", external: tuple = ())
             llm, flow, hift, sample_rate = build_networks(config, policy)
     else:
         llm, flow, hift, sample_rate = build_networks(config, policy)
+    hift.body_window = target.hift_window or None
     load_state(llm, _read_checkpoint(model_dir / "llm.pt", mmap=lean), "llm.pt", assign=lean)
     check_finite(llm, "llm.pt")
     if lean:  # the LLM's own copies before the other files are mapped: the peak stays one network's worth lower
