@@ -183,7 +183,7 @@ def test_batched_steps_match_single_sequence_steps(exact, default, mode):
 
 
 def test_batched_decoding_of_long_sequences_follows_the_single_sequence_path(default):
-    """Past several cache growths (the caches grow 128 frames at a time)."""
+    """Past several cache growths (the caches grow in blocks of frames)."""
     text, embedding = llm_inputs(LLM_CASES[0])
     tokens = torch.randint(0, 4096, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     _, ref = LMDecoder(default.llm, batched=False).greedy(text, embedding, 300, forced=tokens)
@@ -231,7 +231,7 @@ def test_scripted_layer_stack_gives_the_logits_of_the_python_loop(default):
 
 def test_a_sequence_can_switch_between_batched_and_single_steps(default):
     """The batched step keeps a sequence's keys and values in buffers of its own; single-sequence steps on the same
-    cache must see them, and batched steps what single ones appended (across the 128-frame cache growths)."""
+    cache must see them, and batched steps what single ones appended (across the cache growths)."""
     text, embedding = llm_inputs(LLM_CASES[0])
     tokens = torch.randint(0, 4096, (200,), generator=torch.Generator().manual_seed(1)).tolist()
     single = LMDecoder(default.llm, batched=False)
@@ -482,3 +482,16 @@ def test_requests_a_few_tokens_apart_share_their_flow_passes(default):
     assert set(results) == {"early", "late"}
     vocodes = [batch for event, batch in events if event == "vocode"]
     assert vocodes and vocodes[0] == 2, events
+
+
+def test_default_mode_keeps_half_the_key_value_bytes_of_exact_mode(exact, default):
+    text, embedding = llm_inputs(LLM_CASES[0])
+
+    def bytes_per_frame(model):
+        seq = model.decoder.start(text, embedding, min_token_text_ratio=0, max_token_text_ratio=10 ** 6)
+        for _ in range(5):
+            model.decoder.step([seq])
+        layers = seq.cache.layers
+        return sum(t.element_size() * t[0, :, 0].numel() for layer in layers for t in (layer.k, layer.v))
+
+    assert bytes_per_frame(default) * 2 == bytes_per_frame(exact)

@@ -43,7 +43,8 @@ class CosyVoiceSFT:
     def decoder(self):
         """The LMDecoder for this mode (batched LM steps in the non-exact modes)."""
         if self._decoder is None:
-            self._decoder = LMDecoder(self.llm, batched=self.mode.batched)
+            self._decoder = LMDecoder(self.llm, batched=self.mode.batched,
+                                      kv_dtype=torch.float16 if self.mode.kv_cache == "fp16" else torch.float32)
         return self._decoder
 
     def embedding(self, speaker: str) -> torch.Tensor:

@@ -101,11 +101,13 @@ class PositionTable:
 
 
 class LMDecoder:
-    def __init__(self, llm, batched: bool, scripted: bool = True):
+    def __init__(self, llm, batched: bool, scripted: bool = True, kv_dtype: torch.dtype = torch.float32):
         """``scripted``: the batched step runs an int8 layer stack as one TorchScript function (the same ops as
-        its Python loop, without the interpreter between them); False keeps the Python loop."""
+        its Python loop, without the interpreter between them); False keeps the Python loop. ``kv_dtype``: the
+        type the batched step keeps keys and values in (attention itself runs in float32)."""
         self.llm = llm
         self.batched = batched
+        self.kv_dtype = kv_dtype
         self.positions = PositionTable(llm.llm) if batched else None
         self._plan = None
         self._stack = None if scripted else False  # _Int8Stack, or False: the Python loop
@@ -206,7 +208,7 @@ class LMDecoder:
         enc = self.llm.llm
         if self._plan is None:
             self._plan = [_LayerPlan(layer) for layer in enc.encoders]
-        slots = [_KVSlots.of(s) for s in seqs]
+        slots = [_KVSlots.of(s, self.kv_dtype) for s in seqs]
         lengths = [slot.reserve() for slot in slots]  # cached frames per sequence (the new one goes at index n)
         tables = self.positions.reserve(max(lengths) + 1)
         tokens = torch.tensor([s.decoded[-1] for s in seqs])
@@ -217,7 +219,7 @@ class LMDecoder:
             x = self._stack(x, [[t for slot in slots for t in slot.views[i]] for i in range(len(tables))],
                             tables, lengths)
         else:
-            layer_views = zip(*(slot.views for slot in slots))  # per layer: per sequence (kv, k_t, v)
+            layer_views = zip(*(slot.views for slot in slots))  # per layer: per sequence (kv, v)
             for plan, views, table in zip(self._plan, layer_views, tables):
                 x = x + plan.out(self._attention(plan, plan.norm1(x), views, lengths, table))
                 x = x + plan.w2(plan.w1_relu(plan.norm2(x)))
@@ -228,7 +230,7 @@ class LMDecoder:
     @staticmethod
     def _attention(plan: "_LayerPlan", x: Tensor, views, lengths: List[int], table: Tensor) -> Tensor:
         """x (B, D) normalised frames -> attention values (B, D) before the output projection; stores each
-        sequence's key and value at its index n (views: per sequence (kv, k_t, v) of this layer, see _KVSlots;
+        sequence's key and value at its index n (views: per sequence (kv, v) of this layer, see _KVSlots;
         table: this layer's position table (H, d_k, R))."""
         B, D = x.size(0), plan.width
         qkv = plan.qkv(x)  # (B, 3D): q, k, v
@@ -238,9 +240,10 @@ class LMDecoder:
         new = qkv.narrow(1, D, 2 * D).view(B, 2, plan.heads, plan.d_k).unbind(0)  # B x (2, H, d_k): key, value
         R = table.size(2)
         outs = []
-        for b, ((kv, k_t, v), n) in enumerate(zip(views, lengths)):
+        for b, ((kv, v), n) in enumerate(zip(views, lengths)):
             kv.select(2, n).copy_(new[b])
-            keys_t, values = k_t.narrow(2, 0, n + 1), v.narrow(1, 0, n + 1)  # (H, d_k, n+1), (H, n+1, d_k)
+            keys_t = kv[0].narrow(1, 0, n + 1).float().transpose(1, 2)  # (H, d_k, n+1)
+            values = v.narrow(1, 0, n + 1).float()  # (H, n+1, d_k)
             pos = table.narrow(2, R - n - 1, n + 1)  # (H, d_k, n+1): relative positions n .. 0 of the keys
             scores = torch.baddbmm(torch.bmm(q_v[b], pos), q_u[b], keys_t,
                                    beta=plan.scale, alpha=plan.scale)  # (H, 1, n+1)
@@ -252,7 +255,8 @@ class LMDecoder:
 class _KVSlots:
     """A sequence's keys and values as the batched step writes them: per layer a buffer (2, H, capacity, d_k)
     whose halves are the LayerCache's k and v (views, so the cache stays what `KVCache` says it is), all layers'
-    buffers in one block.
+    buffers in one block, in the decoder's ``kv_dtype``: float16 halves what a long sequence holds (its keys and
+    values are most of a worker's serving memory beyond the weights); attention reads them back as float32.
 
     One buffer per layer lets a step store a frame's key and value with a single copy, and the per-layer views are
     made when the buffers are (re)allocated, not at every step. Capacity grows in blocks of 32 frames: a growth
@@ -262,16 +266,17 @@ class _KVSlots:
 
     BLOCK = 32
 
-    def __init__(self, cache: KVCache):
+    def __init__(self, cache: KVCache, dtype: torch.dtype):
         self.cache = cache
+        self.dtype = dtype
         self.capacity = 0
-        self.views: List[tuple] = []  # per layer: kv (2, H, cap, d_k), k_t (H, d_k, cap), v (H, cap, d_k)
+        self.views: List[tuple] = []  # per layer: kv (2, H, cap, d_k), v (H, cap, d_k)
         self.first_k: Optional[Tensor] = None  # layer 0's cache.k as set here
 
     @staticmethod
-    def of(s: Sequence) -> "_KVSlots":
+    def of(s: Sequence, dtype: torch.dtype) -> "_KVSlots":
         if s.slots is None:
-            s.slots = _KVSlots(s.cache)
+            s.slots = _KVSlots(s.cache, dtype)
         return s.slots
 
     def reserve(self) -> int:
@@ -281,7 +286,7 @@ class _KVSlots:
         n = layers[0].length
         if n >= self.capacity or layers[0].k is not self.first_k:
             self.capacity = (n // self.BLOCK + 1) * self.BLOCK
-            self.views = self._reallocate(layers, self.capacity)
+            self.views = self._reallocate(layers, self.capacity, self.dtype)
             self.first_k = layers[0].k
         return n
 
@@ -290,19 +295,19 @@ class _KVSlots:
             layer.length = length
 
     @staticmethod
-    def _reallocate(layers, capacity: int) -> List[tuple]:
+    def _reallocate(layers, capacity: int, dtype: torch.dtype) -> List[tuple]:
         """Move every layer's n cached frames into one new (layers, 2, 1, H, capacity, d_k) block; each cache.k/v
         becomes a view of it. One block for all layers is large enough to be a mapping of its own
         (memory.map_large_blocks): the block it replaces is unmapped when freed, where per-layer buffers would stay
         in the heap as freed garbage (four sequences growing at once left ~100 MB of it until the next trim)."""
         n, (_, H, _, d_k) = layers[0].length, layers[0].k.shape
-        block = layers[0].k.new_empty(len(layers), 2, 1, H, capacity, d_k)
+        block = layers[0].k.new_empty(len(layers), 2, 1, H, capacity, d_k, dtype=dtype)
         views = []
         for layer, kv in zip(layers, block):
             kv[0, :, :, :n] = layer.k[:, :, :n]
             kv[1, :, :, :n] = layer.v[:, :, :n]
             layer.k, layer.v = kv[0], kv[1]  # (1, H, capacity, d_k)
-            views.append((kv[:, 0], kv[0, 0].transpose(1, 2), kv[1, 0]))
+            views.append((kv[:, 0], kv[1, 0]))
         return views
 
 
@@ -334,7 +339,7 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
     """LMDecoder._batched_step's layer loop for int8 layers with ReLU, op for op the same as the Python loop
     (_LayerPlan, _attention), written for TorchScript. Per layer i: norms[4i:4i+4] = norm1 w, b, norm2 w, b;
     packs[4i:4i+4] = qkv, out, w_1, w_2; biases[2i:2i+2] = pos_bias_u, pos_bias_v (H, 1, d_k); views[i] = per
-    sequence kv, k_t, v (see _KVSlots)."""
+    sequence kv, v (see _KVSlots)."""
     B, D = x.size(0), heads * d_k
     for i in range(len(tables)):
         h = torch.layer_norm(x, [D], norms[4 * i], norms[4 * i + 1], eps)
@@ -347,11 +352,12 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
         outs: List[Tensor] = []
         for b in range(B):
             n = lengths[b]
-            kv, k_t, v = views[i][3 * b], views[i][3 * b + 1], views[i][3 * b + 2]
+            kv, v = views[i][2 * b], views[i][2 * b + 1]
             kv.select(2, n).copy_(new[b])
             pos = table.narrow(2, R - n - 1, n + 1)
-            scores = torch.baddbmm(torch.bmm(q_v[b], pos), q_u[b], k_t.narrow(2, 0, n + 1), beta=scale, alpha=scale)
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v.narrow(1, 0, n + 1)))
+            keys_t = kv[0].narrow(1, 0, n + 1).float().transpose(1, 2)
+            scores = torch.baddbmm(torch.bmm(q_v[b], pos), q_u[b], keys_t, beta=scale, alpha=scale)
+            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v.narrow(1, 0, n + 1).float()))
         attended = outs[0] if B == 1 else torch.stack(outs)
         x = x + torch.ops.quantized.linear_dynamic(attended.view(B, D), packs[4 * i + 1], True)
         h = torch.layer_norm(x, [D], norms[4 * i + 2], norms[4 * i + 3], eps)

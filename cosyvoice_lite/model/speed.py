@@ -2,8 +2,10 @@
 
 - ``exact``: float32 everywhere, the official operation order (what the parity tests run).
 - ``default``: the LLM's linear layers (text encoder, LM) in int8 with per-output-channel weight scales (fbgemm
-  dynamic quantization: activations are quantized per call), its input layers, speech-token head and text
-  embedding table in float16; q/k/v fused into one matmul; the flow's linear layers with float16 weights (float32
+  dynamic quantization: activations are quantized per call), its input layers and speech-token head in float16,
+  its embedding tables read from the checkpoint file at each lookup; q/k/v fused into one matmul; the LM's keys
+  and values kept in float16 (half the memory of a long sequence; attention in float32, greedy tokens unchanged);
+  the flow's linear layers with float16 weights (float32
   arithmetic), the official 10 Euler steps, the estimator's Mish as ExpMish; HiFT in float32. The convolutions of
   the estimator and HiFT run on time-major (channels-last) memory, where oneDNN's kernels are faster. The LLM
   reads a quarter of the weight bytes per token, which is what a decode step costs on a CPU; the flow's float16
@@ -48,6 +50,7 @@ class ModeSettings:
     first_overlap: int = 20  # streaming: tokens shared by a request's first and second chunk (official: 20)
     first_cache: int = 20    # streaming: mel frames HiFT sees twice at that join (official: 20)
     hift_window: int = 0     # mel frames per HiFT body call (0: a whole chunk; see HiFTGenerator.body_window)
+    kv_cache: str = "fp32"   # the batched LM step's keys and values: "fp32" or "fp16" (attention in float32)
 
 
 # The lean modes vocode chunks longer than this in windows (each with HiFT's receptive field, 14 frames for the
@@ -58,9 +61,9 @@ HIFT_WINDOW = 160
 SETTINGS = {
     "exact": ModeSettings("exact", llm="fp32", flow="fp32", hift="fp32", n_timesteps=10, batched=False),
     "default": ModeSettings("default", llm="int8", flow="fp16", hift="fp32-tm", n_timesteps=10, batched=True,
-                            hift_window=HIFT_WINDOW),
+                            hift_window=HIFT_WINDOW, kv_cache="fp16"),
     "fast": ModeSettings("fast", llm="int8", flow="int8", hift="int8-tm", n_timesteps=5, batched=True,
-                         first_overlap=10, first_cache=10, hift_window=HIFT_WINDOW),
+                         first_overlap=10, first_cache=10, hift_window=HIFT_WINDOW, kv_cache="fp16"),
 }
 
 

@@ -128,14 +128,15 @@ class LayerCache:
         return new
 
     def append_kv(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-        """Store k, v (B, H, t, d_k) after the cached ones; return all keys and values (B, H, length, d_k)."""
+        """Store k, v (B, H, t, d_k) after the cached ones; return all keys and values (B, H, length, d_k), in the
+        type of k and v (the batched decoder may have left the cache in float16: lm_decoder._KVSlots)."""
         n, t = self.length, k.size(2)
         self.k = self._grow(self.k, n, n + t, 2, k)
         self.v = self._grow(self.v, n, n + t, 2, v)
         self.k[:, :, n:n + t] = k
         self.v[:, :, n:n + t] = v
         self.length = n + t
-        return self.k[:, :, :n + t], self.v[:, :, :n + t]
+        return self.k[:, :, :n + t].to(k.dtype), self.v[:, :, :n + t].to(v.dtype)
 
     def append_pos(self, p: Tensor) -> Tensor:
         """Store projected positions p (m, D) for the next relative positions; return rows 0..pos_length-1."""
