@@ -27,7 +27,7 @@ __all__ = ["AudioCache", "CacheUse", "DiskBackend", "RedisBackend", "dequantize"
 log = logging.getLogger("cosyvoice_lite")
 
 # Part of every key: bump it when a change of the synthesis code changes the audio that a key stands for.
-KEY_VERSION = "cvl-segment-2"  # 2: the text embedding is float32 in every mode
+KEY_VERSION = "cvl-segment-3"  # 2: the text embedding is float32 in every mode; 3: float16 key/value cache
 RETRY_AFTER = 5.0  # seconds a failed backend is skipped before it is tried again
 
 

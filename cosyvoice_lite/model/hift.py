@@ -306,6 +306,8 @@ class HiFTGenerator(nn.Module):
         per_frame = self.upsample_factor // self.hop_len  # s_stft columns per mel frame; one more at the start
         if not window or frames <= window or s_stft.size(2) != frames * per_frame + 1:
             return body(mel, s_stft)
+        if window <= 2 * context:
+            raise ValueError(f"body_window {window} leaves no frames between its {context}-frame margins")
         n = -(-frames // (window - 2 * context))
         bounds = [round(i * frames / n) for i in range(n + 1)]
         parts = []
