@@ -217,7 +217,7 @@ def test_body_in_windows_gives_the_chunks_output(layout, frames):
     source = torch.randn(1, 1, frames * hift.upsample_factor) * 0.1
     with torch.inference_mode():
         whole = hift.decode(mel, source)
-        hift.body_window = 2 * hift.body_context + 8  # the smallest windows the context leaves room for
+        hift.body_window = 2 * hift.body_context + 8  # small windows: 8 frames of their own between the margins
         windows = hift.decode(mel, source)
     assert windows.shape == whole.shape
     assert (windows - whole).abs().max() <= 1e-5 * whole.abs().max()
