@@ -216,10 +216,10 @@ class LMDecoder:
         if self._stack is None:
             self._stack = _Int8Stack.of(enc.encoders, self._plan) or False
         if self._stack:  # the whole layer stack in one TorchScript call: no Python between its ~400 small ops
-            x = self._stack(x, [[t for slot in slots for t in slot.views[i]] for i in range(len(tables))],
+            x = self._stack(x, [[slot.views[i] for slot in slots] for i in range(len(tables))],
                             tables, lengths)
         else:
-            layer_views = zip(*(slot.views for slot in slots))  # per layer: per sequence (kv, v)
+            layer_views = zip(*(slot.views for slot in slots))  # per layer: per sequence its kv
             for plan, views, table in zip(self._plan, layer_views, tables):
                 x = x + plan.out(self._attention(plan, plan.norm1(x), views, lengths, table))
                 x = x + plan.w2(plan.w1_relu(plan.norm2(x)))
@@ -230,7 +230,7 @@ class LMDecoder:
     @staticmethod
     def _attention(plan: "_LayerPlan", x: Tensor, views, lengths: List[int], table: Tensor) -> Tensor:
         """x (B, D) normalised frames -> attention values (B, D) before the output projection; stores each
-        sequence's key and value at its index n (views: per sequence (kv, v) of this layer, see _KVSlots;
+        sequence's key and value at its index n (views: per sequence its kv of this layer, see _KVSlots;
         table: this layer's position table (H, d_k, R))."""
         B, D = x.size(0), plan.width
         qkv = plan.qkv(x)  # (B, 3D): q, k, v
@@ -240,10 +240,10 @@ class LMDecoder:
         new = qkv.narrow(1, D, 2 * D).view(B, 2, plan.heads, plan.d_k).unbind(0)  # B x (2, H, d_k): key, value
         R = table.size(2)
         outs = []
-        for b, ((kv, v), n) in enumerate(zip(views, lengths)):
+        for b, (kv, n) in enumerate(zip(views, lengths)):
             kv.select(2, n).copy_(new[b])
             keys_t = kv[0].narrow(1, 0, n + 1).float().transpose(1, 2)  # (H, d_k, n+1)
-            values = v.narrow(1, 0, n + 1).float()  # (H, n+1, d_k)
+            values = kv[1].narrow(1, 0, n + 1).float()  # (H, n+1, d_k)
             pos = table.narrow(2, R - n - 1, n + 1)  # (H, d_k, n+1): relative positions n .. 0 of the keys
             scores = torch.baddbmm(torch.bmm(q_v[b], pos), q_u[b], keys_t,
                                    beta=plan.scale, alpha=plan.scale)  # (H, 1, n+1)
@@ -270,7 +270,7 @@ class _KVSlots:
         self.cache = cache
         self.dtype = dtype
         self.capacity = 0
-        self.views: List[tuple] = []  # per layer: kv (2, H, cap, d_k), v (H, cap, d_k)
+        self.views: List[Tensor] = []  # per layer: kv (2, H, cap, d_k), keys then values
         self.first_k: Optional[Tensor] = None  # layer 0's cache.k as set here
 
     @staticmethod
@@ -295,7 +295,7 @@ class _KVSlots:
             layer.length = length
 
     @staticmethod
-    def _reallocate(layers, capacity: int, dtype: torch.dtype) -> List[tuple]:
+    def _reallocate(layers, capacity: int, dtype: torch.dtype) -> List[Tensor]:
         """Move every layer's n cached frames into one new (layers, 2, 1, H, capacity, d_k) block; each cache.k/v
         becomes a view of it. One block for all layers is large enough to be a mapping of its own
         (memory.map_large_blocks): the block it replaces is unmapped when freed, where per-layer buffers would stay
@@ -307,7 +307,7 @@ class _KVSlots:
             kv[0, :, :, :n] = layer.k[:, :, :n]
             kv[1, :, :, :n] = layer.v[:, :, :n]
             layer.k, layer.v = kv[0], kv[1]  # (1, H, capacity, d_k)
-            views.append((kv[:, 0], kv[1, 0]))
+            views.append(kv[:, 0])
         return views
 
 
@@ -339,7 +339,7 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
     """LMDecoder._batched_step's layer loop for int8 layers with ReLU, op for op the same as the Python loop
     (_LayerPlan, _attention), written for TorchScript. Per layer i: norms[4i:4i+4] = norm1 w, b, norm2 w, b;
     packs[4i:4i+4] = qkv, out, w_1, w_2; biases[2i:2i+2] = pos_bias_u, pos_bias_v (H, 1, d_k); views[i] = per
-    sequence kv, v (see _KVSlots)."""
+    sequence its kv (see _KVSlots)."""
     B, D = x.size(0), heads * d_k
     for i in range(len(tables)):
         h = torch.layer_norm(x, [D], norms[4 * i], norms[4 * i + 1], eps)
@@ -352,12 +352,12 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
         outs: List[Tensor] = []
         for b in range(B):
             n = lengths[b]
-            kv, v = views[i][2 * b], views[i][2 * b + 1]
+            kv = views[i][b]
             kv.select(2, n).copy_(new[b])
             pos = table.narrow(2, R - n - 1, n + 1)
             keys_t = kv[0].narrow(1, 0, n + 1).float().transpose(1, 2)
             scores = torch.baddbmm(torch.bmm(q_v[b], pos), q_u[b], keys_t, beta=scale, alpha=scale)
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v.narrow(1, 0, n + 1).float()))
+            outs.append(torch.bmm(torch.softmax(scores, dim=-1), kv[1].narrow(1, 0, n + 1).float()))
         attended = outs[0] if B == 1 else torch.stack(outs)
         x = x + torch.ops.quantized.linear_dynamic(attended.view(B, D), packs[4 * i + 1], True)
         h = torch.layer_norm(x, [D], norms[4 * i + 2], norms[4 * i + 3], eps)
