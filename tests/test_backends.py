@@ -12,7 +12,7 @@ from torch import nn
 from golden_data import GOLDEN
 from golden_data import GOLDEN_MODEL as MODEL_DIR
 
-from cosyvoice_lite.backends import accelerate, external_paths, plan
+from cosyvoice_lite.backends import Stage, accelerate, external_paths, plan, torch_plan
 from cosyvoice_lite.backends.cpu import CpuInfo, cpu_info, parse_cpuinfo
 from cosyvoice_lite.model import load_model
 from cosyvoice_lite.model.layers import Fp16Linear
@@ -154,6 +154,35 @@ def test_openvino_bf16_flow_and_vocoder_stay_near_float32(exact, ov_bf16, case):
         assert rel(ours, ref) < BOUNDS["bf16"]["mel"]
         source = exact.hift.make_source(exact.hift.predict_f0(ref), torch.Generator().manual_seed(0))
         assert rel(ov_bf16.hift.decode(ref, source), exact.hift.decode(ref, source)) < BOUNDS["bf16"]["wav"]
+
+
+def test_the_backends_sine_equals_float32_sine_over_a_wide_range():
+    ov = pytest.importorskip("openvino")
+    from cosyvoice_lite.backends.ov_runtime import polynomial_sin
+
+    y = ov.opset13.parameter([-1], np.float32)
+    model = ov.Model([ov.opset13.sin(y)], [y])
+    assert polynomial_sin(model) == 1
+    assert "Sin" not in {op.get_type_name() for op in model.get_ops()}
+    values = np.concatenate([np.linspace(-1000, 1000, 200_001), np.geomspace(1e-30, 1e3, 2000),
+                             -np.geomspace(1e-30, 1e3, 2000), [0.0]]).astype(np.float32)
+    ours = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})([values])[0]
+    exact = np.sin(values.astype(np.float64))
+    assert np.abs(ours - exact).max() < 3e-7  # a few float32 steps at 1
+    small = np.abs(values) < 1e-3
+    assert np.all(np.abs(ours[small] - exact[small]) <= 2e-7 * np.abs(exact[small]))  # relative, near 0
+
+
+def test_openvino_float32_vocoder_matches_float32_pytorch(exact, tmp_path):
+    stages = {**torch_plan(settings("exact")), "hift": Stage("openvino", "fp32")}
+    model = load_model(MODEL_DIR)
+    info = accelerate(model, settings("exact"), MODEL_DIR, cache_root=tmp_path, threads=2, stages=stages)
+    if info["stages"]["hift"] != "openvino fp32":
+        pytest.skip("openvino not installed")
+    mel = torch.randn(1, 80, 60, generator=torch.Generator().manual_seed(4))
+    source = exact.hift.make_source(exact.hift.predict_f0(mel), torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert rel(model.hift.decode(mel, source), exact.hift.decode(mel, source)) < 1e-5
 
 
 @pytest.mark.parametrize("case", FLOW_CASES)
