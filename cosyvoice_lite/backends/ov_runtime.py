@@ -224,7 +224,7 @@ def polynomial_sin(model) -> int:
     to float32 rounding. Returns how many were replaced.
 
     Why: the CPU plugin runs Sin with its scalar reference kernel, and in bf16 with a precision change on each
-    side. In HiFT's Snake activations that was a third of the body's time; these ops are vectorised."""
+    side, and HiFT's Snake activations take the sine of every sample of every channel; these ops are vectorised."""
     import openvino.opset13 as ops
 
     def const(value):
