@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from ..memory import release_free_memory
 
 log = logging.getLogger("cosyvoice_lite.backends")
 
-GRAPH_VERSION = 4  # bump when the saved graph changes in a way the source hash cannot see (trace inputs, passes)
+GRAPH_VERSION = 4  # bump when the saved graph changes in a way the source hash cannot see (e.g. trace inputs)
 RUNTIME_CACHE_SHAPES = 16
 PRIME_UNMAP_INTERVAL = 0.005  # s between drops of the model file's pages during the first run (see _Runner.prime)
 STAGE_SOURCES = {"estimator": ("estimator.py",), "hift": ("hift.py",)}
@@ -55,6 +56,8 @@ def graph_id(stage: str) -> str:
     digest = hashlib.sha256(f"v{GRAPH_VERSION}".encode())
     for name in STAGE_SOURCES[stage]:
         digest.update((model_dir / name).read_bytes())
+    for graph_pass in GRAPH_PASSES:  # what convert() does to the traced graph is part of it too
+        digest.update(inspect.getsource(graph_pass).encode())
     return digest.hexdigest()[:12]
 
 
@@ -207,7 +210,8 @@ def convert(stage: str, module: nn.Module, out_dir: Path, weights: str = "f16") 
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         model = ov.convert_model(target, example_input=inputs,
                                  input=[(shape, ov.Type.f32) for shape in shapes])
-    polynomial_sin(model)
+    for graph_pass in GRAPH_PASSES:
+        graph_pass(model)
     # float16 weights: half the memory of float32 next to the copy the CPU plugin repacks them into (the lossy
     # modes round the flow's weights at least that much anyway)
     ov.save_model(model, str(out_dir / "model.xml"), compress_to_fp16=weights == "f16")
@@ -230,19 +234,20 @@ def polynomial_sin(model) -> int:
     def const(value):
         return ops.constant(np.float32(value))
 
-    coefficients = [(-1) ** (n // 2) / math.factorial(n) for n in range(SIN_DEGREE, 0, -2)]  # of r^13 .. r^1
+    coefficients = [const((-1) ** (n // 2) / math.factorial(n)) for n in range(SIN_DEGREE, 0, -2)]  # r^13 .. r^1
+    inv_pi, pi_high, pi_low, one, two = (const(v) for v in (1 / math.pi, PI_HIGH, PI_LOW, 1, 2))
     replaced = 0
     for node in model.get_ordered_ops():
         if node.get_type_name() != "Sin" or node.get_output_element_type(0).get_type_name() != "f32":
             continue
         y = node.input_value(0)
-        turns = ops.round(ops.multiply(y, const(1 / math.pi)), "half_to_even")
-        r = ops.subtract(ops.subtract(y, ops.multiply(turns, const(PI_HIGH))), ops.multiply(turns, const(PI_LOW)))
-        r = ops.multiply(r, ops.subtract(const(1), ops.multiply(ops.floor_mod(turns, const(2)), const(2))))
+        turns = ops.round(ops.multiply(y, inv_pi), "half_to_even")
+        r = ops.subtract(ops.subtract(y, ops.multiply(turns, pi_high)), ops.multiply(turns, pi_low))
+        r = ops.multiply(r, ops.subtract(one, ops.multiply(ops.floor_mod(turns, two), two)))
         r2 = ops.multiply(r, r)
-        poly = const(coefficients[0])
+        poly = coefficients[0]
         for c in coefficients[1:]:
-            poly = ops.add(ops.multiply(poly, r2), const(c))
+            poly = ops.add(ops.multiply(poly, r2), c)
         sine = ops.multiply(poly, r)
         sine.set_friendly_name(node.get_friendly_name())
         node.output(0).replace(sine.output(0))
@@ -250,6 +255,9 @@ def polynomial_sin(model) -> int:
     if replaced:
         model.validate_nodes_and_infer_types()
     return replaced
+
+
+GRAPH_PASSES = (polynomial_sin,)  # applied to every traced graph before it is saved
 
 
 def stage_dir(cache_root: Path, stage: str, fingerprint: str, weights: str = "f16") -> Path:
