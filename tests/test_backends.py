@@ -3,6 +3,9 @@ every backend/precision against the float32 PyTorch reference on the tiny golden
 scripts/bench.py, never here."""
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,8 @@ from golden_data import GOLDEN
 from golden_data import GOLDEN_MODEL as MODEL_DIR
 
 from cosyvoice_lite.backends import Stage, accelerate, external_paths, plan, torch_plan
-from cosyvoice_lite.backends.cpu import CpuInfo, cpu_info, parse_cpuinfo
+from cosyvoice_lite.backends.cpu import CpuInfo, cpu_info, limited, parse_cpuinfo
+from cosyvoice_lite.backends.ov_runtime import available
 from cosyvoice_lite.model import load_model
 from cosyvoice_lite.model.layers import Fp16Linear
 from cosyvoice_lite.model.speed import settings
@@ -74,6 +78,34 @@ def test_this_cpu_is_described_from_proc_cpuinfo():
     if Path("/proc/cpuinfo").is_file() and info.arch == "x86_64":
         flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].splitlines()[0].split()
         assert ("avx2" in info.features) == ("avx2" in flags)
+
+
+def test_onednn_max_cpu_isa_hides_the_features_above_it():
+    _, features = parse_cpuinfo(X86_CPUINFO, "x86_64")
+    assert limited(features, "x86_64", "avx2") == (("avx2", "fma"), "AVX2")
+    assert limited(features, "x86_64", "AVX512_CORE_VNNI") == (("avx2", "fma", "avx512f", "avx512_vnni"),
+                                                               "AVX512_CORE_VNNI")
+    for no_limit in (None, "", "ALL", "DEFAULT", "AVX10_2_512", "not-an-isa"):
+        assert limited(features, "x86_64", no_limit) == (features, None)
+    assert limited(ZEN4.features, "x86_64", "AVX512_CORE_AMX") == (ZEN4.features, None)  # nothing to hide
+
+
+@pytest.mark.parametrize("caps", [{"ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2"},
+                                  {"OV_CPU_MAX_ISA": "AVX2"}, {"ONEDNN_MAX_CPU_ISA": "ALL", "OV_CPU_MAX_ISA": "AVX2"}])
+def test_a_process_started_with_an_avx2_cap_sees_no_avx512(caps):
+    code = "from cosyvoice_lite.backends.cpu import cpu_info; print(' '.join(cpu_info().features))"
+    env = {**{k: v for k, v in os.environ.items() if not k.endswith("_MAX_CPU_ISA")}, **caps}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert not [name for name in out if name.startswith(("avx512", "amx"))]
+    assert ("avx2" in out) == ("avx2" in cpu_info().features)
+
+
+def test_a_bf16_cpu_limited_to_avx2_gets_the_avx2_plan():
+    features, isa_limit = limited(ZEN4.features, "x86_64", "AVX2")
+    cpu = CpuInfo(ZEN4.model, "x86_64", 2, features, isa_limit)
+    assert not cpu.native_bf16 and cpu.as_dict()["isa_limit"] == "AVX2"
+    assert plan(settings("default"), cpu) == plan(settings("default"), AVX2)
 
 
 def test_exact_mode_is_float32_pytorch_everywhere():
@@ -196,6 +228,35 @@ def test_openvino_float32_flow_matches_float32_pytorch(exact, ov_fp32, case):
                    exact.flow.inference(token, embedding, noise=z)) < BOUNDS["fp32"]["mel"]
 
 
+CAPPED_RUN = """
+import sys, numpy as np, torch
+sys.path.insert(0, "tests")
+from golden_data import GOLDEN, GOLDEN_MODEL
+from cosyvoice_lite.backends import accelerate
+from cosyvoice_lite.model import load_model
+from cosyvoice_lite.model.speed import settings
+load = lambda name: torch.from_numpy(np.load(GOLDEN / sys.argv[1] / f"{name}.npy"))
+inputs = [load(n) for n in ("est_step1_x", "est_step1_mask", "est_step1_mu", "est_step1_t", "est_step1_spks",
+                            "est_step1_cond")]
+exact, model = load_model(GOLDEN_MODEL), load_model(GOLDEN_MODEL, mode="default")
+info = accelerate(model, settings("default"), GOLDEN_MODEL, cache_root=sys.argv[2], threads=2)
+with torch.inference_mode():
+    a, b = model.flow.decoder.estimator(*inputs), exact.flow.decoder.estimator(*inputs)
+print(info["stages"]["flow_estimator"], float((a - b).norm() / b.norm()))
+"""
+
+
+def test_openvino_capped_at_avx2_through_onednns_variable_alone_runs_near_float32(tmp_path):
+    if available() is None:
+        pytest.skip("openvino not installed")
+    env = {**{k: v for k, v in os.environ.items() if not k.endswith("_MAX_CPU_ISA")}, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run([sys.executable, "-c", CAPPED_RUN, FLOW_CASES[0], str(tmp_path)], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stage, error = proc.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert stage == "openvino fp32" and float(error) < BOUNDS["fp32"]["estimator"]
+
+
 def test_compiled_estimator_takes_any_batch_and_length(exact, ov_fp32):
     if ov_fp32.runtime["stages"]["flow_estimator"] != "openvino fp32":
         pytest.skip("openvino not installed")
@@ -307,6 +368,7 @@ def test_ready_shows_the_runtime_precision_per_stage_and_cpu_features(make_app, 
     runtime = body["runtime"]
     assert set(runtime["stages"]) == {"llm", "flow_encoder", "flow_estimator", "hift"}
     assert runtime["cpu"] == cpu_info().model and runtime["cpu_features"] == list(cpu_info().features)
+    assert runtime["cpu_isa_limit"] == cpu_info().isa_limit
     assert runtime["backend"] in ("openvino", "torch")
 
 

@@ -102,8 +102,9 @@ def accelerate(model, mode, model_dir, backend: str = "auto", cache_root: str | 
         if wanted and not cache_root:  # the compiled models are in memory: the converted files are not needed
             shutil.rmtree(root, ignore_errors=True)
     info = describe(stages, cpu, version)
-    log.info("runtime (%s mode): %s; cpu %s [%s]", mode.name,
-             ", ".join(f"{name} {stage}" for name, stage in stages.items()), cpu.model, " ".join(cpu.features))
+    log.info("runtime (%s mode): %s; cpu %s [%s]%s", mode.name,
+             ", ".join(f"{name} {stage}" for name, stage in stages.items()), cpu.model, " ".join(cpu.features),
+             f" (kernels capped at {cpu.isa_limit})" if cpu.isa_limit else "")
     return info
 
 
@@ -112,7 +113,7 @@ def describe(stages: dict[str, Stage], cpu: CpuInfo | None = None, version: str 
     cpu = cpu or cpu_info()
     return {"backend": "openvino" if any(s.runtime == "openvino" for s in stages.values()) else "torch",
             "openvino": version, "stages": {name: str(stage) for name, stage in stages.items()},
-            "cpu": cpu.model, "cpu_features": list(cpu.features)}
+            "cpu": cpu.model, "cpu_features": list(cpu.features), "cpu_isa_limit": cpu.isa_limit}
 
 
 def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, threads: int) -> None:

@@ -44,6 +44,10 @@ STAGE_FILES = {"estimator": ("cosyvoice.yaml", "flow.pt"), "hift": ("cosyvoice.y
 
 def available() -> str | None:
     """The installed OpenVINO version, or None when it cannot be imported."""
+    # OpenVINO's own kernels read their ISA cap once, when the library loads; capped at oneDNN's alone they
+    # disagree with oneDNN's about the layout and read past buffers (a segfault)
+    if os.environ.get("ONEDNN_MAX_CPU_ISA") and not os.environ.get("OV_CPU_MAX_ISA"):
+        os.environ["OV_CPU_MAX_ISA"] = os.environ["ONEDNN_MAX_CPU_ISA"]
     try:
         import openvino
     except Exception:  # ImportError, or a broken native library
