@@ -5,6 +5,7 @@
     python scripts/bench.py --quick                  # ~3 s utterance, default + fast only, no quality: ~2 min
     python scripts/bench.py --model-dir models/CosyVoice-300M-SFT
     python scripts/bench.py --quality --json         # + error figures; last line: one JSON object
+    python scripts/bench.py --isa avx2               # as on a CPU with AVX2 only (kernels capped, plan follows)
 
 Without --model-dir a full-size model with random weights is written once to the temp directory (1.7 GB) and
 loaded from there, so that load time and memory are those of a real model directory. Random weights never emit
@@ -19,8 +20,9 @@ measured the official code); streamed RTF = the same utterance through the engin
 service runs it); first audio = seconds from the engine call to its first streamed chunk for a two-sentence text;
 concurrent speedup = audio per second with 4 concurrent requests over audio per second with the same 4 requests
 one after another (scripts/workload.py: seeded, so both runs decode the same tokens; scripts/bench_http.py sends the
-same requests over HTTP). Peak RSS (serving) is taken after the engine tests (load, streaming, 4 concurrent requests),
-before the one-shot whole-utterance test, which holds the whole utterance's activations at once.
+same requests over HTTP). The whole-utterance figures are the median of ``--repeat`` runs (3), with their range.
+Peak RSS (serving) is taken after the engine tests (load, streaming, 4 concurrent requests), before the one-shot
+whole-utterance test, which holds the whole utterance's activations at once.
 """
 from __future__ import annotations
 
@@ -42,6 +44,12 @@ TEXT = "希望你以后能够做得比我还好哟。今天天气很好，我们
 STREAM_TEXT = "Hello, and welcome to the show. Today we talk about speech synthesis on small computers."
 RTF_TEXT = "今天天气很好，我们一起去公园散步吧。"  # the streamed-RTF utterance (its length is forced)
 GOLDEN = ROOT / "tests" / "golden"
+# --isa: every library that picks its kernels by CPU feature, capped as on a CPU that has only that ISA: oneDNN (in
+# PyTorch and in OpenVINO), OpenVINO's own kernels (capping oneDNN alone makes them disagree, and crash), ATen's
+# vectorised ops, fbgemm's int8, MKL's GEMM
+ISA_LIMITS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                       "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+STAGE_KEYS = ("llm_ms_per_token", "flow_s_per_audio_s", "hift_s_per_audio_s", "rtf")  # --repeat reports a range
 
 
 def peak_rss_mb() -> float:
@@ -116,6 +124,20 @@ def bench_stages(model, text_token, speaker: str, n_tokens: int) -> dict:
         "hift_s": hift_s, "hift_s_per_audio_s": hift_s / seconds, "total_s": llm_s + flow_s + hift_s,
         "rtf": (llm_s + flow_s + hift_s) / audio_s,
     }
+
+
+def median_of(runs) -> dict:
+    """Each figure's median over the runs (the host's noise moves single runs by tens of percent), with the
+    stage figures' values of every run as ``<key>_runs``."""
+    runs = list(runs)
+    out = {}
+    for key, value in runs[0].items():
+        values = sorted(run[key] for run in runs)
+        out[key] = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1]
+                                                                     + values[len(values) // 2]) / 2
+        if key in STAGE_KEYS and len(runs) > 1:
+            out[f"{key}_runs"] = [run[key] for run in runs]
+    return out
 
 
 def bench_first_audio(engine) -> dict:
@@ -243,7 +265,7 @@ def worker(args) -> dict:
     text_token = engine.frontend.tokenize(TEXT)
     n_tokens = int(args.seconds * model.token_rate)
     result = {"mode": args.worker, "load_s": load_s, "rss_after_load_mb": rss_loaded,
-              "runtime": engine.runtime["stages"]}
+              "runtime": engine.runtime["stages"], "aten_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     # serving first (streaming, as the service runs), so that its peak RSS is measured before the one-shot test
     if args.stream:
         bench_first_audio(engine)  # warm-up of the streaming path
@@ -255,7 +277,7 @@ def worker(args) -> dict:
         result.update(bench_cache(engine, n_tokens))
     result["serving_peak_rss_mb"] = peak_rss_mb()
     bench_stages(model, text_token, speaker, 25)  # warm-up
-    result.update(bench_stages(model, text_token, speaker, n_tokens))
+    result.update(median_of(bench_stages(model, text_token, speaker, n_tokens) for _ in range(args.repeat)))
     result["peak_rss_mb"] = peak_rss_mb()
     result["other_load"] = load.share()
     engine.scheduler.close()  # torch must be idle when the interpreter exits
@@ -497,10 +519,17 @@ def table(results: dict, args) -> None:
                 value = r.get(key)
                 cells.append(fmt.format(value) if value is not None else "-")
         print(f"{label:<26}" + "".join(f"{c:>12}" for c in cells))
+        if key in STAGE_KEYS and any(f"{key}_runs" in results[m] for m in modes):
+            spans = []
+            for m in modes:
+                runs = results[m].get(f"{key}_runs")
+                spans.append(f"{fmt.format(min(runs))}-{fmt.format(max(runs))}" if runs else "-")
+            print(f"{'  min-max of ' + str(args.repeat):<26}" + "".join(f"{c:>12}" for c in spans))
 
 
 def machine_table(cpu, peaks: dict, macs: dict, efficiency: dict) -> None:
-    print(f"\nCPU: {cpu.model} ({cpu.arch}); features: {' '.join(cpu.features) or '-'}; native bf16: "
+    limit = f" (kernels limited to {cpu.isa_limit}: --isa)" if cpu.isa_limit else ""
+    print(f"\nCPU: {cpu.model} ({cpu.arch}); features: {' '.join(cpu.features) or '-'}{limit}; native bf16: "
           f"{'yes' if cpu.native_bf16 else 'no'}")
     print("dense GEMM ceilings (G multiply-adds/s): " + ", ".join(
         f"{k} {v:.0f}" if v else f"{k} -" for k, v in peaks.items()))
@@ -538,6 +567,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", help="a real model directory (default: random full-size weights)")
     parser.add_argument("--seconds", type=float, default=10.0, help="utterance length for stage times and RTF")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of the whole-utterance stage test per mode (their median is reported)")
+    parser.add_argument("--isa", choices=sorted(ISA_LIMITS),
+                        help="cap every kernel library at this ISA, as on a CPU that has no more (the plan follows)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", default="exact,default,fast", help="comma-separated speed modes")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent requests (0: skip)")
@@ -554,6 +587,10 @@ def main() -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-quality", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.isa and any(os.environ.get(k) != v for k, v in ISA_LIMITS[args.isa].items()):
+        # the libraries read these once, when they load: start again with them set (the children inherit them)
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **ISA_LIMITS[args.isa]})
+    args.repeat = max(1, args.repeat)
     if args.quick:
         args.seconds = 3.0
         if args.modes == parser.get_default("modes"):
@@ -570,15 +607,15 @@ def main() -> int:
     from cosyvoice_lite.model.speed import settings
 
     cpu = cpu_info()
-    print(f"[machine] {cpu.model} ({cpu.arch}, {cpu.cores} logical CPUs): {' '.join(cpu.features)}",
-          file=sys.stderr, flush=True)
+    print(f"[machine] {cpu.model} ({cpu.arch}, {cpu.cores} logical CPUs): {' '.join(cpu.features)}"
+          + (f" (kernels limited to {cpu.isa_limit})" if cpu.isa_limit else ""), file=sys.stderr, flush=True)
     peaks = gemm_peaks(args.threads)
     macs = stage_macs(model_dir)
     results = {}
     stream_modes = set(args.stream_modes.split(","))
     for mode in args.modes.split(","):
         argv = ["--worker", mode, "--model-dir", model_dir, "--seconds", str(args.seconds),
-                "--threads", str(args.threads),
+                "--threads", str(args.threads), "--repeat", str(args.repeat),
                 "--backend", args.backend,
                 "--concurrency", str(args.concurrency if mode in stream_modes else 0)]
         if not args.stream or mode not in stream_modes:
@@ -616,6 +653,7 @@ def main() -> int:
             "llm_ms_per_token_default": get("default", "llm_ms_per_token"),
             "llm_ms_per_token_fast": get("fast", "llm_ms_per_token"),
             "cpu": cpu.model, "cpu_features": list(cpu.features), "gemm_peak_gmacs": peaks,
+            "isa_limit": cpu.isa_limit, "repeat": args.repeat,
             "flow_s_per_audio_s": {m: get(m, "flow_s_per_audio_s") for m in results},
             "hift_s_per_audio_s": {m: get(m, "hift_s_per_audio_s") for m in results},
             # exact mode is the float32 PyTorch path of every stage (the ratio's denominator)
