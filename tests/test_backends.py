@@ -119,8 +119,13 @@ def test_default_mode_on_a_bf16_cpu_runs_flow_and_hift_in_openvino_bf16():
     assert str(stages["llm"]) == "torch int8"
 
 
-def test_default_mode_on_an_avx2_cpu_runs_the_estimator_in_openvino_float32_and_hift_in_torch():
-    stages = plan(settings("default"), AVX2)
+def test_the_lean_modes_on_an_avx2_cpu_stay_in_torch():
+    for mode in ("default", "fast"):
+        assert plan(settings(mode), AVX2) == torch_plan(settings(mode))
+
+
+def test_backend_openvino_on_an_avx2_cpu_runs_the_estimator_in_openvino_float32_and_hift_in_torch():
+    stages = plan(settings("default"), AVX2, "openvino")
     assert str(stages["flow_estimator"]) == "openvino fp32" and stages["hift"].runtime == "torch"
 
 
@@ -143,9 +148,9 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def accelerated(mode, cache, cpu):
+def accelerated(mode, cache, cpu, backend="auto"):
     model = load_model(MODEL_DIR, mode=mode)
-    model.runtime = accelerate(model, settings(mode), MODEL_DIR, cache_root=cache, threads=2, cpu=cpu)
+    model.runtime = accelerate(model, settings(mode), MODEL_DIR, backend, cache_root=cache, threads=2, cpu=cpu)
     return model
 
 
@@ -156,7 +161,7 @@ def ov_bf16(cache):
 
 @pytest.fixture(scope="module")
 def ov_fp32(cache):
-    return accelerated("default", cache, AVX2)
+    return accelerated("default", cache, AVX2, "openvino")
 
 
 # bounds on the norm-relative error against float32 PyTorch (one estimator call; the whole flow from the same
@@ -239,7 +244,7 @@ load = lambda name: torch.from_numpy(np.load(GOLDEN / sys.argv[1] / f"{name}.npy
 inputs = [load(n) for n in ("est_step1_x", "est_step1_mask", "est_step1_mu", "est_step1_t", "est_step1_spks",
                             "est_step1_cond")]
 exact, model = load_model(GOLDEN_MODEL), load_model(GOLDEN_MODEL, mode="default")
-info = accelerate(model, settings("default"), GOLDEN_MODEL, cache_root=sys.argv[2], threads=2)
+info = accelerate(model, settings("default"), GOLDEN_MODEL, "openvino", cache_root=sys.argv[2], threads=2)
 with torch.inference_mode():
     a, b = model.flow.decoder.estimator(*inputs), exact.flow.decoder.estimator(*inputs)
 print(info["stages"]["flow_estimator"], float((a - b).norm() / b.norm()))

@@ -3,9 +3,10 @@
 ``plan(mode, cpu, backend)`` decides, per stage, which runtime and precision a speed mode gets here:
 
 - ``exact``: float32 PyTorch everywhere (the parity reference).
-- ``default``: the flow estimator in OpenVINO, bf16 where the CPU multiplies bf16 natively (avx512_bf16 or
-  amx_bf16; Arm bf16), else OpenVINO float32; HiFT's convolutional body in OpenVINO bf16 on such CPUs, else
-  PyTorch float32 (time-major). The LLM in int8 (PyTorch/fbgemm).
+- ``default``: the flow estimator and HiFT's convolutional body in OpenVINO bf16 where the CPU multiplies bf16
+  natively (avx512_bf16 or amx_bf16; Arm bf16), else in PyTorch (float16 weights, float32 arithmetic; HiFT
+  float32 time-major; ``backend="openvino"`` asks for the OpenVINO float32 estimator there). The LLM in int8
+  (PyTorch/fbgemm).
 - ``fast``: as ``default`` with the mode's fewer Euler steps and its int8 PyTorch layers where they remain.
 
 ``accelerate(model, ...)`` applies the plan to a loaded model: converted models and compiled blobs come from the
@@ -53,7 +54,10 @@ def plan(mode, cpu: CpuInfo, backend: str = "auto", openvino: bool = True) -> di
     if cpu.native_bf16:
         stages["flow_estimator"] = Stage("openvino", "bf16")
         stages["hift"] = Stage("openvino", "bf16")
-    else:  # OpenVINO float32 still beats PyTorch on the estimator; HiFT's body does not gain from it
+    elif backend == "openvino":
+        # without native bf16 OpenVINO float32 beats only PyTorch float32: it ties with the default mode's
+        # float16-weight estimator, loses to fast's int8 one and keeps float32 weights per kernel layout, so
+        # ``auto`` stays in PyTorch there; HiFT's body does not gain from it either
         stages["flow_estimator"] = Stage("openvino", "fp32")
     return stages
 
