@@ -15,7 +15,7 @@ from torch import nn
 from golden_data import GOLDEN
 from golden_data import GOLDEN_MODEL as MODEL_DIR
 
-from cosyvoice_lite.backends import Stage, accelerate, external_paths, plan, torch_plan
+from cosyvoice_lite.backends import Stage, accelerate, external_paths, plan, runtime_plan, torch_plan
 from cosyvoice_lite.backends.cpu import CpuInfo, cpu_info, limited, parse_cpuinfo
 from cosyvoice_lite.backends.ov_runtime import available
 from cosyvoice_lite.model import load_model
@@ -122,6 +122,14 @@ def test_default_mode_on_a_bf16_cpu_runs_flow_and_hift_in_openvino_bf16():
 def test_the_lean_modes_on_an_avx2_cpu_stay_in_torch():
     for mode in ("default", "fast"):
         assert plan(settings(mode), AVX2) == torch_plan(settings(mode))
+
+
+def test_a_cpu_without_native_bf16_says_why_it_stays_in_pytorch(caplog):
+    if available() is None:
+        pytest.skip("openvino not installed")
+    with caplog.at_level(logging.INFO, logger="cosyvoice_lite.backends"):
+        runtime_plan(settings("default"), "auto", AVX2)
+    assert any("no native bf16" in r.getMessage() and "BACKEND=openvino" in r.getMessage() for r in caplog.records)
 
 
 def test_backend_openvino_on_an_avx2_cpu_runs_the_estimator_in_openvino_float32_and_hift_in_torch():
@@ -470,6 +478,22 @@ def test_the_compiled_estimator_gives_the_same_velocity_after_releasing_its_buff
         estimator.release_buffers()
         assert torch.equal(estimator(*small), before)
 
+
+
+def test_a_batch_beyond_the_estimators_rows_per_call_gives_the_velocity_of_one_call(ov_fp32, monkeypatch):
+    if ov_fp32.runtime["stages"]["flow_estimator"] != "openvino fp32":
+        pytest.skip("openvino not installed")
+    estimator = ov_fp32.flow.decoder.estimator
+    generator = torch.Generator().manual_seed(8)
+    batch, frames = 6, 50
+    args = (torch.randn(batch, 80, frames, generator=generator), torch.ones(batch, 1, frames),
+            torch.randn(batch, 80, frames, generator=generator), torch.rand(batch, generator=generator),
+            torch.randn(batch, 80, generator=generator), torch.randn(batch, 80, frames, generator=generator))
+    with torch.inference_mode():
+        whole = estimator(*args)
+        monkeypatch.setattr(estimator, "row_frames", 2 * frames)  # three calls of two rows
+        sliced = estimator(*args)
+    assert sliced.shape == whole.shape and rel(sliced, whole) < 1e-5
 
 def test_the_compiled_vocoder_in_windows_stays_near_float32_on_a_long_chunk(exact, ov_bf16):
     if ov_bf16.runtime["stages"]["hift"] != "openvino bf16":

@@ -75,9 +75,13 @@ def runtime_plan(mode, backend: str = "auto", cpu: CpuInfo | None = None) -> dic
     from .ov_runtime import available
 
     openvino = available() is not None
+    cpu = cpu or cpu_info()
     if backend in ("auto", "openvino") and not openvino:
         log.warning("openvino cannot be imported: every stage runs in PyTorch")
-    return plan(mode, cpu or cpu_info(), backend, openvino=openvino)
+    elif backend == "auto" and not cpu.native_bf16 and mode.name != "exact":
+        log.info("no native bf16 on this CPU: the flow and HiFT run in PyTorch (BACKEND=openvino runs the flow "
+                 "estimator in OpenVINO float32)")
+    return plan(mode, cpu, backend, openvino=openvino)
 
 
 def external_paths(stages: dict[str, Stage]) -> tuple:

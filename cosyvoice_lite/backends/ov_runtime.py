@@ -37,6 +37,7 @@ log = logging.getLogger("cosyvoice_lite.backends")
 
 GRAPH_VERSION = 4  # bump when the saved graph changes in a way the source hash cannot see (e.g. trace inputs)
 RUNTIME_CACHE_SHAPES = 16
+ESTIMATOR_ROW_FRAMES = 1024  # see EstimatorRunner.row_frames
 PRIME_UNMAP_INTERVAL = 0.005  # s between drops of the model file's pages during the first run (see _Runner.prime)
 STAGE_SOURCES = {"estimator": ("estimator.py",), "hift": ("hift.py",)}
 STAGE_FILES = {"estimator": ("cosyvoice.yaml", "flow.pt"), "hift": ("cosyvoice.yaml", "hift.pt")}
@@ -136,6 +137,10 @@ class EstimatorRunner(_Runner):
     PyTorch float32 (``embed_time``, small), the body compiled. The flow calls it with an all-ones mask (no
     padding), the only case the traced graph covers."""
 
+    # rows x frames per compiled call: a batch beyond it runs in slices of rows, which costs nothing once a call
+    # has a few hundred frames per row and bounds the activations the runtime holds for the call
+    row_frames = ESTIMATOR_ROW_FRAMES
+
     def __init__(self, compiled, precision: str, description: str, embed_time: nn.Module):
         super().__init__(compiled, precision, description)
         self.embed_time = embed_time
@@ -143,7 +148,11 @@ class EstimatorRunner(_Runner):
     def forward(self, x, mask, mu, t, spks=None, cond=None):
         if spks is None or cond is None or not bool((mask == 1).all()):
             raise ValueError("the compiled estimator runs unpadded batches with speaker and cond inputs only")
-        return self.run(x, mask, mu, self.embed_time(t), spks, cond)
+        inputs = (x, mask, mu, self.embed_time(t), spks, cond)  # (B, ...) each
+        rows = max(1, self.row_frames // x.shape[2])
+        if x.shape[0] <= rows:
+            return self.run(*inputs)
+        return torch.cat([self.run(*(a[i:i + rows] for a in inputs)) for i in range(0, x.shape[0], rows)])
 
 
 class TimeEmbedding(nn.Module):
