@@ -52,6 +52,23 @@ ISA_LIMITS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2", "
 STAGE_KEYS = ("llm_ms_per_token", "flow_s_per_audio_s", "hift_s_per_audio_s", "rtf")  # --repeat reports a range
 
 
+def cpu_generation() -> str | None:
+    """x86 'cpu family'/'model' numbers: VMs often report a bare "AMD EPYC", and the generation behind it (AMD
+    family 25 = Zen 3/4, 26 = Zen 5) moves every figure here."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() in ("cpu family", "model") and key.strip() not in fields:
+                    fields[key.strip()] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        return None
+    return f"family {fields['cpu family']} model {fields['model']}" if len(fields) == 2 else None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM: getrusage's ru_maxrss survives exec, so a child started by a
     parent that grew large would report the parent's peak)."""
@@ -529,8 +546,8 @@ def table(results: dict, args) -> None:
 
 def machine_table(cpu, peaks: dict, macs: dict, efficiency: dict) -> None:
     limit = f" (kernels limited to {cpu.isa_limit}: --isa)" if cpu.isa_limit else ""
-    print(f"\nCPU: {cpu.model} ({cpu.arch}); features: {' '.join(cpu.features) or '-'}{limit}; native bf16: "
-          f"{'yes' if cpu.native_bf16 else 'no'}")
+    print(f"\nCPU: {cpu.model} ({cpu_generation() or cpu.arch}); features: {' '.join(cpu.features) or '-'}{limit}; "
+          f"native bf16: {'yes' if cpu.native_bf16 else 'no'}")
     print("dense GEMM ceilings (G multiply-adds/s): " + ", ".join(
         f"{k} {v:.0f}" if v else f"{k} -" for k, v in peaks.items()))
     print(f"work: flow {macs['flow_step_gmacs_per_audio_s']:.1f} G per Euler step per audio s, HiFT body "
@@ -607,7 +624,7 @@ def main() -> int:
     from cosyvoice_lite.model.speed import settings
 
     cpu = cpu_info()
-    print(f"[machine] {cpu.model} ({cpu.arch}, {cpu.cores} logical CPUs): {' '.join(cpu.features)}"
+    print(f"[machine] {cpu.model} ({cpu_generation() or cpu.arch}, {cpu.cores} logical CPUs): {' '.join(cpu.features)}"
           + (f" (kernels limited to {cpu.isa_limit})" if cpu.isa_limit else ""), file=sys.stderr, flush=True)
     peaks = gemm_peaks(args.threads)
     macs = stage_macs(model_dir)
@@ -652,7 +669,8 @@ def main() -> int:
             "llm_ms_per_token_fp32": get("exact", "llm_ms_per_token"),
             "llm_ms_per_token_default": get("default", "llm_ms_per_token"),
             "llm_ms_per_token_fast": get("fast", "llm_ms_per_token"),
-            "cpu": cpu.model, "cpu_features": list(cpu.features), "gemm_peak_gmacs": peaks,
+            "cpu": cpu.model, "cpu_generation": cpu_generation(), "cpu_features": list(cpu.features),
+            "gemm_peak_gmacs": peaks,
             "isa_limit": cpu.isa_limit, "repeat": args.repeat,
             "flow_s_per_audio_s": {m: get(m, "flow_s_per_audio_s") for m in results},
             "hift_s_per_audio_s": {m: get(m, "hift_s_per_audio_s") for m in results},
