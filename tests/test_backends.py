@@ -479,7 +479,6 @@ def test_the_compiled_estimator_gives_the_same_velocity_after_releasing_its_buff
         assert torch.equal(estimator(*small), before)
 
 
-
 def test_a_batch_beyond_the_estimators_rows_per_call_gives_the_velocity_of_one_call(ov_fp32, monkeypatch):
     if ov_fp32.runtime["stages"]["flow_estimator"] != "openvino fp32":
         pytest.skip("openvino not installed")
@@ -494,6 +493,7 @@ def test_a_batch_beyond_the_estimators_rows_per_call_gives_the_velocity_of_one_c
         monkeypatch.setattr(estimator, "row_frames", 2 * frames)  # three calls of two rows
         sliced = estimator(*args)
     assert sliced.shape == whole.shape and rel(sliced, whole) < 1e-5
+
 
 def test_the_compiled_vocoder_in_windows_stays_near_float32_on_a_long_chunk(exact, ov_bf16):
     if ov_bf16.runtime["stages"]["hift"] != "openvino bf16":
