@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,10 +149,8 @@ def median_of(runs) -> dict:
     stage figures' values of every run as ``<key>_runs``."""
     runs = list(runs)
     out = {}
-    for key, value in runs[0].items():
-        values = sorted(run[key] for run in runs)
-        out[key] = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1]
-                                                                     + values[len(values) // 2]) / 2
+    for key in runs[0]:
+        out[key] = statistics.median(run[key] for run in runs)
         if key in STAGE_KEYS and len(runs) > 1:
             out[f"{key}_runs"] = [run[key] for run in runs]
     return out
@@ -544,9 +543,9 @@ def table(results: dict, args) -> None:
             print(f"{'  min-max of ' + str(args.repeat):<26}" + "".join(f"{c:>12}" for c in spans))
 
 
-def machine_table(cpu, peaks: dict, macs: dict, efficiency: dict) -> None:
+def machine_table(cpu, generation: str | None, peaks: dict, macs: dict, efficiency: dict) -> None:
     limit = f" (kernels limited to {cpu.isa_limit}: --isa)" if cpu.isa_limit else ""
-    print(f"\nCPU: {cpu.model} ({cpu_generation() or cpu.arch}); features: {' '.join(cpu.features) or '-'}{limit}; "
+    print(f"\nCPU: {cpu.model} ({generation or cpu.arch}); features: {' '.join(cpu.features) or '-'}{limit}; "
           f"native bf16: {'yes' if cpu.native_bf16 else 'no'}")
     print("dense GEMM ceilings (G multiply-adds/s): " + ", ".join(
         f"{k} {v:.0f}" if v else f"{k} -" for k, v in peaks.items()))
@@ -623,8 +622,8 @@ def main() -> int:
     from cosyvoice_lite.backends.cpu import cpu_info
     from cosyvoice_lite.model.speed import settings
 
-    cpu = cpu_info()
-    print(f"[machine] {cpu.model} ({cpu_generation() or cpu.arch}, {cpu.cores} logical CPUs): {' '.join(cpu.features)}"
+    cpu, generation = cpu_info(), cpu_generation()
+    print(f"[machine] {cpu.model} ({generation or cpu.arch}, {cpu.cores} logical CPUs): {' '.join(cpu.features)}"
           + (f" (kernels limited to {cpu.isa_limit})" if cpu.isa_limit else ""), file=sys.stderr, flush=True)
     peaks = gemm_peaks(args.threads)
     macs = stage_macs(model_dir)
@@ -644,7 +643,7 @@ def main() -> int:
     table(results, args)
     n_steps = {mode: settings(mode).n_timesteps for mode in results}
     efficiency = stage_efficiency(results, macs, peaks, n_steps)
-    machine_table(cpu, peaks, macs, efficiency)
+    machine_table(cpu, generation, peaks, macs, efficiency)
     q = None
     if args.quality:
         print("[quality] ...", file=sys.stderr, flush=True)
@@ -669,7 +668,7 @@ def main() -> int:
             "llm_ms_per_token_fp32": get("exact", "llm_ms_per_token"),
             "llm_ms_per_token_default": get("default", "llm_ms_per_token"),
             "llm_ms_per_token_fast": get("fast", "llm_ms_per_token"),
-            "cpu": cpu.model, "cpu_generation": cpu_generation(), "cpu_features": list(cpu.features),
+            "cpu": cpu.model, "cpu_generation": generation, "cpu_features": list(cpu.features),
             "gemm_peak_gmacs": peaks,
             "isa_limit": cpu.isa_limit, "repeat": args.repeat,
             "flow_s_per_audio_s": {m: get(m, "flow_s_per_audio_s") for m in results},
