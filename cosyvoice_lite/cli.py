@@ -25,7 +25,7 @@ def serve(args: argparse.Namespace) -> int:
 def say(args: argparse.Namespace) -> int:
     from . import audio
     from .engines import StartupError, SynthesisError, load_engine
-    from .serve.settings import Settings
+    from .settings import Settings
 
     try:
         engine = load_engine(Settings.from_env())

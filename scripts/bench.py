@@ -270,7 +270,7 @@ def worker(args) -> dict:
 
     load = OtherLoad()
     started = time.perf_counter()
-    from cosyvoice_lite.serve.settings import Settings
+    from cosyvoice_lite.settings import Settings
 
     engine = CosyVoiceEngine(args.model_dir, mode=args.worker, threads=args.threads, backend=args.backend,
                              cache_root=Settings.from_env().cache_root)
@@ -620,7 +620,7 @@ def main() -> int:
 
     model_dir = str(args.model_dir or random_model_dir())
     from cosyvoice_lite.backends.cpu import cpu_info
-    from cosyvoice_lite.model.speed import settings
+    from cosyvoice_lite.model.modes import mode_settings
 
     cpu, generation = cpu_info(), cpu_generation()
     print(f"[machine] {cpu.model} ({generation or cpu.arch}, {cpu.cores} logical CPUs): {' '.join(cpu.features)}"
@@ -641,7 +641,7 @@ def main() -> int:
         print(f"[{mode}] ...", file=sys.stderr, flush=True)
         results[mode] = run_child(argv)
     table(results, args)
-    n_steps = {mode: settings(mode).n_timesteps for mode in results}
+    n_steps = {mode: mode_settings(mode).n_timesteps for mode in results}
     efficiency = stage_efficiency(results, macs, peaks, n_steps)
     machine_table(cpu, generation, peaks, macs, efficiency)
     q = None

@@ -102,7 +102,7 @@ def interleaved(port: int, model_dir: str, speakers: list[str], args) -> dict:
     from bench import bench_concurrency
 
     from cosyvoice_lite.engines.cosyvoice import CosyVoiceEngine
-    from cosyvoice_lite.serve.settings import Settings
+    from cosyvoice_lite.settings import Settings
 
     torch.set_num_threads(args.threads)
     engine = CosyVoiceEngine(model_dir, mode=args.mode, threads=args.threads, cache_root=Settings.from_env().cache_root)

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> int:
     from cosyvoice_lite.backends import accelerate, external_paths, runtime_plan
     from cosyvoice_lite.model import load_model
-    from cosyvoice_lite.model.speed import settings
-    from cosyvoice_lite.serve.settings import Settings
+    from cosyvoice_lite.model.modes import mode_settings
+    from cosyvoice_lite.settings import Settings
 
     service = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--mode", default="default", help="speed mode whose stages are compiled (default, fast)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    mode = settings(args.mode)
+    mode = mode_settings(args.mode)
     stages = runtime_plan(mode, service.backend)  # as the engine does: what OpenVINO runs is not converted here
     model = load_model(args.model_dir, mode=mode.name, external=external_paths(stages))
     info = accelerate(model, mode, args.model_dir, backend=service.backend, cache_root=service.cache_root,

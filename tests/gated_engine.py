@@ -72,6 +72,6 @@ class GatedEngine(Engine):
 def make_app():
     from cosyvoice_lite.engines import load_engine
     from cosyvoice_lite.serve import create_app
-    from cosyvoice_lite.serve.settings import Settings
+    from cosyvoice_lite.settings import Settings
 
     return create_app({"engine": GatedEngine(load_engine(Settings.from_env()), os.environ["GATE_DIR"])})

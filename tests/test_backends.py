@@ -20,7 +20,7 @@ from cosyvoice_lite.backends.cpu import CpuInfo, cpu_info, limited, parse_cpuinf
 from cosyvoice_lite.backends.ov_runtime import available
 from cosyvoice_lite.model import load_model
 from cosyvoice_lite.model.layers import Fp16Linear
-from cosyvoice_lite.model.speed import settings
+from cosyvoice_lite.model.modes import mode_settings
 
 # the golden set's flow cases (other golden sets have other names and sizes)
 FLOW_CASES = sorted(name for name, case in json.loads((GOLDEN / "manifest.json").read_text())["cases"].items()
@@ -105,43 +105,43 @@ def test_a_bf16_cpu_limited_to_avx2_gets_the_avx2_plan():
     features, isa_limit = limited(ZEN4.features, "x86_64", "AVX2")
     cpu = CpuInfo(ZEN4.model, "x86_64", 2, features, isa_limit)
     assert not cpu.native_bf16 and cpu.as_dict()["isa_limit"] == "AVX2"
-    assert plan(settings("default"), cpu) == plan(settings("default"), AVX2)
+    assert plan(mode_settings("default"), cpu) == plan(mode_settings("default"), AVX2)
 
 
 def test_exact_mode_is_float32_pytorch_everywhere():
-    stages = plan(settings("exact"), ZEN4)
+    stages = plan(mode_settings("exact"), ZEN4)
     assert {str(s) for s in stages.values()} == {"torch fp32"}
 
 
 def test_default_mode_on_a_bf16_cpu_runs_flow_and_hift_in_openvino_bf16():
-    stages = plan(settings("default"), ZEN4)
+    stages = plan(mode_settings("default"), ZEN4)
     assert str(stages["flow_estimator"]) == "openvino bf16" and str(stages["hift"]) == "openvino bf16"
     assert str(stages["llm"]) == "torch int8"
 
 
 def test_the_lean_modes_on_an_avx2_cpu_stay_in_torch():
     for mode in ("default", "fast"):
-        assert plan(settings(mode), AVX2) == torch_plan(settings(mode))
+        assert plan(mode_settings(mode), AVX2) == torch_plan(mode_settings(mode))
 
 
 def test_a_cpu_without_native_bf16_says_why_it_stays_in_pytorch(caplog):
     if available() is None:
         pytest.skip("openvino not installed")
     with caplog.at_level(logging.INFO, logger="cosyvoice_lite.backends"):
-        runtime_plan(settings("default"), "auto", AVX2)
+        runtime_plan(mode_settings("default"), "auto", AVX2)
     assert any("no native bf16" in r.getMessage() and "BACKEND=openvino" in r.getMessage() for r in caplog.records)
 
 
 def test_backend_openvino_on_an_avx2_cpu_runs_the_estimator_in_openvino_float32_and_hift_in_torch():
-    stages = plan(settings("default"), AVX2, "openvino")
+    stages = plan(mode_settings("default"), AVX2, "openvino")
     assert str(stages["flow_estimator"]) == "openvino fp32" and stages["hift"].runtime == "torch"
 
 
 def test_backend_torch_or_a_missing_openvino_keeps_every_stage_in_torch():
-    for stages in (plan(settings("fast"), ZEN4, "torch"), plan(settings("fast"), ZEN4, openvino=False)):
+    for stages in (plan(mode_settings("fast"), ZEN4, "torch"), plan(mode_settings("fast"), ZEN4, openvino=False)):
         assert {s.runtime for s in stages.values()} == {"torch"}
     with pytest.raises(ValueError, match="BACKEND"):
-        plan(settings("default"), ZEN4, "cuda")
+        plan(mode_settings("default"), ZEN4, "cuda")
 
 
 # ---- numerics against float32 PyTorch --------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def cache(tmp_path_factory):
 
 def accelerated(mode, cache, cpu, backend="auto"):
     model = load_model(MODEL_DIR, mode=mode)
-    model.runtime = accelerate(model, settings(mode), MODEL_DIR, backend, cache_root=cache, threads=2, cpu=cpu)
+    model.runtime = accelerate(model, mode_settings(mode), MODEL_DIR, backend, cache_root=cache, threads=2, cpu=cpu)
     return model
 
 
@@ -219,9 +219,9 @@ def test_the_backends_sine_equals_float32_sine_over_a_wide_range():
 
 
 def test_openvino_float32_vocoder_matches_float32_pytorch(exact, tmp_path):
-    stages = {**torch_plan(settings("exact")), "hift": Stage("openvino", "fp32")}
+    stages = {**torch_plan(mode_settings("exact")), "hift": Stage("openvino", "fp32")}
     model = load_model(MODEL_DIR)
-    info = accelerate(model, settings("exact"), MODEL_DIR, cache_root=tmp_path, threads=2, stages=stages)
+    info = accelerate(model, mode_settings("exact"), MODEL_DIR, cache_root=tmp_path, threads=2, stages=stages)
     if info["stages"]["hift"] != "openvino fp32":
         pytest.skip("openvino not installed")
     mel = torch.randn(1, 80, 60, generator=torch.Generator().manual_seed(4))
@@ -247,12 +247,12 @@ sys.path.insert(0, "tests")
 from golden_data import GOLDEN, GOLDEN_MODEL
 from cosyvoice_lite.backends import accelerate
 from cosyvoice_lite.model import load_model
-from cosyvoice_lite.model.speed import settings
+from cosyvoice_lite.model.modes import mode_settings
 load = lambda name: torch.from_numpy(np.load(GOLDEN / sys.argv[1] / f"{name}.npy"))
 inputs = [load(n) for n in ("est_step1_x", "est_step1_mask", "est_step1_mu", "est_step1_t", "est_step1_spks",
                             "est_step1_cond")]
 exact, model = load_model(GOLDEN_MODEL), load_model(GOLDEN_MODEL, mode="default")
-info = accelerate(model, settings("default"), GOLDEN_MODEL, "openvino", cache_root=sys.argv[2], threads=2)
+info = accelerate(model, mode_settings("default"), GOLDEN_MODEL, "openvino", cache_root=sys.argv[2], threads=2)
 with torch.inference_mode():
     a, b = model.flow.decoder.estimator(*inputs), exact.flow.decoder.estimator(*inputs)
 print(info["stages"]["flow_estimator"], float((a - b).norm() / b.norm()))
@@ -307,7 +307,7 @@ def test_backend_torch_runs_the_pytorch_modules_unchanged(tmp_path):
     token, embedding, z, _ = case_inputs(FLOW_CASES[0])
     torch_model = load_model(MODEL_DIR, mode="default")
     model = load_model(MODEL_DIR, mode="default")
-    info = accelerate(model, settings("default"), MODEL_DIR, backend="torch", cache_root=tmp_path, cpu=ZEN4)
+    info = accelerate(model, mode_settings("default"), MODEL_DIR, backend="torch", cache_root=tmp_path, cpu=ZEN4)
     assert info["backend"] == "torch" and not (tmp_path / "compiled").exists()
     with torch.inference_mode():
         assert torch.equal(model.flow.inference(token, embedding, noise=z),
@@ -319,7 +319,7 @@ def test_an_unusable_cache_directory_falls_back_to_pytorch_and_says_so(tmp_path,
     blocked.write_text("")
     model = load_model(MODEL_DIR, mode="default")
     with caplog.at_level(logging.WARNING, logger="cosyvoice_lite.backends"):
-        info = accelerate(model, settings("default"), MODEL_DIR, cache_root=blocked, cpu=ZEN4)
+        info = accelerate(model, mode_settings("default"), MODEL_DIR, cache_root=blocked, cpu=ZEN4)
     assert info["backend"] == "torch"
     assert {info["stages"]["flow_estimator"], info["stages"]["hift"]} == {"torch fp16", "torch fp32"}
     assert any("stays in PyTorch" in r.getMessage() for r in caplog.records)
@@ -333,7 +333,7 @@ def built_for(stages, mode="default"):
 
 
 def test_what_openvino_will_run_is_built_float32_and_the_rest_in_the_mode():
-    model = built_for(plan(settings("default"), ZEN4))
+    model = built_for(plan(mode_settings("default"), ZEN4))
     estimator = model.flow.decoder.estimator
     body = [m for part in (estimator.down_blocks, estimator.mid_blocks, estimator.up_blocks) for m in part.modules()]
     assert any(type(m) is nn.Linear for m in body) and not any(type(m) is Fp16Linear for m in body)
@@ -341,14 +341,14 @@ def test_what_openvino_will_run_is_built_float32_and_the_rest_in_the_mode():
     assert all(type(m) is Fp16Linear for m in model.flow.encoder.modules() if isinstance(m, (nn.Linear, Fp16Linear)))
     assert type(model.hift.resblocks[0].convs1[0]) is nn.Conv1d
     assert type(model.hift.f0_predictor.condnet[0]) is not nn.Conv1d  # time-major, as the mode has it
-    avx2 = built_for(plan(settings("default"), AVX2))  # HiFT stays in PyTorch there: built in the mode
+    avx2 = built_for(plan(mode_settings("default"), AVX2))  # HiFT stays in PyTorch there: built in the mode
     assert type(avx2.hift.resblocks[0].convs1[0]) is not nn.Conv1d
 
 
 def test_a_model_built_for_openvino_gives_the_audio_of_one_converted_after_loading(tmp_path):
-    stages = plan(settings("default"), ZEN4)
+    stages = plan(mode_settings("default"), ZEN4)
     built = built_for(stages)
-    info = accelerate(built, settings("default"), MODEL_DIR, cache_root=tmp_path, threads=2, cpu=ZEN4, stages=stages)
+    info = accelerate(built, mode_settings("default"), MODEL_DIR, cache_root=tmp_path, threads=2, cpu=ZEN4, stages=stages)
     if info["backend"] != "openvino":
         pytest.skip("openvino not installed")
     converted = accelerated("default", tmp_path, ZEN4)
@@ -366,10 +366,10 @@ def test_a_model_built_for_openvino_gives_the_audio_of_one_converted_after_loadi
 def test_a_stage_built_for_openvino_that_cannot_run_there_runs_float32_pytorch(tmp_path, caplog):
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("")
-    stages = plan(settings("default"), ZEN4)
+    stages = plan(mode_settings("default"), ZEN4)
     model = built_for(stages)
     with caplog.at_level(logging.WARNING, logger="cosyvoice_lite.backends"):
-        info = accelerate(model, settings("default"), MODEL_DIR, cache_root=blocked, cpu=ZEN4, stages=stages)
+        info = accelerate(model, mode_settings("default"), MODEL_DIR, cache_root=blocked, cpu=ZEN4, stages=stages)
     assert (info["stages"]["flow_estimator"], info["stages"]["hift"]) == ("torch fp32", "torch fp32")
     token, embedding, z, mel = case_inputs(FLOW_CASES[0])
     with torch.inference_mode():

@@ -183,7 +183,7 @@ def test_a_cache_database_that_is_not_one_falls_back_to_synthesis(make_app, cosy
                                           ({"CACHE_MAX_MB": "0"}, "CACHE_MAX_MB"),
                                           ({"CACHE_TTL": "-1"}, "CACHE_TTL")])
 def test_bad_cache_settings_stop_the_start(env, problem):
-    from cosyvoice_lite.serve.settings import Settings
+    from cosyvoice_lite.settings import Settings
 
     with pytest.raises(ValueError, match=problem):
         Settings.from_env(environ=env)

@@ -18,7 +18,7 @@ import soundfile
 from conftest import GatedEngine
 from cosyvoice_lite.engines import StartupError
 from cosyvoice_lite.serve.schema import parse_speech_request
-from cosyvoice_lite.serve.settings import Settings
+from cosyvoice_lite.settings import Settings
 
 SENTENCES = "The quick brown fox jumps over the lazy dog. It was a sunny day. Everyone went outside to play."
 OPENAI_VOICES = ["alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse"]

@@ -661,7 +661,7 @@ def test_api_key_guards_every_route_but_the_public_ones_and_never_logs(tmp_path)
 def test_settings_refuse_a_port_out_of_range_and_an_unknown_log_level():
     """Regression: PORT=99999 got as far as gunicorn's bind (OverflowError) and LOG_LEVEL=verbose stopped gunicorn
     with only "Unable to configure logger 'gunicorn.error'"; now both name the variable."""
-    from cosyvoice_lite.serve.settings import Settings
+    from cosyvoice_lite.settings import Settings
 
     for environ, name in (({"PORT": "99999"}, "PORT"), ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL")):
         with pytest.raises(ValueError, match=name):

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from conftest import GatedEngine, parse_metrics
 from cosyvoice_lite.serve import StartupError, load_engine
-from cosyvoice_lite.serve.settings import Settings
+from cosyvoice_lite.settings import Settings
 
 RATE = 24000
 SENTENCES = "The quick brown fox jumps over the lazy dog. It was a sunny day. Everyone went outside."

@@ -19,7 +19,8 @@ from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.layers import FileEmbedding, Fp16Linear, Int8Linear
 from cosyvoice_lite.model.loader import build_networks, load_state
 from cosyvoice_lite.model.precision import Precision
-from cosyvoice_lite.model.speed import MODE_ENV, SETTINGS, settings
+from cosyvoice_lite.model.modes import SETTINGS, mode_settings
+from cosyvoice_lite.settings import Settings
 from cosyvoice_lite.decode.streaming import HIFT_CACHE_FRAMES, TOKEN_OVERLAP, TokenStream
 from cosyvoice_lite.parity import Golden
 
@@ -122,13 +123,14 @@ def test_lean_load_leaves_no_tensor_without_data(default):
         assert not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
 
 
-def test_mode_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv(MODE_ENV, "fast")
-    assert settings(None).name == "fast"
-    monkeypatch.delenv(MODE_ENV)
-    assert settings(None).name == "default"
+def test_mode_comes_from_the_environment():
+    assert Settings.from_env(environ={"COSYVOICE_MODE": "fast"}).mode == "fast"
+    assert Settings.from_env(environ={}).mode == "default"
+    assert mode_settings(None).name == "default"
+    with pytest.raises(ValueError, match="COSYVOICE_MODE"):
+        Settings.from_env(environ={"COSYVOICE_MODE": "turbo"})
     with pytest.raises(ValueError, match="unknown speed mode"):
-        settings("turbo")
+        mode_settings("turbo")
 
 
 def test_flow_and_vocoder_error_of_default_mode_is_small(exact, default):

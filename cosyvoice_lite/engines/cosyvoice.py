@@ -16,7 +16,7 @@ from ..frontend import NothingToSpeak, TextFrontend
 from ..memory import configure_process, release_compute_threads, release_free_memory
 from ..model import load_model
 from ..model.fingerprint import model_fingerprint
-from ..model.speed import settings
+from ..model.modes import mode_settings
 from .base import OUTPUT_RATE, Engine, Plan, Speaker, SynthesisError
 
 # Speech tokens in the first streamed chunk of a request besides its overlap (then 100, growing to 200). TokenStream
@@ -42,8 +42,7 @@ class CosyVoiceEngine(Engine):
     22050 -> 24000 Hz with one continuous soxr stream per segment (no seams between chunks; a segment's audio
     does not depend on its neighbours, so the audio cache can store and serve it alone).
 
-    ``mode`` is a speed mode of ``cosyvoice_lite.model.speed`` ('exact', 'default', 'fast'; None -> the
-    COSYVOICE_MODE environment variable, else 'default'). Concurrent ``synthesize`` calls (one per request
+    ``mode`` is a mode of ``cosyvoice_lite.model.modes`` ('exact', 'default', 'fast'; None -> 'default'). Concurrent ``synthesize`` calls (one per request
     thread) go straight to one scheduler thread that decodes ``max_batch`` of them side by side, the rest wait.
     """
 
@@ -59,7 +58,7 @@ class CosyVoiceEngine(Engine):
         serves, not here (the service: gunicorn loads the model in its master and forks the workers, and
         OpenVINO's thread pool does not survive a fork: a worker would run the compiled stages on one core)."""
         configure_process(threads)
-        self.mode = settings(mode)
+        self.mode = mode_settings(mode)
         self.model_dir = model_dir
         self.first_hop = first_hop
         self._identity: str | None = None

@@ -34,7 +34,7 @@ def load_engine(settings) -> Engine:
         except ImportError as e:
             raise StartupError(f"this build has no CosyVoice engine ({e})") from e
         try:
-            engine = CosyVoiceEngine(model_dir, threads=settings.threads, max_batch=settings.max_batch,
+            engine = CosyVoiceEngine(model_dir, mode=settings.mode, threads=settings.threads, max_batch=settings.max_batch,
                                      backend=settings.backend, cache_root=settings.cache_root,
                                      defer_backend=True)  # compiled in the worker, after gunicorn's fork
         except Exception as e:

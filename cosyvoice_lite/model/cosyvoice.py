@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 import torch
 from .flow import stretch
 from .lm_decoder import LMDecoder
-from .speed import SETTINGS, ModeSettings
+from .modes import SETTINGS, ModeSettings
 
 
 class UnknownSpeaker(KeyError):

@@ -22,7 +22,7 @@ from .hift import normalize_hift_state_dict
 from .layers import NonFiniteWeight, checkpoint_form
 from .mapping import clear_mappings, copy_out_of_mappings, register_mapping, release_pages
 from .precision import EXACT, Precision
-from .speed import settings
+from .modes import mode_settings
 from .transformer import fuse_qkv_keys
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def load_model(model_dir: str | Path, mode: str = "exact", external: tuple = ())
     (``Precision.external``): built in float32 and, in the lean modes, left in the file mapping, never read.
     """
 
-    target = settings(mode)
+    target = mode_settings(mode)
     lean = target.name != "exact"
     model_dir = Path(model_dir)
     config = checked_config(model_dir)

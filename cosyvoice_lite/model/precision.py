@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from .layers import ExpMish, FileEmbedding, Fp16Linear, Int8Conv1d, Int8Linear, TimeMajorConv1d
-from .speed import ModeSettings
+from .modes import ModeSettings
 
 # LLM linears kept at 16 bits in the int8 modes: the input layers see rows of very different scales at once (the
 # prefix: sos, speaker, text, task id), which per-call 8-bit activation scales crush, and the speech-token head

@@ -11,7 +11,7 @@ from .errors import register_error_handlers
 from .hooks import register_hooks
 from .openapi import openapi_spec
 from .routes import STATIC_DIR, routes
-from .settings import Settings
+from ..settings import Settings
 
 log = logging.getLogger("cosyvoice_lite")
 

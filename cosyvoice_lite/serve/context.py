@@ -10,7 +10,7 @@ from ..cache import open_cache
 from ..engines import Engine, Speaker
 from .admission import Admission, Job
 from .metrics import Metrics
-from .settings import Settings
+from ..settings import Settings
 
 request_log = logging.getLogger("cosyvoice_lite.request")
 PROBES = ("health", "ready")  # endpoint labels of liveness and readiness probes

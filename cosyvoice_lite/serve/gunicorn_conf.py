@@ -1,4 +1,4 @@
-"""gunicorn settings for cosyvoice-lite, from the same environment variables as the app (serve/settings.py).
+"""gunicorn settings for cosyvoice-lite, from the same environment variables as the app (cosyvoice_lite/settings.py).
 
 Process model: WORKERS processes, the model loaded once in the master before the fork (preload_app) so that the
 workers share the weights' memory pages. Each worker is a gthread worker: every admitted request's thread hands it
@@ -9,7 +9,7 @@ import math
 import os
 import sys
 
-from cosyvoice_lite.serve.settings import Settings
+from cosyvoice_lite.settings import Settings
 
 try:
     _settings = Settings.from_env()
@@ -17,7 +17,7 @@ except ValueError as _error:  # a bad environment value: one clear line, no trac
     sys.stderr.write(f"cosyvoice-lite: cannot start: {_error}\n")
     sys.exit(3)
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_settings.port}"
+bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
 worker_class = "cosyvoice_lite.serve.worker.JsonErrorWorker"  # gthread, with refusals as JSON (serve/worker.py)
 # Request threads per worker: each admitted request waits for its audio on its own thread (QUEUE_SIZE waiting +
@@ -27,9 +27,9 @@ preload_app = True
 timeout = 60                     # a worker silent this long (its main loop stuck) is killed and replaced
 # SIGTERM: in-flight requests get this long to finish; by default as long as REQUEST_TIMEOUT allows them, so that a
 # restart or a rollout cuts no admitted request.
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT") or math.ceil(_settings.request_timeout))
+graceful_timeout = _settings.graceful_timeout or math.ceil(_settings.request_timeout)
 keepalive = 5
-max_requests = int(os.environ.get("MAX_REQUESTS", "0"))  # recycle workers after N requests (0 = never)
+max_requests = _settings.max_requests  # recycle workers after N requests (0 = never)
 max_requests_jitter = max_requests // 10
 if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"  # heartbeat file off the (possibly slow, overlay) disk

@@ -10,7 +10,7 @@ from flask import Flask, Response, g, request
 
 from .context import RequestRecord, Service, finish_request
 from .errors import ApiError
-from .settings import Settings
+from ..settings import Settings
 
 PUBLIC_ENDPOINTS = {"api.health", "api.ready", "api.page", "api.favicon", "static"}  # reachable without API_KEY
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

@@ -10,7 +10,7 @@ from .. import audio
 from ..engines import Engine, Speaker, StartupError
 from .errors import ApiError
 from .schema import optional
-from .settings import parse_voice_map
+from ..settings import parse_voice_map
 
 log = logging.getLogger("cosyvoice_lite")
 

@@ -24,7 +24,7 @@ from gunicorn import util
 from gunicorn.workers import gthread
 from gunicorn.workers.gthread import ThreadWorker
 
-from .settings import Settings
+from ..settings import Settings
 
 _CODES = {400: "bad_request", 403: "forbidden", 408: "body_timeout", 414: "uri_too_long",
           417: "expectation_failed", 431: "headers_too_large", 500: "internal_error", 501: "not_implemented"}

@@ -1,5 +1,5 @@
 """The WSGI app for gunicorn (``app:app`` at the project root re-exports it; settings come from environment variables;
-see cosyvoice_lite/serve/settings.py)."""
+see cosyvoice_lite/settings.py)."""
 import logging
 import sys
 

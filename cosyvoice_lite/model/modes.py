@@ -1,4 +1,4 @@
-"""Speed modes: the same networks, traded between exactness and speed on a CPU.
+"""The modes: the same networks, traded between exactness and speed on a CPU.
 
 - ``exact``: float32 everywhere, the official operation order (what the parity tests run).
 - ``default``: the LLM's linear layers (text encoder, LM) in int8 with per-output-channel weight scales (fbgemm
@@ -30,12 +30,10 @@ them, one layer at a time, so that the float32 weights never all sit in memory a
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 MODES = ("exact", "default", "fast")
-MODE_ENV = "COSYVOICE_MODE"  # environment variable the engine reads when no mode is passed
 
 
 @dataclass(frozen=True)
@@ -67,9 +65,9 @@ SETTINGS = {
 }
 
 
-def settings(mode: Optional[str]) -> ModeSettings:
-    """Settings of a mode name (None -> $COSYVOICE_MODE or 'default')."""
-    name = (mode or os.environ.get(MODE_ENV) or "default").strip().lower()
+def mode_settings(mode: Optional[str]) -> ModeSettings:
+    """Settings of a mode name (None -> 'default'; the service reads COSYVOICE_MODE in settings.py)."""
+    name = (mode or "default").strip().lower()
     if name not in SETTINGS:
         raise ValueError(f"unknown speed mode {name!r}; choose one of {', '.join(MODES)}")
     return SETTINGS[name]

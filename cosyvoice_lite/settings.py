@@ -1,4 +1,5 @@
-"""Service settings, read from environment variables (documented defaults below; README has the same table)."""
+"""Every environment variable the service reads, read here once (documented defaults below; README has the same
+table). The rest of the package takes these values as arguments."""
 from __future__ import annotations
 
 import os
@@ -32,6 +33,7 @@ class Settings:
     # field = default              # ENV VAR: meaning
     model_dir: str = "models/CosyVoice-300M-SFT"  # MODEL_DIR: CosyVoice model directory; empty/missing -> Piper
     engine: str = "auto"            # ENGINE: auto | cosyvoice | piper
+    mode: str = "default"           # COSYVOICE_MODE: exact | default | fast (model/modes.py)
     workers: int = 1                # WORKERS: gunicorn worker processes (each holds the model once)
     torch_threads: int = 0          # TORCH_THREADS: CPU threads per worker; 0 = cores / WORKERS
     max_text_chars: int = 4096      # MAX_TEXT_CHARS: longer text -> 413
@@ -47,7 +49,11 @@ class Settings:
     # MAX_AUDIO_SECONDS: most audio one request may produce; a text that must give more -> 413, a stream that
     # reaches it ends without its terminating chunk (visibly truncated)
     max_audio_seconds: float = 600.0
-    port: int = 8080                # PORT: listen port (gunicorn binds HOST:PORT, HOST default 0.0.0.0)
+    port: int = 8080                # PORT: listen port (gunicorn binds HOST:PORT)
+    host: str = "0.0.0.0"           # HOST: listen address
+    # GRACEFUL_TIMEOUT: seconds in-flight requests get to finish after SIGTERM; 0 = as long as REQUEST_TIMEOUT
+    graceful_timeout: int = 0
+    max_requests: int = 0           # MAX_REQUESTS: recycle a worker after this many requests (0 = never)
     cors_origins: str = ""          # CORS_ORIGINS: '*' or comma-separated origins allowed to call from browsers
     # API_KEY: when set, everything but /health, /ready, / and /static needs 'Authorization: Bearer API_KEY'
     api_key: str = field(default="", repr=False)
@@ -68,7 +74,8 @@ class Settings:
     backend: str = "auto"
 
     ENV = {
-        "model_dir": "MODEL_DIR", "engine": "ENGINE", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
+        "model_dir": "MODEL_DIR", "engine": "ENGINE", "mode": "COSYVOICE_MODE", "host": "HOST",
+        "graceful_timeout": "GRACEFUL_TIMEOUT", "max_requests": "MAX_REQUESTS", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
         "max_text_chars": "MAX_TEXT_CHARS", "max_body_bytes": "MAX_BODY_BYTES", "queue_size": "QUEUE_SIZE",
         "max_batch": "MAX_BATCH",
         "request_timeout": "REQUEST_TIMEOUT", "body_timeout": "BODY_TIMEOUT", "port": "PORT",
@@ -100,6 +107,13 @@ class Settings:
         return settings
 
     def check(self) -> None:
+        from .model.modes import MODES
+
+        self.mode = self.mode.strip().lower()
+        if self.mode not in MODES:
+            raise ValueError(f"COSYVOICE_MODE must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.graceful_timeout < 0 or self.max_requests < 0:
+            raise ValueError("GRACEFUL_TIMEOUT and MAX_REQUESTS must not be negative")
         if self.engine not in ("auto", "cosyvoice", "piper"):
             raise ValueError(f"ENGINE must be auto, cosyvoice or piper, got {self.engine!r}")
         if self.backend not in ("auto", "openvino", "torch"):
