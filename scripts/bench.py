@@ -176,9 +176,9 @@ def bench_first_audio(engine) -> dict:
 def bench_stream_rtf(engine, n_tokens: int) -> dict:
     """One utterance of n_tokens through the engine's streaming path: synthesis seconds / audio seconds."""
     text = engine.frontend.tokenize(RTF_TEXT)
-    speaker = engine.speakers()[0].id
+    voice = engine.voices()[0]
     started = time.perf_counter()
-    samples = sum(wav.size for wav in engine.scheduler.submit([text], speaker, seed=0, **forced(n_tokens, len(text))))
+    samples = sum(wav.size for wav in engine.scheduler.submit([text], voice, seed=0, **forced(n_tokens, len(text))))
     took = time.perf_counter() - started
     return {"stream_s": took, "stream_rtf": took / (samples / engine.model.sample_rate)}
 

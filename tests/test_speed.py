@@ -23,9 +23,15 @@ from cosyvoice_lite.model.modes import SETTINGS, mode_settings
 from cosyvoice_lite.settings import Settings
 from cosyvoice_lite.decode.streaming import HIFT_CACHE_FRAMES, TOKEN_OVERLAP, TokenStream
 from cosyvoice_lite.parity import Golden
+from cosyvoice_lite.voices import builtin_voices
 
 MODEL_DIR = GOLDEN / "model"
 GREEDY_STEPS = 40
+
+
+def voice_of(model, speaker_id: str):
+    """The built-in Voice of one of the model's speakers."""
+    return next(v for v in builtin_voices(model.speakers) if v.id == speaker_id)
 
 
 MANIFEST = Golden(GOLDEN).manifest  # raises with the path when the golden data is missing
@@ -271,7 +277,7 @@ def test_per_sequence_generators_make_draws_independent(exact):
 def test_single_chunk_stream_equals_whole_segment_synthesis(exact):
     speaker = next(iter(exact.speakers))
     tokens = torch.randint(0, 4096, (50,), generator=torch.Generator().manual_seed(0)).tolist()
-    stream = TokenStream(exact, speaker, generator=torch.Generator().manual_seed(5))
+    stream = TokenStream(exact, voice_of(exact, speaker), generator=torch.Generator().manual_seed(5))
     for token in tokens:
         stream.push(token)
     wav = stream.finish()
@@ -284,7 +290,7 @@ def test_single_chunk_stream_equals_whole_segment_synthesis(exact):
 
 def test_stream_hops_and_chunk_lengths(exact):
     speaker = next(iter(exact.speakers))
-    stream = TokenStream(exact, speaker, first_hop=30, generator=torch.Generator().manual_seed(0))
+    stream = TokenStream(exact, voice_of(exact, speaker), first_hop=30, generator=torch.Generator().manual_seed(0))
     frame = exact.samples_per_frame
     lengths, hops = [], []
     for token in torch.randint(0, 4096, (400,), generator=torch.Generator().manual_seed(1)).tolist():
@@ -303,7 +309,7 @@ def test_stream_hops_and_chunk_lengths(exact):
 
 def test_shorter_first_join_gives_a_smaller_first_chunk_then_official_joins(exact):
     speaker = next(iter(exact.speakers))
-    stream = TokenStream(exact, speaker, first_hop=1, first_overlap=10, first_cache=10,
+    stream = TokenStream(exact, voice_of(exact, speaker), first_hop=1, first_overlap=10, first_cache=10,
                          generator=torch.Generator().manual_seed(0))
     frame = exact.flow.n_frames
     first_hop = stream.hop
@@ -327,7 +333,7 @@ def test_long_chunks_give_the_flows_memory_back_before_hift_runs(exact, monkeypa
     monkeypatch.setattr(streaming, "release_free_memory", lambda: events.append("trim"))
     hift = exact.hift
     monkeypatch.setattr(exact, "hift", lambda mel, *args, **kw: events.append(mel.shape[2]) or hift(mel, *args, **kw))
-    stream = TokenStream(exact, next(iter(exact.speakers)), first_hop=30, generator=torch.Generator().manual_seed(0))
+    stream = TokenStream(exact, voice_of(exact, next(iter(exact.speakers))), first_hop=30, generator=torch.Generator().manual_seed(0))
     for token in torch.randint(0, 4096, (300,), generator=torch.Generator().manual_seed(1)).tolist():
         stream.push(token)
         if stream.ready():
@@ -347,7 +353,7 @@ def test_long_chunks_give_the_flows_memory_back_before_hift_runs(exact, monkeypa
 
 def test_first_join_overlaps_must_be_positive(exact):
     with pytest.raises(ValueError, match="at least 1"):
-        TokenStream(exact, next(iter(exact.speakers)), first_overlap=0)
+        TokenStream(exact, voice_of(exact, next(iter(exact.speakers))), first_overlap=0)
 
 
 def test_only_fast_mode_shortens_the_first_join():
@@ -359,7 +365,7 @@ def test_only_fast_mode_shortens_the_first_join():
 @pytest.mark.parametrize("speed", [0.25, 1.0, 4.0])
 def test_stream_length_follows_the_tempo(exact, speed):
     speaker = next(iter(exact.speakers))
-    stream = TokenStream(exact, speaker, speed=speed, first_hop=10, generator=torch.Generator().manual_seed(0))
+    stream = TokenStream(exact, voice_of(exact, speaker), speed=speed, first_hop=10, generator=torch.Generator().manual_seed(0))
     total = 0
     for token in torch.randint(0, 4096, (260,), generator=torch.Generator().manual_seed(1)).tolist():
         stream.push(token)
@@ -376,7 +382,7 @@ def test_chunks_of_several_streams_in_one_flow_batch_match_one_by_one(exact):
     def streams():
         out = []
         for i, speaker in enumerate(speakers):
-            stream = TokenStream(exact, speaker, first_hop=30, generator=torch.Generator().manual_seed(i))
+            stream = TokenStream(exact, voice_of(exact, speaker), first_hop=30, generator=torch.Generator().manual_seed(i))
             for token in tokens[i]:
                 stream.push(token)
             out.append(stream)
@@ -410,11 +416,11 @@ def scheduler(exact):
 
 def test_scheduler_seeded_request_is_reproducible_while_others_run(exact, scheduler):
     speaker = next(iter(exact.speakers))
-    alone = _collect(scheduler.submit(_segments(exact), speaker, seed=11))
+    alone = _collect(scheduler.submit(_segments(exact), voice_of(exact, speaker), seed=11))
     results = {}
 
     def run(i):
-        results[i] = _collect(scheduler.submit(_segments(exact), speaker, seed=11 if i == 0 else 100 + i))
+        results[i] = _collect(scheduler.submit(_segments(exact), voice_of(exact, speaker), seed=11 if i == 0 else 100 + i))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
     for t in threads:
@@ -429,32 +435,27 @@ def test_scheduler_streams_with_the_first_join_of_the_mode(fast):
     speaker = next(iter(fast.speakers))
     s = Scheduler(fast, first_hop=1)
     try:
-        chunks = s.submit(_segments(fast)[:1], speaker, seed=1, min_token_text_ratio=15, max_token_text_ratio=15)
+        chunks = s.submit(_segments(fast)[:1], voice_of(fast, speaker), seed=1, min_token_text_ratio=15, max_token_text_ratio=15)
         first = next(chunks)
         chunks.close()
     finally:
         s.close()
     frame = fast.flow.n_frames
     overlap, cache = fast.mode.first_overlap, fast.mode.first_cache
-    hop = TokenStream(fast, speaker, first_hop=1, first_overlap=overlap, first_cache=cache).hop
+    hop = TokenStream(fast, voice_of(fast, speaker), first_hop=1, first_overlap=overlap, first_cache=cache).hop
     assert first.size == (frame(hop + overlap) - frame(overlap) - cache) * fast.samples_per_frame
 
 
 def test_scheduler_cancel_stops_the_request(exact, scheduler):
     speaker = next(iter(exact.speakers))
     cancel = threading.Event()
-    chunks = scheduler.submit(_segments(exact) * 5, speaker, seed=1, cancel=cancel)
+    chunks = scheduler.submit(_segments(exact) * 5, voice_of(exact, speaker), seed=1, cancel=cancel)
     next(chunks)
     cancel.set()
     with pytest.raises(Cancelled):
         for _ in chunks:
             pass
     assert scheduler.wait_idle(30)
-
-
-def test_scheduler_rejects_unknown_speaker(exact, scheduler):
-    with pytest.raises(KeyError):
-        scheduler.submit(_segments(exact), "nobody")
 
 
 def test_requests_a_few_tokens_apart_share_their_flow_passes(default):
@@ -466,7 +467,7 @@ def test_requests_a_few_tokens_apart_share_their_flow_passes(default):
     fixed = dict(min_token_text_ratio=8, max_token_text_ratio=8)
 
     def run(name):
-        results[name] = _collect(s.submit(_segments(default)[:1], speaker, seed=len(name), **fixed))
+        results[name] = _collect(s.submit(_segments(default)[:1], voice_of(default, speaker), seed=len(name), **fixed))
 
     def trace(event, seconds, batch=1):
         events.append((event, batch))

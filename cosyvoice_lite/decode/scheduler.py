@@ -30,6 +30,7 @@ import torch
 from ..cancel import DONE, Cancelled, reason, results
 from ..memory import release_compute_threads, release_free_memory
 from ..model.lm_decoder import Sequence
+from ..voices import Voice
 from .streaming import TokenStream
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ SEGMENT_END = object()
 @dataclass(eq=False)
 class Request:
     segments: List[torch.Tensor]             # text tokens (1, L) per segment, in order
-    speaker: str
+    voice: Voice
     speed: float
     cancel: object                           # CancelToken, threading.Event or None
     generator: torch.Generator
@@ -89,16 +90,15 @@ class Scheduler:
         self.trace = None  # callable(event: str, seconds: float, **info) for benchmarks, or None
 
     # ---- client side -------------------------------------------------------------------------------------
-    def submit(self, segments: List, speaker: str, speed: float = 1.0, cancel: Optional[threading.Event] = None,
+    def submit(self, segments: List, voice: Voice, speed: float = 1.0, cancel: Optional[threading.Event] = None,
                seed: Optional[int] = None, segment_ends: bool = False, **sampling) -> Iterator[np.ndarray]:
         """Yield float32 waveform chunks (model sample rate) for the text-token segments, in order (and
         SEGMENT_END after each segment when `segment_ends`); raises Cancelled when `cancel` is set. Closing the
         iterator early stops the work too. The first segment streams with the first-chunk rules (short first
         hop, the mode's first join), the others with the regular ones."""
-        self.model.embedding(speaker)  # unknown speaker: fail here, in the caller's thread
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
-        request = Request([torch.as_tensor(s, dtype=torch.int64).reshape(1, -1) for s in segments], speaker,
+        request = Request([torch.as_tensor(s, dtype=torch.int64).reshape(1, -1) for s in segments], voice,
                           speed, cancel, generator, sampling, segment_ends)
         return self._results(request)
 
@@ -260,11 +260,11 @@ class Scheduler:
         text = request.segments[request.next_segment]
         first = request.next_segment == 0
         request.next_segment += 1
-        request.seq = self.model.decoder.start(text, self.model.embedding(request.speaker),
+        request.seq = self.model.decoder.start(text, _tensor(request.voice.llm_embedding),
                                                generator=request.generator, **request.sampling)
         mode = self.model.mode
         joins = {"first_overlap": mode.first_overlap, "first_cache": mode.first_cache} if first else {}
-        stream = TokenStream(self.model, request.speaker, self.n_timesteps, request.speed, request.generator,
+        stream = TokenStream(self.model, request.voice, self.n_timesteps, request.speed, request.generator,
                              first_hop=self.first_hop if first else None, stop=request.cancelled, **joins)
         request.streams.append([stream, False])
 
@@ -295,3 +295,8 @@ class Scheduler:
                 request.out.put(SEGMENT_END)
             if not request.streams and request.seq is None and request.next_segment >= len(request.segments):
                 self._finish(request)
+
+
+def _tensor(array) -> torch.Tensor:
+    """A voice's (1, D) embedding as the model reads it, or None when the voice has none (instructions)."""
+    return None if array is None else torch.from_numpy(array)

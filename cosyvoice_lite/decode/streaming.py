@@ -44,13 +44,13 @@ def crossfade(head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
 class TokenStream:
     """Collects one segment's speech tokens and turns them into waveform chunks (1, S) at the model's rate."""
 
-    def __init__(self, model, speaker: str, n_timesteps: Optional[int] = None, speed: float = 1.0,
+    def __init__(self, model, voice, n_timesteps: Optional[int] = None, speed: float = 1.0,
                  generator: Optional[torch.Generator] = None, first_hop: Optional[int] = None,
                  hop: Optional[int] = None, max_hop: Optional[int] = None, stop: Optional[Callable[[], bool]] = None,
                  first_overlap: int = TOKEN_OVERLAP, first_cache: int = HIFT_CACHE_FRAMES):
         self.model = model
         self.stop = stop  # polled between Euler steps: True = the listener is gone
-        self.embedding = model.embedding(speaker)
+        self.embedding = torch.from_numpy(voice.flow_embedding)  # (1, D)
         self.n_timesteps = n_timesteps or model.n_timesteps
         self.speed = speed
         self.generator = generator

@@ -17,6 +17,7 @@ from ..memory import configure_process, release_compute_threads, release_free_me
 from ..model import load_model
 from ..model.fingerprint import model_fingerprint
 from ..model.modes import mode_settings
+from ..voices import builtin_voices
 from .base import OUTPUT_RATE, Engine, Plan, Speaker, SynthesisError
 
 # Speech tokens in the first streamed chunk of a request besides its overlap (then 100, growing to 200). TokenStream
@@ -76,8 +77,8 @@ class CosyVoiceEngine(Engine):
         self.max_batch = max(1, max_batch)
         self.scheduler = Scheduler(self.model, max_batch=self.max_batch, first_hop=first_hop,
                                    n_timesteps=self.n_timesteps)
-        self._speakers = [Speaker(sid, *COSYVOICE_SPEAKERS.get(sid, (sid, "und")), engine=self.name)
-                          for sid in self.model.speakers]
+        self._voices = builtin_voices(self.model.speakers, COSYVOICE_SPEAKERS)
+        self._speakers = [Speaker(v.id, v.name, v.language, engine=self.name) for v in self._voices]
         if not defer_backend:
             self.prepare()
         release_compute_threads()  # synthesis runs on the scheduler's thread, not on this one
@@ -101,6 +102,9 @@ class CosyVoiceEngine(Engine):
 
     def speakers(self) -> list[Speaker]:
         return self._speakers
+
+    def voices(self):
+        return self._voices
 
     @property
     def precision(self) -> str:
@@ -159,7 +163,8 @@ class CosyVoiceEngine(Engine):
             hits = sum(pcm is not None for pcm in found)
             cache.status = "hit" if hits == len(tokens) else "partial" if hits else "miss"
         missing = [i for i, pcm in enumerate(found) if pcm is None]
-        chunks = self.scheduler.submit([tokens[i] for i in missing], speaker.id, speed=speed, cancel=cancel,
+        voice = next(v for v in self._voices if v.id == speaker.id)
+        chunks = self.scheduler.submit([tokens[i] for i in missing], voice, speed=speed, cancel=cancel,
                                        seed=seed, segment_ends=True, **sampling) if missing else None
         try:
             for i, pcm in enumerate(found):
