@@ -1,6 +1,7 @@
 """One cancellation token per request, and the one exception that says work stopped because of it.
 
-The HTTP layer creates the token (with the request's deadline and a probe for a vanished client), the scheduler
+The synthesis service creates the token (with the request's deadline and its front door's probe for a vanished
+client), the scheduler
 checks it between units of work (LLM steps, Euler steps, chunks), and whoever notices first records why.
 """
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Callable, Iterator, Optional
 
 TIMEOUT = "timeout"
 CLIENT_GONE = "client_gone"
-STOPPING = "stopping"
 CANCELLED = "cancelled"
 AUDIO_LIMIT = "audio_limit"  # the request reached MAX_AUDIO_SECONDS
 

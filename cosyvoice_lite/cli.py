@@ -24,29 +24,39 @@ def serve(args: argparse.Namespace) -> int:
 
 def say(args: argparse.Namespace) -> int:
     from . import audio
-    from .engines import StartupError, SynthesisError, load_engine
+    from .engines import StartupError, load_engine
+    from .service import ServiceError, SynthesisRequest, SynthesisService
     from .settings import Settings
+    from .voices import VoiceMapError
 
     try:
-        engine = load_engine(Settings.from_env())
-    except (StartupError, ValueError) as error:
+        settings = Settings.from_env()
+        service = SynthesisService(settings, load_engine(settings))
+    except (StartupError, VoiceMapError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    speaker = engine.resolve_speaker(args.speaker) if args.speaker else engine.speakers()[0]
-    if speaker is None:
-        known = ", ".join(f"{s.id} ({s.alias})" for s in engine.speakers())
-        print(f"error: unknown speaker {args.speaker!r}; known: {known}", file=sys.stderr)
+    voice = service.voices.find(args.speaker) if args.speaker else service.voices.default
+    if voice is None:
+        print(f"error: unknown speaker {args.speaker!r}; known: {service.voices.names_listing()}", file=sys.stderr)
         return 2
-    try:
-        chunks = list(engine.synthesize(args.text, speaker, speed=args.speed, normalize=not args.no_normalize))
-    except SynthesisError as error:
-        print(f"error: {error}", file=sys.stderr)
+    if args.format not in audio.FORMATS:
+        print(f"error: unknown format {args.format!r}; choose one of {', '.join(audio.FORMATS)}", file=sys.stderr)
+        return 2
+    request = SynthesisRequest(args.text, voice, speed=args.speed, format=args.format,
+                               normalize=not args.no_normalize, id="cli")
+    try:  # the same admission, budgets, cache and errors as an HTTP request
+        synthesis = service.start(request)
+        try:
+            chunks = list(synthesis)
+        finally:
+            synthesis.close()
+    except ServiceError as error:
+        print(f"error: {error.message}", file=sys.stderr)
         return 2
     samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-    data = audio.encode(samples, args.format)
-    Path(args.output).write_bytes(data)
-    seconds = len(samples) / audio.SAMPLE_RATE
-    print(f"wrote {args.output}: {seconds:.2f} s of audio ({engine.name}, speaker {speaker.id})")
+    Path(args.output).write_bytes(audio.encode(samples, args.format))
+    print(f"wrote {args.output}: {len(samples) / audio.SAMPLE_RATE:.2f} s of audio ({service.engine.name}, "
+          f"speaker {voice.id})")
     return 0
 
 

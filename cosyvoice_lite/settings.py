@@ -15,19 +15,6 @@ def default_cache_dir() -> str:
     return os.path.join(base, "cosyvoice-lite")
 
 
-def parse_voice_map(text: str) -> dict[str, str]:
-    """VOICE_MAP 'alloy=zh-female,echo=zh-male' as {voice name (lower case): speaker id or alias}."""
-    entries = {}
-    for item in text.split(","):
-        if not item.strip():
-            continue
-        name, sep, target = item.partition("=")
-        if not sep or not name.strip() or not target.strip():
-            raise ValueError(f"VOICE_MAP entries are name=speaker separated by commas, got {item.strip()!r}")
-        entries[name.strip().lower()] = target.strip()
-    return entries
-
-
 @dataclass
 class Settings:
     # field = default              # ENV VAR: meaning
@@ -135,6 +122,8 @@ class Settings:
         if self.log_level.lower() not in LOG_LEVELS:
             # else gunicorn stops with only "Unable to configure logger 'gunicorn.error'"
             raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        from .voices.book import parse_voice_map
+
         parse_voice_map(self.voice_map)  # raises on a malformed VOICE_MAP
 
     @property

@@ -113,12 +113,12 @@ def make_app():
         app = create_app({"engine": engine, **settings})
         apps.append(app)
         if wait:
-            assert app.extensions["cosyvoice_lite"].synth.wait_ready(60), "warm-up did not finish"
+            assert app.extensions["cosyvoice_lite"].admission.wait_ready(60), "warm-up did not finish"
         return app
 
     yield make
     for app in apps:
-        app.extensions["cosyvoice_lite"].synth.stop()
+        app.extensions["cosyvoice_lite"].close()
 
 
 @pytest.fixture

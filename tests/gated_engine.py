@@ -18,7 +18,8 @@ import os
 import time
 from pathlib import Path
 
-from cosyvoice_lite.engines import Cancelled, Engine
+from cosyvoice_lite.cancel import Cancelled
+from cosyvoice_lite.engines import Engine
 
 MAX_WAIT = 60.0
 
@@ -31,8 +32,14 @@ class GatedEngine(Engine):
         self.max_batch = inner.max_batch
         self.description = inner.description
 
-    def speakers(self):
-        return self.inner.speakers()
+    def voices(self):
+        return self.inner.voices()
+
+    def identity(self):
+        return self.inner.identity()
+
+    def plan(self, text, normalize=True):
+        return self.inner.plan(text, normalize)
 
     def unreadable(self, text):
         return self.inner.unreadable(text)
@@ -57,13 +64,13 @@ class GatedEngine(Engine):
                 raise RuntimeError("gate never opened")
             time.sleep(0.01)
 
-    def _synthesize(self, text, speaker, speed, normalize, cancel):
+    def _synthesize(self, segments, voice, speed, cancel, seed):
         mode = self._mode()
         if mode == "fail":
             raise RuntimeError("injected engine failure")
         if mode == "start":
             self._wait(cancel)
-        for i, chunk in enumerate(self.inner.synthesize(text, speaker, speed, normalize, cancel)):
+        for i, chunk in enumerate(self.inner.synthesize(segments, voice, speed, cancel, seed)):
             yield chunk
             if i == 0 and mode == "after_first":
                 self._wait(cancel)

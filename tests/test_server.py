@@ -67,7 +67,7 @@ def test_ready_is_503_until_warmup_finished(make_app, piper_engine, gate):
     error_of(response, 503)
     assert response.json["error"]["code"] == "warming_up" and response.headers["Retry-After"]
     gate.open()
-    assert app.extensions["cosyvoice_lite"].synth.ready.wait(30)
+    assert app.extensions["cosyvoice_lite"].admission.ready.wait(30)
     assert client.get("/ready").status_code == 200
 
 
@@ -199,7 +199,7 @@ def test_stream_closed_before_reading_cancels_and_logs_once(make_app, piper_engi
         response = app.test_client().post("/tts", json={"text": SENTENCES, "stream": True}, buffered=False)
         assert response.status_code == 200
         response.close()  # the client leaves before the first byte is read
-    synth = app.extensions["cosyvoice_lite"].synth
+    synth = app.extensions["cosyvoice_lite"].admission
     deadline = time.monotonic() + 5
     while synth.running and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -453,7 +453,7 @@ def test_timeout_is_504_and_frees_the_worker(make_app, piper_engine, gate):
     started = time.monotonic()
     error = error_of(client.post("/tts", json={"text": "Too slow."}), 504)
     assert error["code"] == "timeout" and time.monotonic() - started < 5
-    synth = app.extensions["cosyvoice_lite"].synth
+    synth = app.extensions["cosyvoice_lite"].admission
     deadline = time.monotonic() + 5
     while synth.running and time.monotonic() < deadline:  # the held synthesis was cancelled
         time.sleep(0.02)
@@ -465,7 +465,7 @@ def test_timeout_is_504_and_frees_the_worker(make_app, piper_engine, gate):
 def test_full_queue_is_immediate_503_with_retry_after(make_app, piper_engine, gate):
     gate.hold("start")
     app = make_app(GatedEngine(piper_engine, gate.path), queue_size=1)
-    synth = app.extensions["cosyvoice_lite"].synth
+    synth = app.extensions["cosyvoice_lite"].admission
     results = []
     threads = [threading.Thread(target=lambda: results.append(app.test_client().post("/tts", json={"text": "Hi."})))
                for _ in range(2)]

@@ -1,4 +1,5 @@
-"""The interface the service talks to: text + speaker -> float32 mono chunks at ``OUTPUT_RATE``, as they come.
+"""The interface the synthesis service talks to: planned text segments + a Voice -> float32 mono chunks at
+``OUTPUT_RATE``, as they come, with a mark after each segment's last chunk.
 
 Two engines exist: ``CosyVoiceEngine`` (engines/cosyvoice.py, the product) and ``PiperEngine`` (engines/piper.py,
 a small English fallback so that a box with no CosyVoice checkpoint still starts and speaks).
@@ -9,18 +10,24 @@ one thread of its own (``SerialExecutor``).
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..audio import SAMPLE_RATE
 from ..cancel import DONE, Cancelled, poll, reason, results
+from ..forks import PerProcess
+from ..voices import Voice
 
-OUTPUT_RATE = 24000
+OUTPUT_RATE = SAMPLE_RATE
+
+# Yielded by ``Engine.synthesize`` after the last chunk of each segment: the service cuts the audio into segments
+# with it (the audio cache stores them one by one).
+SEGMENT_END = object()
 
 
 class SynthesisError(ValueError):
@@ -28,22 +35,26 @@ class SynthesisError(ValueError):
 
 
 @dataclass(frozen=True)
-class Speaker:
-    id: str          # the model's own id, e.g. '中文女'
-    alias: str       # readable ASCII alias, e.g. 'zh-female'
-    language: str    # BCP-47-ish language tag, e.g. 'zh', 'en', 'ja', 'yue', 'ko'
-    engine: str      # 'cosyvoice' or 'piper'
+class Segment:
+    """One piece of a text that is synthesised (and cached) on its own: its text, and the engine's input for it
+    (CosyVoice: its text token ids; the offline voice reads the text itself)."""
+    text: str
+    tokens: tuple[int, ...] = ()
+
+    def key(self) -> bytes:
+        """What of the segment decides its audio, for the cache key."""
+        return np.asarray(self.tokens, dtype="<i4").tobytes() if self.tokens else self.text.encode("utf-8")
 
 
 @dataclass(frozen=True)
 class Plan:
     """What a text will cost, known before any synthesis: the engine's text units (CosyVoice: text tokens; other
-    engines: characters), bounds on the audio it can give at speed 1 (seconds), and the engine's prepared input
-    (handed back to ``synthesize`` so that the frontend does not run twice)."""
+    engines: characters), bounds on the audio it can give at speed 1 (seconds), and its segments (handed back to
+    ``synthesize`` so that the frontend does not run twice)."""
     units: int
+    segments: tuple[Segment, ...] = field(default_factory=tuple)
     min_audio_s: float = 0.0
     max_audio_s: float = float("inf")
-    data: object = None
 
 
 class SerialExecutor:
@@ -52,31 +63,26 @@ class SerialExecutor:
 
     def __init__(self, name: str):
         self.name = name
-        self._pid = None
-        self._lock = threading.Lock()
+        self._inbox = PerProcess(self._start)
 
-    def _ensure_thread(self) -> None:
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid != os.getpid():
-                self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-                threading.Thread(target=self._loop, name=self.name, daemon=True).start()
-                self._pid = os.getpid()
+    def _start(self) -> queue.SimpleQueue:
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, args=(inbox,), name=self.name, daemon=True).start()
+        return inbox
 
     def run(self, make: Callable[[], Iterator[np.ndarray]], cancel=None) -> Iterator[np.ndarray]:
-        self._ensure_thread()
         out: queue.SimpleQueue = queue.SimpleQueue()
         gone = threading.Event()
-        self._inbox.put((make, out, cancel, gone))
+        self._inbox.get().put((make, out, cancel, gone))
         try:
             yield from results(out, cancel)
         finally:
             gone.set()  # the worker drops this job at its next chunk
 
-    def _loop(self) -> None:
+    @staticmethod
+    def _loop(inbox: queue.SimpleQueue) -> None:
         while True:
-            make, out, cancel, gone = self._inbox.get()
+            make, out, cancel, gone = inbox.get()
             if gone.is_set() or (cancel is not None and cancel.is_set()):
                 out.put(Cancelled(reason(cancel)))
                 continue
@@ -91,15 +97,15 @@ class SerialExecutor:
 
 
 class Engine:
-    """Common interface. Subclasses set ``name`` and implement ``speakers`` and ``_synthesize``; ``max_batch``
-    is how many requests it works on at once (1: ``_synthesize`` runs on the engine's own serial thread)."""
+    """Common interface. Subclasses set ``name`` and implement ``voices``, ``identity`` and ``_synthesize``;
+    ``max_batch`` is how many requests it works on at once (1: ``_synthesize`` runs on the engine's own serial
+    thread)."""
 
     name = "engine"
     description = ""
+    model_id = "engine"  # the model id it answers to on OpenAI's routes
+    hint: str | None = None  # what an operator should do about this engine (shown by /speakers and /ready)
     max_batch = 1
-    caches_segments = False  # True: _synthesize takes cache= (a cache.CacheUse) and keys segments by cache_identity
-    uses_plan = False  # _synthesize accepts plan= (the Plan's data)
-    sampled = False  # _synthesize accepts seed= (engines whose random draws can be seeded; others ignore seeds)
     _executor: SerialExecutor | None = None
 
     @property
@@ -107,66 +113,52 @@ class Engine:
         """Syntheses still running or queued inside the engine (cancelled ones included until they stop)."""
         return 0
 
-    def plan(self, text: str, normalize: bool = True) -> Plan:
-        """The cost of ``text`` before synthesis; raises SynthesisError when it has nothing to speak."""
-        return Plan(units=len(text))
-
-    def speakers(self) -> list[Speaker]:
+    def voices(self) -> list[Voice]:
+        """The engine's own voices (CosyVoice: the checkpoint's speakers); the first is the default."""
         raise NotImplementedError
 
-    def resolve_speaker(self, name: str) -> Speaker | None:
-        """Find a speaker by id or alias (aliases match case-insensitively)."""
-        for speaker in self.speakers():
-            if name == speaker.id or name.strip().lower() == speaker.alias.lower():
-                return speaker
-        return None
+    def identity(self) -> str:
+        """What besides voice, tempo, position and segment decides a segment's audio: part of every cache key."""
+        raise NotImplementedError
+
+    def plan(self, text: str, normalize: bool = True) -> Plan:
+        """The cost and segments of ``text`` before synthesis; raises SynthesisError when it has nothing to speak."""
+        return Plan(units=len(text), segments=(Segment(text),))
 
     def unreadable(self, text: str) -> str | None:
         """Why this engine cannot read ``text`` at all (a message for the client), or None. Checked before the
         request queues, so that it is answered at once."""
         return None
 
-    def synthesize(self, text: str, speaker: Speaker, speed: float = 1.0, normalize: bool = True,
-                   cancel: threading.Event | None = None, cache=None, plan: Plan | None = None,
-                   seed: int | None = None) -> Iterator[np.ndarray]:
-        """Yield float32 mono chunks at OUTPUT_RATE; raise SynthesisError for text with nothing to speak and
-        Cancelled as soon as ``cancel`` (a cancel.CancelToken or a threading.Event) is set. ``cache``: the
-        request's cache.CacheUse, used by engines with ``caches_segments`` (its status says what was found).
-        ``plan``: this text's ``plan(text, normalize)`` when the caller has it already. ``seed``: the same text,
-        speaker and seed give the same audio (``sampled`` engines; such a request bypasses the audio cache)."""
-        extra = {"cache": cache} if cache is not None and self.caches_segments else {}
-        if self.uses_plan and plan is not None:
-            extra["plan"] = plan
-        if self.sampled and seed is not None:
-            extra["seed"] = seed
+    def synthesize(self, segments: Sequence[Segment], voice: Voice, speed: float = 1.0, cancel=None,
+                   seed: int | None = None) -> Iterator:
+        """Yield float32 mono chunks at OUTPUT_RATE for ``segments`` in order, SEGMENT_END after each segment's
+        last chunk; raise SynthesisError for text with nothing to speak and Cancelled as soon as ``cancel`` (a
+        cancel.CancelToken or a threading.Event) is set. ``seed``: the same segments, voice and seed give the
+        same audio. The first segment is streamed with the first-chunk rules (a short first chunk), whichever
+        segment of its request it is."""
         if self.max_batch > 1:
-            chunks = self._synthesize(text, speaker, speed, normalize, cancel, **extra)
+            chunks = self._synthesize(segments, voice, speed, cancel, seed)
         else:
             if self._executor is None:
                 self._executor = SerialExecutor(f"{self.name}-synthesis")
-            chunks = self._executor.run(lambda: self._synthesize(text, speaker, speed, normalize, cancel, **extra),
+            chunks = self._executor.run(lambda: self._synthesize(segments, voice, speed, cancel, seed),
                                         cancel)
         for chunk in chunks:
             if poll(cancel):
                 raise Cancelled(reason(cancel))
             yield chunk
 
-    def _synthesize(self, text, speaker, speed, normalize, cancel) -> Iterator[np.ndarray]:
-        raise NotImplementedError
-
-    def cache_identity(self) -> str:
-        """What besides speaker, tempo, position and text tokens decides a segment's audio (engines with
-        ``caches_segments``): part of every cache key."""
+    def _synthesize(self, segments, voice, speed, cancel, seed) -> Iterator:
         raise NotImplementedError
 
     def warmup(self) -> tuple[int, float, float]:
         """Run one short synthesis so that the first real request is not slow, then time one more: -> (text units,
         audio seconds, synthesis seconds) of that one, a first figure for the engine's speed."""
-        speaker = self.speakers()[0]
-        for _ in self.synthesize("Hello.", speaker):
+        voice = self.voices()[0]
+        for _ in self.synthesize(self.plan("Hello.").segments, voice):
             pass
-        text = "Hello, this is a test."
-        plan = self.plan(text)
+        plan = self.plan("Hello, this is a test.")
         started = time.perf_counter()
-        samples = sum(chunk.size for chunk in self.synthesize(text, speaker, plan=plan))
+        samples = sum(chunk.size for chunk in self.synthesize(plan.segments, voice) if chunk is not SEGMENT_END)
         return plan.units, samples / OUTPUT_RATE, time.perf_counter() - started

@@ -5,20 +5,19 @@ from __future__ import annotations
 import threading
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from ..audio import Resampler
 from ..backends import accelerate, describe, external_paths, runtime_plan
-from ..cache import dequantize, quantize, segment_key
-from ..decode.scheduler import SEGMENT_END, Scheduler
+from ..decode.scheduler import SEGMENT_END as SCHEDULER_SEGMENT_END
+from ..decode.scheduler import Scheduler
 from ..frontend import NothingToSpeak, TextFrontend
 from ..memory import configure_process, release_compute_threads, release_free_memory
 from ..model import load_model
 from ..model.fingerprint import model_fingerprint
 from ..model.modes import mode_settings
 from ..voices import builtin_voices
-from .base import OUTPUT_RATE, Engine, Plan, Speaker, SynthesisError
+from .base import OUTPUT_RATE, SEGMENT_END, Engine, Plan, Segment, SynthesisError
 
 # Speech tokens in the first streamed chunk of a request besides its overlap (then 100, growing to 200). TokenStream
 # raises it to the smallest hop that leaves HiFT enough frames.
@@ -43,14 +42,13 @@ class CosyVoiceEngine(Engine):
     22050 -> 24000 Hz with one continuous soxr stream per segment (no seams between chunks; a segment's audio
     does not depend on its neighbours, so the audio cache can store and serve it alone).
 
-    ``mode`` is a mode of ``cosyvoice_lite.model.modes`` ('exact', 'default', 'fast'; None -> 'default'). Concurrent ``synthesize`` calls (one per request
-    thread) go straight to one scheduler thread that decodes ``max_batch`` of them side by side, the rest wait.
+    ``mode`` is a mode of ``cosyvoice_lite.model.modes`` ('exact', 'default', 'fast'; None -> 'default').
+    Concurrent ``synthesize`` calls (one per request thread) go straight to one scheduler thread that decodes
+    ``max_batch`` of them side by side, the rest wait.
     """
 
     name = "cosyvoice"
-    caches_segments = True
-    uses_plan = True
-    sampled = True
+    model_id = "cosyvoice-300m-sft"
 
     def __init__(self, model_dir, n_timesteps: int | None = None, mode: str | None = None, max_batch: int = 4,
                  first_hop: int | None = FIRST_HOP, threads: int | None = None, backend: str = "auto",
@@ -78,7 +76,6 @@ class CosyVoiceEngine(Engine):
         self.scheduler = Scheduler(self.model, max_batch=self.max_batch, first_hop=first_hop,
                                    n_timesteps=self.n_timesteps)
         self._voices = builtin_voices(self.model.speakers, COSYVOICE_SPEAKERS)
-        self._speakers = [Speaker(v.id, v.name, v.language, engine=self.name) for v in self._voices]
         if not defer_backend:
             self.prepare()
         release_compute_threads()  # synthesis runs on the scheduler's thread, not on this one
@@ -100,9 +97,6 @@ class CosyVoiceEngine(Engine):
         self.prepare()
         return super().warmup()
 
-    def speakers(self) -> list[Speaker]:
-        return self._speakers
-
     def voices(self):
         return self._voices
 
@@ -114,9 +108,9 @@ class CosyVoiceEngine(Engine):
         chosen = ",".join(f"{name}={stage}" for name, stage in self.runtime.get("stages", {}).items())
         return f"llm={m.llm},flow={m.flow},hift={m.hift};{chosen};openvino={self.runtime.get('openvino')}"
 
-    def cache_identity(self) -> str:
+    def identity(self) -> str:
         """Model (hash of the checkpoint files, not the path), mode, precision, Euler steps and streaming rules:
-        what besides speaker, tempo, position and text tokens decides a segment's audio."""
+        what besides voice, tempo, position and text tokens decides a segment's audio."""
         if self._identity is None:
             m = self.mode
             parts = {"engine": self.name, "model": model_fingerprint(self.model_dir), "mode": m.name,
@@ -133,65 +127,34 @@ class CosyVoiceEngine(Engine):
         """Text tokens per segment, and the audio the LLM's length limits allow for them (EOS cannot come before
         min_token_text_ratio x tokens, decoding stops at max_token_text_ratio x tokens)."""
         try:
-            segments = self.frontend.segments_or_raise(text, normalize)
+            pieces = self.frontend.segments_or_raise(text, normalize)
         except NothingToSpeak as error:
             raise SynthesisError(str(error)) from None
-        tokens = [t for t in (self.frontend.tokenize(segment) for segment in segments) if len(t)]
-        if not tokens:
+        segments = tuple(Segment(piece, tuple(int(t) for t in tokens))
+                         for piece, tokens in ((p, self.frontend.tokenize(p)) for p in pieces) if len(tokens))
+        if not segments:
             raise SynthesisError("nothing to speak")
-        limits = [self.model.llm.length_limits(len(t)) for t in tokens]
+        limits = [self.model.llm.length_limits(len(s.tokens)) for s in segments]
         rate = self.model.token_rate
-        return Plan(units=sum(len(t) for t in tokens), min_audio_s=sum(lo for lo, _ in limits) / rate,
-                    max_audio_s=sum(hi for _, hi in limits) / rate, data=tokens)
+        return Plan(units=sum(len(s.tokens) for s in segments), segments=segments,
+                    min_audio_s=sum(lo for lo, _ in limits) / rate, max_audio_s=sum(hi for _, hi in limits) / rate)
 
-    def _synthesize(self, text, speaker, speed, normalize, cancel, seed: int | None = None, cache=None,
-                    plan: Plan | None = None, **sampling) -> Iterator[np.ndarray]:
+    def _synthesize(self, segments, voice, speed, cancel, seed) -> Iterator:
         self.prepare()  # a request that comes before the warm-up waits for the compiled stages
-        tokens = (plan if plan is not None else self.plan(text, normalize)).data
-        # a seeded run draws each segment from one random stream, which the cache cannot reproduce: not cached
-        store = cache.cache if cache is not None and seed is None else None
-        found = [None] * len(tokens)
-        if store is not None:
-            identity = self.cache_identity() + "".join(f";{k}={v!r}" for k, v in sorted(sampling.items()))
-
-            def key(i: int, lead: bool) -> str:
-                return segment_key(identity, speaker.id, speed, lead, tokens[i])
-
-            # The first segment a request synthesises streams with the first-chunk rules (lead). Segment 0 always
-            # is that one; a later one was if the segments before it came from the cache: either serves it.
-            found = store.lookup([[key(0, True)]] + [[key(i, False), key(i, True)] for i in range(1, len(tokens))])
-            hits = sum(pcm is not None for pcm in found)
-            cache.status = "hit" if hits == len(tokens) else "partial" if hits else "miss"
-        missing = [i for i, pcm in enumerate(found) if pcm is None]
-        voice = next(v for v in self._voices if v.id == speaker.id)
-        chunks = self.scheduler.submit([tokens[i] for i in missing], voice, speed=speed, cancel=cancel,
-                                       seed=seed, segment_ends=True, **sampling) if missing else None
+        chunks = self.scheduler.submit([list(s.tokens) for s in segments], voice, speed=speed, cancel=cancel,
+                                       seed=seed, segment_ends=True)
+        resampler = Resampler(self.model.sample_rate, OUTPUT_RATE)  # one continuous stream per segment
         try:
-            for i, pcm in enumerate(found):
-                if pcm is None:
-                    pcm = yield from self._segment(chunks, quantized=store is not None)
-                    if store is not None:
-                        store.store(key(i, i == missing[0]), pcm)
-                elif pcm.size:
-                    yield dequantize(pcm)
+            for wav in chunks:
+                if wav is SCHEDULER_SEGMENT_END:
+                    tail = resampler.flush()
+                    if tail.size:
+                        yield tail
+                    yield SEGMENT_END
+                    resampler = Resampler(self.model.sample_rate, OUTPUT_RATE)
+                    continue
+                chunk = resampler.process(wav)
+                if chunk.size:
+                    yield chunk
         finally:
-            if chunks is not None:
-                chunks.close()
-
-    def _segment(self, chunks, quantized: bool):
-        """Yield one segment's chunks from the scheduler at OUTPUT_RATE; return its int16 samples when
-        ``quantized`` (the chunks are then rounded to 16 bits, as the cache holds them)."""
-        resampler = Resampler(self.model.sample_rate, OUTPUT_RATE)
-        parts = []
-        for wav in chunks:
-            last = wav is SEGMENT_END
-            chunk = resampler.flush() if last else resampler.process(wav)
-            if quantized:
-                pcm = quantize(chunk)
-                parts.append(pcm)
-                chunk = dequantize(pcm)
-            if chunk.size:
-                yield chunk
-            if last:
-                return np.concatenate(parts) if quantized else None
-        raise RuntimeError("the scheduler ended a segment without its end mark")
+            chunks.close()

@@ -9,8 +9,6 @@ onnxruntime's thread pool does not survive a fork.
 from __future__ import annotations
 
 import json
-import os
-import threading
 import unicodedata
 from pathlib import Path
 
@@ -18,7 +16,9 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE, Resampler
 from ..cancel import Cancelled
-from .base import Engine, Speaker, SynthesisError
+from ..forks import PerProcess
+from ..voices import Voice
+from .base import SEGMENT_END, Engine, SynthesisError
 
 GET_COSYVOICE_HINT = "run `./run download` (or `.venv/bin/python scripts/download_model.py`) to get CosyVoice-300M-SFT"
 
@@ -40,6 +40,8 @@ def voice_files() -> tuple[Path, Path]:
 
 class PiperEngine(Engine):
     name = "piper"
+    model_id = "piper-en_US-joe-medium"
+    hint = f"Offline fallback voice. For CosyVoice, {GET_COSYVOICE_HINT} and restart."
     description = ("Offline English fallback voice (Piper en_US-joe-medium). "
                    f"No CosyVoice model is loaded: {GET_COSYVOICE_HINT}, then restart.")
 
@@ -53,13 +55,14 @@ class PiperEngine(Engine):
             raise RuntimeError(f"Piper voice model not found: {self.model_path}")
         self._config = json.loads(self.config_path.read_text(encoding="utf-8"))
         self.input_rate = int(self._config["audio"]["sample_rate"])
-        self._speaker = Speaker(id="en_US-joe-medium", alias="joe", language="en", engine=self.name)
-        self._voice = None
-        self._voice_pid = None
-        self._lock = threading.Lock()
+        self._voices = [Voice("en_US-joe-medium", "joe", "en", engine=self.name)]
+        self._piper = PerProcess(self._load_voice)  # ONNX sessions do not survive a fork
 
-    def speakers(self) -> list[Speaker]:
-        return [self._speaker]
+    def voices(self) -> list[Voice]:
+        return self._voices
+
+    def identity(self) -> str:
+        return f"engine={self.name};voice={self.model_path.name};rate={SAMPLE_RATE}"
 
     def unreadable(self, text: str) -> str | None:
         # espeak's English voice reads a Chinese character as "Chinese letter": refuse rather than say that.
@@ -72,20 +75,16 @@ class PiperEngine(Engine):
                 "and restart")
 
     def _load_voice(self):
-        """The PiperVoice of this process (created on first use after any fork)."""
-        with self._lock:
-            if self._voice is None or self._voice_pid != os.getpid():
-                import onnxruntime
-                from piper import PiperConfig, PiperVoice
+        """The PiperVoice of this process."""
+        import onnxruntime
+        from piper import PiperConfig, PiperVoice
 
-                options = onnxruntime.SessionOptions()
-                options.intra_op_num_threads = self.threads
-                options.inter_op_num_threads = 1
-                session = onnxruntime.InferenceSession(str(self.model_path), sess_options=options,
-                                                       providers=["CPUExecutionProvider"])
-                self._voice = PiperVoice(session=session, config=PiperConfig.from_dict(self._config))
-                self._voice_pid = os.getpid()
-            return self._voice
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(str(self.model_path), sess_options=options,
+                                               providers=["CPUExecutionProvider"])
+        return PiperVoice(session=session, config=PiperConfig.from_dict(self._config))
 
     def _pieces(self, voice, text: str) -> list[list[str]]:
         """Sentences of phonemes, long ones cut at word boundaries (or anywhere, for a giant word)."""
@@ -106,25 +105,27 @@ class PiperEngine(Engine):
                 pieces.append(phonemes)
         return pieces
 
-    def _synthesize(self, text, speaker, speed, normalize, cancel):
+    def _synthesize(self, segments, voice, speed, cancel, seed):
         from piper import SynthesisConfig
 
-        voice = self._load_voice()
-        pieces = self._pieces(voice, text)
-        if not pieces:
-            raise SynthesisError("nothing to speak: the text has no speakable words")
+        piper = self._piper.get()
         config = SynthesisConfig(length_scale=1.0 / float(speed))
-        resampler = Resampler(self.input_rate, SAMPLE_RATE)
-        for phonemes in pieces:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
-            audio = np.asarray(voice.phoneme_ids_to_audio(voice.phonemes_to_ids(phonemes), config), np.float32)
-            peak = float(np.max(np.abs(audio))) if audio.size else 0.0
-            if peak > 1e-6:
-                audio = audio * (PEAK / peak)
-            out = resampler.process(audio)
-            if out.size:
-                yield out
-        tail = resampler.flush()
-        if tail.size:
-            yield tail
+        for segment in segments:
+            pieces = self._pieces(piper, segment.text)
+            if not pieces:
+                raise SynthesisError("nothing to speak: the text has no speakable words")
+            resampler = Resampler(self.input_rate, SAMPLE_RATE)
+            for phonemes in pieces:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                audio = np.asarray(piper.phoneme_ids_to_audio(piper.phonemes_to_ids(phonemes), config), np.float32)
+                peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+                if peak > 1e-6:
+                    audio = audio * (PEAK / peak)
+                out = resampler.process(audio)
+                if out.size:
+                    yield out
+            tail = resampler.flush()
+            if tail.size:
+                yield tail
+            yield SEGMENT_END

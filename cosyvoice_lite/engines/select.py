@@ -40,7 +40,7 @@ def load_engine(settings) -> Engine:
         except Exception as e:
             raise StartupError(f"cannot load the CosyVoice model in {model_dir}: {type(e).__name__}: {e}") from e
         log.info("engine: cosyvoice, model %s, %d speakers, %d threads per worker, %d requests decoded at once",
-                 model_dir, len(engine.speakers()), settings.threads, engine.max_batch)
+                 model_dir, len(engine.voices()), settings.threads, engine.max_batch)
         return engine
 
     if wants == "auto":

@@ -54,4 +54,4 @@ def post_worker_init(worker):
     the fork from the preloaded master)."""
     service = getattr(worker.wsgi, "extensions", {}).get("cosyvoice_lite")
     if service is not None:
-        service.synth.ensure_started()
+        service.admission.ensure_started()

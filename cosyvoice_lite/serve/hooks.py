@@ -8,7 +8,8 @@ import uuid
 
 from flask import Flask, Response, g, request
 
-from .context import RequestRecord, Service, finish_request
+from ..service import SynthesisService
+from .context import RequestRecord, finish_request
 from .errors import ApiError
 from ..settings import Settings
 
@@ -16,12 +17,12 @@ PUBLIC_ENDPOINTS = {"api.health", "api.ready", "api.page", "api.favicon", "stati
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-def register_hooks(app: Flask, service: Service) -> None:
+def register_hooks(app: Flask, service: SynthesisService) -> None:
     settings = service.settings
 
     @app.before_request
     def begin():
-        service.synth.ensure_started()
+        service.admission.ensure_started()
         rid = request.headers.get("X-Request-ID", "")
         g.rec = RequestRecord(id=rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex[:16], method=request.method,
                               path=_printable(request.path), endpoint=_endpoint_label(), started=time.monotonic())
@@ -42,7 +43,7 @@ def register_hooks(app: Flask, service: Service) -> None:
         _add_cors(response, settings)
         if rec is not None:
             response.headers["X-Request-ID"] = rec.id
-            if not response.is_streamed:
+            if not response.is_streamed:  # a stream's own close writes its line (serve/routes.py)
                 finish_request(service, rec, response.status_code)
         return response
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import audio
-from .openai import VoiceTable, model_ids
+from .openai import model_ids
 from .schema import SEED_MAX, SPEED_RANGE
 
 # Every optional field may be null, meaning its default.
@@ -54,11 +54,12 @@ def _audio_responses(sse: bool = False) -> dict:
     }
 
 
-def openapi_spec(settings, engine) -> dict:
+def openapi_spec(service) -> dict:
+    settings, engine = service.settings, service.engine
     names = []
-    for s in engine.speakers():
-        names += [s.id] if s.alias == s.id else [s.id, s.alias]
-    voices = names + VoiceTable(engine, settings.voice_map).names()
+    for v in service.voices.voices:
+        names += [v.id] if v.name == v.id else [v.id, v.name]
+    voices = names + list(service.voices.mapped)
     text = {"type": "string", "minLength": 1, "maxLength": settings.max_text_chars}
     formats = list(audio.FORMATS)
     secured = [{"bearer": []}] if settings.api_key else []

@@ -2,29 +2,13 @@
 from __future__ import annotations
 
 import math
-import unicodedata
-from dataclasses import dataclass
 
 from .. import audio
-from ..engines import Speaker
-from .context import Service
+from ..service import SynthesisRequest, SynthesisService, clean_text
 from .errors import ApiError
 
 SPEED_RANGE = (0.25, 4.0)
 SEED_MAX = 2**63 - 1
-
-
-@dataclass
-class SpeechRequest:
-    text: str
-    speaker: Speaker
-    speed: float
-    fmt: str
-    stream: bool
-    normalize: bool
-    sse: bool = False  # OpenAI's stream_format "sse": the audio in speech.audio.delta events
-    cache: bool = True  # may read and write the audio cache
-    seed: int | None = None  # the same text, speaker and seed give the same audio
 
 
 def optional(body: dict, key: str, default):
@@ -44,19 +28,14 @@ def _number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def clean_text(text: str) -> str:
-    """Control characters and lone surrogates become spaces: they cannot be spoken and break codecs."""
-    return "".join(" " if unicodedata.category(ch) in ("Cc", "Cs") else ch for ch in text)
-
-
-def parse_speech_request(body: dict, service: Service, *, text_key: str, speaker_key: str, format_key: str,
-                         default_format: str, default_stream: bool = False, resolve=None,
-                         more_names: list[str] | None = None) -> SpeechRequest:
-    """``resolve`` finds a speaker by name (default: the engine's ids and aliases); ``more_names`` are the names
-    it knows besides those, listed in the error for an unknown one. Streaming by default (``default_stream``)
-    applies to the streamable formats only; the others are sent whole unless ``stream`` is asked for."""
+def parse_speech_request(body: dict, service: SynthesisService, *, text_key: str, speaker_key: str,
+                         format_key: str, default_format: str, default_stream: bool = False,
+                         mapped_names: bool = True) -> SynthesisRequest:
+    """``mapped_names``: the voice may also be one of the OpenAI voice names (VOICE_MAP). Streaming by default
+    (``default_stream``) applies to the streamable formats only; the others are sent whole unless ``stream`` is
+    asked for."""
     settings = service.settings
-    resolve = resolve or service.engine.resolve_speaker
+    voices = service.voices
     text = body.get(text_key)
     if text is None:
         raise ApiError(400, f"'{text_key}' is required", code="missing_text", param=text_key)
@@ -74,17 +53,15 @@ def parse_speech_request(body: dict, service: Service, *, text_key: str, speaker
 
     name = body.get(speaker_key)
     if name is None:
-        speaker = service.default_speaker()
+        voice = voices.default
     else:
-        speaker = resolve(name) if isinstance(name, str) else None
-        if speaker is None:
-            valid = service.engine.speakers()
-            listing = ", ".join([f"{s.id} ({s.alias})" if s.alias != s.id else s.id for s in valid]
-                                + (more_names or []))
+        voice = voices.find(name, mapped=mapped_names) if isinstance(name, str) else None
+        if voice is None:
+            listing = ", ".join([voices.names_listing()] + (list(voices.mapped) if mapped_names else []))
             problem = f"unknown {speaker_key} {repr(name)[:80]}" if isinstance(name, str) \
                 else f"'{speaker_key}' must be a string"
             raise ApiError(400, f"{problem}; choose one of: {listing}", code="unknown_speaker",
-                           param=speaker_key, valid_speakers=[{"id": s.id, "alias": s.alias} for s in valid])
+                           param=speaker_key, valid_speakers=[{"id": v.id, "alias": v.name} for v in voices.voices])
 
     speed = _number(optional(body, "speed", 1.0))
     if speed is None or not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
@@ -113,4 +90,4 @@ def parse_speech_request(body: dict, service: Service, *, text_key: str, speaker
     elif stream and fmt not in audio.STREAMABLE_FORMATS:
         raise ApiError(400, f"{fmt} cannot be streamed; stream one of {', '.join(audio.STREAMABLE_FORMATS)}",
                        code="invalid_format", param=format_key)
-    return SpeechRequest(text, speaker, speed, fmt, stream, normalize, cache=cache, seed=seed)
+    return SynthesisRequest(text, voice, speed, fmt, stream, cache=cache, seed=seed, normalize=normalize)
