@@ -158,11 +158,10 @@ def median_of(runs) -> dict:
 
 def bench_first_audio(engine) -> dict:
     """Seconds from the engine call to the first chunk (and to the second) for a two-sentence text."""
-    speaker = engine.speakers()[0]
     cancel = threading.Event()
     started = time.perf_counter()
     times, samples = [], 0
-    for chunk in engine.synthesize(STREAM_TEXT, speaker, cancel=cancel):
+    for chunk in engine.speak(STREAM_TEXT, cancel=cancel):
         times.append(time.perf_counter() - started)
         samples += chunk.size
         if len(times) == 2:
@@ -190,11 +189,11 @@ def bench_concurrency(engine, n_requests: int, text: str | None = None) -> dict:
 
     from cosyvoice_lite.engines.base import OUTPUT_RATE
 
-    speakers = {s.id: s for s in engine.speakers()}
+    voices = {v.id: v for v in engine.voices()}
 
     def one(i, out):
-        body = concurrent_request(i, list(speakers))
-        chunks = engine.synthesize(text or body["text"], speakers[body["speaker"]], seed=body["seed"])
+        body = concurrent_request(i, list(voices))
+        chunks = engine.speak(text or body["text"], voices[body["speaker"]], seed=body["seed"])
         out[i] = sum(chunk.size for chunk in chunks) / OUTPUT_RATE
 
     audio = {}
@@ -231,28 +230,34 @@ def bench_cache(engine, n_tokens: int) -> dict:
     import numpy as np
 
     from cosyvoice_lite.audio import to_pcm16
-    from cosyvoice_lite.cache import CacheUse, open_cache
+    from cosyvoice_lite.service import SynthesisRequest, SynthesisService
+    from cosyvoice_lite.settings import Settings
 
-    speaker = engine.speakers()[0]
     first, second = CACHE_TEXTS
     assert len(engine.frontend.split(f"{first} {second}")) == 2
     text_len = len(engine.frontend.tokenize(first))
-    sampling = forced(n_tokens, text_len)  # random weights never stop: n_tokens per sentence of this length
+    # random weights never stop: n_tokens per sentence of this length
+    engine.scheduler.sampling = forced(n_tokens, text_len)
     with tempfile.TemporaryDirectory() as tmp:
-        cache = open_cache("disk", tmp, 1024, 0)
+        service = SynthesisService(Settings.from_env({"cache": "disk", "cache_dir": tmp}), engine)
+        service.admission.wait_ready(600)  # its warm-up must not run inside the first timed request
 
         def run(text, use_cache=True):
-            use = CacheUse(cache if use_cache else None)
             started = time.perf_counter()
             first_chunk, chunks = None, []
-            for chunk in engine._synthesize(text, speaker, 1.0, True, None, cache=use, **sampling):
-                first_chunk = first_chunk or time.perf_counter() - started
-                chunks.append(chunk)
+            synthesis = service.start(SynthesisRequest(text, service.voices.default, cache=use_cache))
+            try:
+                for chunk in synthesis:
+                    first_chunk = first_chunk or time.perf_counter() - started
+                    chunks.append(chunk)
+            finally:
+                synthesis.close()
             took = time.perf_counter() - started
-            return use.status, took, first_chunk, to_pcm16(np.concatenate(chunks))
+            return synthesis.cache_status, took, first_chunk, to_pcm16(np.concatenate(chunks))
 
         uncached = run(f"{first} {second}", use_cache=False)
         cold, warm, partial = run(first), run(first), run(f"{first} {second}")
+    engine.scheduler.sampling = {}
     assert (uncached[0], cold[0], warm[0], partial[0]) == ("off", "miss", "hit", "partial")
     return {"cache_cold_s": cold[1], "cache_warm_s": warm[1], "cache_warm_first_chunk_s": warm[2],
             "cache_partial_s": partial[1], "cache_partial_first_chunk_s": partial[2],

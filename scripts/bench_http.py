@@ -106,7 +106,7 @@ def interleaved(port: int, model_dir: str, speakers: list[str], args) -> dict:
 
     torch.set_num_threads(args.threads)
     engine = CosyVoiceEngine(model_dir, mode=args.mode, threads=args.threads, cache_root=Settings.from_env().cache_root)
-    for _ in engine.synthesize("你好。", engine.speakers()[0]):  # warm-up, as the server's
+    for _ in engine.speak("你好。"):  # warm-up, as the server's
         pass
     rounds = {"http": [], "in_process": []}
     try:

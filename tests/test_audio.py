@@ -10,7 +10,8 @@ import pytest
 import soundfile
 
 from cosyvoice_lite import audio
-from cosyvoice_lite.engines import Cancelled, SynthesisError
+from cosyvoice_lite.cancel import Cancelled
+from cosyvoice_lite.engines import SynthesisError
 
 
 def sine(freq: float, rate: int, seconds: float = 1.0) -> np.ndarray:
@@ -96,11 +97,11 @@ def test_empty_audio_encodes_in_every_format():
 # ---- the offline voice ----------------------------------------------------------------------------------------
 
 def synth(engine, text, **kwargs):
-    return np.concatenate(list(engine.synthesize(text, engine.speakers()[0], **kwargs)))
+    return np.concatenate(list(engine.speak(text, **kwargs)))
 
 
 def test_piper_speaks_english_at_24khz(piper_engine):
-    chunks = list(piper_engine.synthesize("Good morning. How are you?", piper_engine.speakers()[0]))
+    chunks = list(piper_engine.speak("Good morning. How are you?"))
     assert len(chunks) >= 2  # one per sentence (+ resampler tail): streamable
     x = np.concatenate(chunks)
     assert x.dtype == np.float32 and 1.0 < len(x) / 24000 < 5
@@ -133,7 +134,7 @@ def test_piper_does_not_take_raw_phonemes_from_text(piper_engine):
 
 def test_piper_stops_when_cancelled(piper_engine):
     cancel = threading.Event()
-    chunks = piper_engine.synthesize("One. Two. Three. Four. Five. Six.", piper_engine.speakers()[0], cancel=cancel)
+    chunks = piper_engine.speak("One. Two. Three. Four. Five. Six.", cancel=cancel)
     next(chunks)
     cancel.set()
     with pytest.raises(Cancelled):

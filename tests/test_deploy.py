@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cosyvoice_lite.serve.metrics import Metrics
+from cosyvoice_lite.service.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"

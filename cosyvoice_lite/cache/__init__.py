@@ -13,41 +13,32 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 
 from .backends import DiskBackend, RedisBackend
 from .codec import CorruptEntry, dequantize, pack, quantize, unpack
 
-__all__ = ["AudioCache", "CacheUse", "DiskBackend", "RedisBackend", "dequantize", "open_cache", "quantize",
+__all__ = ["AudioCache", "DiskBackend", "RedisBackend", "dequantize", "open_cache", "quantize",
            "segment_key"]
 
 log = logging.getLogger("cosyvoice_lite")
 
 # Part of every key: bump it when a change of the synthesis code changes the audio that a key stands for.
-KEY_VERSION = "cvl-segment-3"  # 2: the text embedding is float32 in every mode; 3: float16 key/value cache
+# 2: the text embedding is float32 in every mode; 3: float16 key/value cache; 4: keyed by the voice's fingerprint
+KEY_VERSION = "cvl-segment-4"
 RETRY_AFTER = 5.0  # seconds a failed backend is skipped before it is tried again
 
 
-def segment_key(identity: str, speaker: str, speed: float, lead: bool, tokens: Sequence[int]) -> str:
+def segment_key(identity: str, voice: str, speed: float, lead: bool, segment: bytes) -> str:
     """sha256 of what decides a segment's audio: the engine's identity (engine, model hash, mode, precision...),
-    the speaker, the tempo, whether the segment was synthesised with the first-chunk rules of a stream (``lead``),
-    and its text token ids after normalisation."""
+    the voice's fingerprint, the tempo, whether the segment was synthesised with the first-chunk rules of a stream
+    (``lead``), and the segment itself (its text token ids after normalisation: Segment.key())."""
     h = hashlib.sha256()
-    h.update(f"{KEY_VERSION}\n{identity}\n{speaker}\n{float(speed)!r}\n{'lead' if lead else 'rest'}\n".encode())
-    h.update(np.asarray(tokens, dtype="<i4").tobytes())
+    h.update(f"{KEY_VERSION}\n{identity}\n{voice}\n{float(speed)!r}\n{'lead' if lead else 'rest'}\n".encode())
+    h.update(segment)
     return h.hexdigest()
-
-
-@dataclass
-class CacheUse:
-    """One request's use of the cache: the cache it may read and write (None: the service's cache is off or the
-    request said ``"cache": false``), and what the engine's lookups found, set before its first chunk: 'hit'
-    (every segment), 'partial', 'miss', or 'off' (no lookup made)."""
-    cache: AudioCache | None = None
-    status: str = "off"
 
 
 class AudioCache:

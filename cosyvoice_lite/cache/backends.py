@@ -3,8 +3,9 @@ Redis server shared by several machines. Backends only move bytes; faults are th
 from __future__ import annotations
 
 import os
-import threading
 from urllib.parse import urlsplit, urlunsplit
+
+from ..forks import PerProcess
 
 # Redis must answer within this many seconds or the request is synthesised instead (a slow cache must cost less
 # than the synthesis it saves).
@@ -24,25 +25,20 @@ class DiskBackend:
         self.directory = directory
         self.max_bytes = max_bytes
         self.ttl = ttl
-        self._cache = None
-        self._pid = None
-        self._lock = threading.Lock()
+        self._cache = PerProcess(self._connect)  # opened again after a fork; a failed open is retried next call
+
+    def _connect(self):
+        import diskcache
+
+        os.makedirs(self.directory, exist_ok=True)
+        # cull_limit: entries evicted per write while over the bound (diskcache's 10 would empty a small cache at
+        # once, recently used entries included; put() catches up on an overshoot)
+        return diskcache.Cache(self.directory, timeout=DISK_LOCK_TIMEOUT, size_limit=self.max_bytes, cull_limit=1,
+                               eviction_policy="least-recently-used")
 
     def _open(self):
-        """The Cache of this process (opened again after a fork; a failed open is retried at the next call)."""
-        if self._pid != os.getpid():
-            with self._lock:
-                if self._pid != os.getpid():
-                    import diskcache
-
-                    os.makedirs(self.directory, exist_ok=True)
-                    # cull_limit: entries evicted per write while over the bound (diskcache's 10 would empty a
-                    # small cache at once, recently used entries included; put() catches up on an overshoot)
-                    self._cache = diskcache.Cache(self.directory, timeout=DISK_LOCK_TIMEOUT,
-                                                  size_limit=self.max_bytes, cull_limit=1,
-                                                  eviction_policy="least-recently-used")
-                    self._pid = os.getpid()
-        return self._cache
+        """The Cache of this process."""
+        return self._cache.get()
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         cache = self._open()

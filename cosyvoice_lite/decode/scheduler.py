@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
-import os
 import queue
 import threading
 import time
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from ..cancel import DONE, Cancelled, reason, results
+from ..forks import PerProcess
 from ..memory import release_compute_threads, release_free_memory
 from ..model.lm_decoder import Sequence
 from ..voices import Voice
@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 # LLM steps a due chunk may wait for other requests to reach a chunk of the same size, so that the flow runs them
 # as one batch: requests that arrive a few tokens apart would otherwise never be due at the same step.
 JOIN_LAG = 6
-
-_START_LOCK = threading.Lock()
 
 # Yielded after the last chunk of each segment when submit(..., segment_ends=True): lets a caller cut the audio
 # into segments (the audio cache stores them one by one).
@@ -79,7 +77,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.first_hop = first_hop
         self.n_timesteps = n_timesteps or model.n_timesteps
-        self._pid = None
+        self._worker = PerProcess(self._start_worker)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._inbox: Deque[Request] = collections.deque()
@@ -88,6 +86,8 @@ class Scheduler:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self.trace = None  # callable(event: str, seconds: float, **info) for benchmarks, or None
+        # LLM overrides for every request: benchmarks on random weights (which never end a sentence) force lengths
+        self.sampling: Dict = {}
 
     # ---- client side -------------------------------------------------------------------------------------
     def submit(self, segments: List, voice: Voice, speed: float = 1.0, cancel: Optional[threading.Event] = None,
@@ -99,7 +99,7 @@ class Scheduler:
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
         request = Request([torch.as_tensor(s, dtype=torch.int64).reshape(1, -1) for s in segments], voice,
-                          speed, cancel, generator, sampling, segment_ends)
+                          speed, cancel, generator, {**self.sampling, **sampling}, segment_ends)
         return self._results(request)
 
     def _results(self, request: Request) -> Iterator[np.ndarray]:
@@ -137,20 +137,18 @@ class Scheduler:
     # ---- worker ------------------------------------------------------------------------------------------
     def _ensure_worker(self) -> None:
         """Start the worker in this process (again after a fork: threads do not survive one)."""
-        if self._pid == os.getpid():
-            return
-        with _START_LOCK:
-            if self._pid == os.getpid():
-                return
-            # fresh primitives: the ones inherited across a fork may be in any state
-            self._lock = threading.Lock()
-            self._wakeup = threading.Condition(self._lock)
-            self._inbox, self._active = collections.deque(), []
-            self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="cosyvoice-scheduler", daemon=True)
-            self._thread.start()
-            self._pid = os.getpid()
-            atexit.register(self.close)
+        self._worker.get()
+
+    def _start_worker(self) -> threading.Thread:
+        # fresh primitives: the ones inherited across a fork may be in any state
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._inbox, self._active = collections.deque(), []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="cosyvoice-scheduler", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+        return self._thread
 
     def _loop(self) -> None:
         while True:

@@ -152,13 +152,18 @@ class Engine:
     def _synthesize(self, segments, voice, speed, cancel, seed) -> Iterator:
         raise NotImplementedError
 
+    def speak(self, text: str, voice: Voice | None = None, speed: float = 1.0, cancel=None,
+              seed: int | None = None, normalize: bool = True) -> Iterator[np.ndarray]:
+        """``text`` planned and synthesised, its chunks only (no admission, no cache: tools and warm-up)."""
+        chunks = self.synthesize(self.plan(text, normalize).segments, voice or self.voices()[0], speed, cancel, seed)
+        return (chunk for chunk in chunks if chunk is not SEGMENT_END)
+
     def warmup(self) -> tuple[int, float, float]:
         """Run one short synthesis so that the first real request is not slow, then time one more: -> (text units,
         audio seconds, synthesis seconds) of that one, a first figure for the engine's speed."""
-        voice = self.voices()[0]
-        for _ in self.synthesize(self.plan("Hello.").segments, voice):
+        for _ in self.speak("Hello."):
             pass
-        plan = self.plan("Hello, this is a test.")
+        text = "Hello, this is a test."
         started = time.perf_counter()
-        samples = sum(chunk.size for chunk in self.synthesize(plan.segments, voice) if chunk is not SEGMENT_END)
-        return plan.units, samples / OUTPUT_RATE, time.perf_counter() - started
+        samples = sum(chunk.size for chunk in self.speak(text))
+        return self.plan(text).units, samples / OUTPUT_RATE, time.perf_counter() - started

@@ -13,8 +13,17 @@ from ..engines import Engine, SynthesisError
 from ..settings import Settings
 from ..voices import VoiceBook
 from .admission import Admission
-from .errors import (AudioLimit, ClientGone, EngineFailure, NothingToSpeak, OverBudget, QueueFull, ServiceError,
-                     TimedOut, Unsupported)
+from .errors import (
+    AudioLimit,
+    ClientGone,
+    EngineFailure,
+    NothingToSpeak,
+    OverBudget,
+    QueueFull,
+    ServiceError,
+    TimedOut,
+    Unsupported,
+)
 from .metrics import Metrics
 from .request import SynthesisRequest
 from .synthesis import Synthesis
