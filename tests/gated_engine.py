@@ -31,6 +31,7 @@ class GatedEngine(Engine):
         self.name = inner.name
         self.max_batch = inner.max_batch
         self.description = inner.description
+        self.model_id, self.hint = inner.model_id, inner.hint
 
     def voices(self):
         return self.inner.voices()

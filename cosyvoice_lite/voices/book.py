@@ -47,7 +47,7 @@ class VoiceBook:
         user = parse_voice_map(voice_map)
         for name in user:
             if self.own(name) is not None:
-                raise VoiceMapError(f"VOICE_MAP name {name!r} is already a voice of the {engine} engine; "
+                raise VoiceMapError(f"VOICE_MAP name {name!r} is already a speaker of the {engine} engine; "
                                     "choose another name")
         self.mapped: dict[str, Voice] = {}
         single = len(self.voices) == 1
