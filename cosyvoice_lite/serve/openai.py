@@ -25,18 +25,11 @@ def model_object(model_id: str, created: int) -> dict:
 
 
 def openai_fields(body: dict, engine: Engine) -> tuple[dict, bool]:
-    """The fields only OpenAI's request has (model, instructions, stream_format, a voice object), checked; ->
+    """The fields only OpenAI's request has (model, stream_format, a voice object), checked; ->
     (the body for parse_speech_request, whether the answer is server-sent events)."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", code="invalid_model", param="model")
-    instructions = optional(body, "instructions", "")
-    if not isinstance(instructions, str):
-        raise ApiError(400, "'instructions' must be a string", code="invalid_instructions", param="instructions")
-    if instructions.strip():
-        raise ApiError(400, f"'instructions' is not supported by this model ({engine.model_id}): its "
-                       "speakers have fixed voices; leave it out and choose a voice instead",
-                       code="unsupported_instructions", param="instructions")
     stream_format = optional(body, "stream_format", "audio")
     if stream_format not in ("audio", "sse"):
         raise ApiError(400, "'stream_format' must be 'audio' or 'sse'", code="invalid_stream_format",

@@ -9,6 +9,7 @@ from .errors import ApiError
 
 SPEED_RANGE = (0.25, 4.0)
 SEED_MAX = 2**63 - 1
+MAX_INSTRUCTIONS_CHARS = 1000
 
 
 def optional(body: dict, key: str, default):
@@ -55,7 +56,7 @@ def parse_speech_request(body: dict, service: SynthesisService, *, text_key: str
     if name is None:
         voice = voices.default
     else:
-        voice = voices.find(name, mapped=mapped_names) if isinstance(name, str) else None
+        voice = service.find_voice(name, mapped=mapped_names) if isinstance(name, str) else None
         if voice is None:
             listing = ", ".join([voices.names_listing()] + (list(voices.mapped) if mapped_names else []))
             problem = f"unknown {speaker_key} {repr(name)[:80]}" if isinstance(name, str) \
@@ -90,4 +91,11 @@ def parse_speech_request(body: dict, service: SynthesisService, *, text_key: str
     elif stream and fmt not in audio.STREAMABLE_FORMATS:
         raise ApiError(400, f"{fmt} cannot be streamed; stream one of {', '.join(audio.STREAMABLE_FORMATS)}",
                        code="invalid_format", param=format_key)
-    return SynthesisRequest(text, voice, speed, fmt, stream, cache=cache, seed=seed, normalize=normalize)
+    instructions = optional(body, "instructions", "")
+    if not isinstance(instructions, str):
+        raise ApiError(400, "'instructions' must be a string", code="invalid_instructions", param="instructions")
+    if len(instructions) > MAX_INSTRUCTIONS_CHARS:
+        raise ApiError(400, f"'instructions' has {len(instructions)} characters; the limit is "
+                       f"{MAX_INSTRUCTIONS_CHARS}", code="instructions_too_long", param="instructions")
+    return SynthesisRequest(text, voice, speed, fmt, stream, cache=cache, seed=seed, normalize=normalize,
+                            instructions=instructions)
