@@ -129,7 +129,7 @@ class LayerCache:
 
     def append_kv(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Store k, v (B, H, t, d_k) after the cached ones; return all keys and values (B, H, length, d_k), in the
-        type of k and v (the batched decoder may have left the cache in float16: lm_decoder._KVSlots)."""
+        type of k and v (the batched decoder may have left the cache in float16: decode.lm_decoder._KVSlots)."""
         n, t = self.length, k.size(2)
         self.k = self._grow(self.k, n, n + t, 2, k)
         self.v = self._grow(self.v, n, n + t, 2, v)

@@ -3,7 +3,7 @@
 A `Sequence` is one request's decoding state (KV cache, tokens so far, length limits, its own RNG). `LMDecoder.step`
 advances any number of sequences by one token:
 
-- exact mode: each sequence runs `TransformerLM.step` on its own, exactly like `TransformerLM.generate` (same
+- exact mode: each sequence runs `TransformerLM.step` on its own, exactly like the official decoding loop (same
   numerics and, with no per-request generator, the same draws from the global RNG);
 - other modes: the new frames of all sequences go through every linear layer together (one weight read per
   token step, whatever the number of sequences); only attention runs per sequence, against its own cache.
@@ -21,8 +21,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .layers import Int8Linear
-from .transformer import KVCache
+from ..model.layers import Int8Linear
+from ..model.transformer import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,13 @@ class LMDecoder:
         self.positions = PositionTable(llm.llm) if batched else None
         self._plan = None
         self._stack = None if scripted else False  # _Int8Stack, or False: the Python loop
+
+    @classmethod
+    def for_model(cls, model, **options) -> "LMDecoder":
+        """The decoder a loaded CosyVoiceSFT runs in its mode: batched steps and the KV dtype from ``model.mode``."""
+        mode = model.mode
+        return cls(model.llm, batched=mode.batched,
+                   kv_dtype=torch.float16 if mode.kv_cache == "fp16" else torch.float32, **options)
 
     @torch.inference_mode()
     def start(self, text_token: Tensor, embedding: Optional[Tensor], min_token_text_ratio: float = 2,
