@@ -245,6 +245,15 @@ def test_scripted_layer_stack_gives_the_logits_of_the_python_loop(default):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_a_float_lm_asked_to_batch_steps_each_sequence_through_the_module(exact):
+    """Only int8 layer stacks have a batched step; a float32 LM keeps the module's (official) logits."""
+    text, embedding = llm_inputs(LLM_CASES[0])
+    _, ref = LMDecoder(exact.llm, batched=False).greedy(text, embedding, 10)
+    decoder = LMDecoder(exact.llm, batched=True)
+    _, ours = decoder.greedy(text, embedding, 10)
+    assert torch.equal(ours, ref) and not decoder.batched
+
+
 def test_a_sequence_can_switch_between_batched_and_single_steps(default):
     """The batched step keeps a sequence's keys and values in buffers of its own; single-sequence steps on the same
     cache must see them, and batched steps what single ones appended (across the cache growths)."""
