@@ -18,10 +18,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
-from cosyvoice_lite.parity import TOLERANCE, Golden, frontend_checks, model_checks  # noqa: E402
+from parity import TOLERANCE, Golden, frontend_checks, model_checks  # noqa: E402
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ import torch
 from ..cancel import DONE, Cancelled, reason, results
 from ..forks import PerProcess
 from ..memory import release_compute_threads, release_free_memory
-from ..model.lm_decoder import Sequence
+from .lm_decoder import LMDecoder, Sequence
 from ..voices import Voice
 from .streaming import TokenStream
 
@@ -74,6 +74,7 @@ class Scheduler:
     def __init__(self, model, max_batch: int = 4, first_hop: Optional[int] = None,
                  n_timesteps: Optional[int] = None):
         self.model = model
+        self.decoder = LMDecoder.for_model(model)
         self.max_batch = max_batch
         self.first_hop = first_hop
         self.n_timesteps = n_timesteps or model.n_timesteps
@@ -155,7 +156,7 @@ class Scheduler:
             with self._lock:
                 self._working = False
                 if not self._inbox and not self._active and not self._stopping:
-                    self.model.decoder.release_idle()  # what a long request grew
+                    self.decoder.release_idle()  # what a long request grew
                     release_compute_threads()  # idle: another thread may run torch meanwhile (tools, benchmarks)
                 while not self._inbox and not self._active and not self._stopping:
                     self._wakeup.wait()
@@ -237,7 +238,7 @@ class Scheduler:
         if not decoding:
             return
         started = time.perf_counter()
-        tokens = self.model.decoder.step([r.seq for r in decoding])
+        tokens = self.decoder.step([r.seq for r in decoding])
         if self.trace:
             self.trace("llm", time.perf_counter() - started, batch=len(decoding))
         for request, token in zip(decoding, tokens):
@@ -258,7 +259,7 @@ class Scheduler:
         text = request.segments[request.next_segment]
         first = request.next_segment == 0
         request.next_segment += 1
-        request.seq = self.model.decoder.start(text, _tensor(request.voice.llm_embedding),
+        request.seq = self.decoder.start(text, _tensor(request.voice.llm_embedding),
                                                generator=request.generator, **request.sampling)
         mode = self.model.mode
         joins = {"first_overlap": mode.first_overlap, "first_cache": mode.first_cache} if first else {}

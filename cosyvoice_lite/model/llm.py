@@ -9,14 +9,13 @@ after torch.manual_seed(seed) yields the same tokens as the official inference.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lm_decoder import LMDecoder
 from .precision import EXACT, Precision
 from .transformer import KVCache
 
@@ -151,19 +150,3 @@ class TransformerLM(nn.Module):
                       max_token_text_ratio: float = 20) -> tuple:
         """(min_len, max_len) speech tokens for a text of text_len tokens, computed like the official."""
         return token_limit(text_len, min_token_text_ratio), token_limit(text_len, max_token_text_ratio)
-
-    @torch.inference_mode()
-    def generate(self, text_token: Tensor, embedding: Optional[Tensor], min_token_text_ratio: float = 2,
-                 max_token_text_ratio: float = 20, sampling: Optional[Dict] = None,
-                 on_logits: Optional[Callable[[int, Tensor], None]] = None) -> Iterator[int]:
-        """Yield speech token ids one by one until EOS or max_len = int(L * max_token_text_ratio) tokens.
-
-        text_token (1, L) int; embedding (1, spk_embed_dim) raw speaker vector (or None).
-        EOS cannot be drawn before min_len = int(L * min_token_text_ratio) tokens.
-        sampling overrides the yaml ras_sampling arguments (top_p, top_k, win_size, tau_r).
-        on_logits(step, raw_logits (1, V+1)) is called at every step before sampling (for tests / inspection).
-        """
-        decoder = LMDecoder(self, batched=False)
-        seq = decoder.start(text_token, embedding, min_token_text_ratio, max_token_text_ratio, sampling,
-                            on_logits=on_logits)
-        yield from decoder.tokens(seq)

@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from cosyvoice_lite.decode.reference import generate, text_to_tokens
+
 TOLERANCE = 1e-3
 # frontend.json normaliser name -> our TextFrontend `normalize` flag
 NORMALISERS = {"none": False, "wetext": True}
@@ -103,7 +105,7 @@ def _llm_stages(model, golden: Golden, case: str) -> Iterator[tuple[str, Callabl
     def speech_token():
         ratio = (N + 0.5) / L  # the official forcing: min_len = max_len = N
         torch.manual_seed(int(golden.cases[case].get("seed", 0)))
-        ours = list(llm.generate(text, embedding, min_token_text_ratio=ratio, max_token_text_ratio=ratio))
+        ours = list(generate(llm, text, embedding, min_token_text_ratio=ratio, max_token_text_ratio=ratio))
         return mismatches(ours, speech[0].tolist())
 
     yield "text_embedding_out", lambda: max_abs(llm.text_embedding(text), golden.array(case, "text_embedding_out")), TOLERANCE
@@ -170,8 +172,8 @@ def _e2e_stages(model, golden: Golden, case: str) -> Iterator[tuple[str, Callabl
         # One seeded run in the official order of random draws: LLM sampling, flow noise, HiFT source.
         if not result:
             torch.manual_seed(int(meta.get("seed", 0)))
-            result["tokens"] = list(model.text_to_tokens(text, meta["spk"], min_token_text_ratio=ratio,
-                                                         max_token_text_ratio=ratio))
+            result["tokens"] = list(text_to_tokens(model, text, meta["spk"], min_token_text_ratio=ratio,
+                                                   max_token_text_ratio=ratio))
             result["mel"] = model.tokens_to_mel(result["tokens"], meta["spk"])
             result["wav"] = model.mel_to_wav(result["mel"])
         return result
@@ -186,7 +188,7 @@ STAGES = {"llm": _llm_stages, "flow+hift": _flow_hift_stages, "e2e_sft": _e2e_st
 
 def model_checks(golden: Golden, model=None) -> Iterator[Check]:
     if model is None:
-        from .model import load_model
+        from cosyvoice_lite.model import load_model
         try:
             model = load_model(golden.root / "model")
         except Exception as error:
@@ -216,7 +218,7 @@ def frontend_checks(golden: Golden, frontend=None) -> Iterator[Check]:
         return
     data = json.loads(path.read_text(encoding="utf-8"))
     if frontend is None:
-        from .frontend import TextFrontend
+        from cosyvoice_lite.frontend import TextFrontend
         frontend = TextFrontend()
     for index, item in enumerate(data.get("items", [])):
         for normaliser, expected in item.items():
