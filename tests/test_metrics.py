@@ -1,5 +1,5 @@
-"""/metrics: the figures of several processes added up (prometheus_client's multiprocess mode, as gunicorn runs
-it)."""
+"""/metrics: every route counted under a label of its own, and the figures of several processes added up
+(prometheus_client's multiprocess mode, as gunicorn runs it)."""
 import json
 import os
 import signal
@@ -12,6 +12,39 @@ from conftest import ROOT, gunicorn, parse_metrics
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from load_test import server_pids  # noqa: E402
+
+from cosyvoice_lite.service.metrics import ENDPOINT_LABELS, OTHER, Metrics, endpoint_label  # noqa: E402
+
+
+def test_every_route_has_an_endpoint_label(piper_app):
+    routes = {rule.rule: rule.endpoint for rule in piper_app.url_map.iter_rules()}
+    assert {"/tts", "/v1/audio/speech", "/v1/models", "/v1/models/<path:model>", "/metrics"} <= set(routes)
+    unlabelled = {path for path, endpoint in routes.items() if endpoint_label(endpoint) == OTHER}
+    assert not unlabelled, f"routes counted as 'other' on /metrics: {unlabelled}; add them to ENDPOINT_LABELS"
+    assert set(ENDPOINT_LABELS.values()) | {OTHER} == set(Metrics.ENDPOINTS)
+
+
+def test_model_requests_are_counted_as_models(client):
+    assert client.get("/v1/models").status_code == 200
+    assert client.get("/v1/models/tts-1").status_code == 200
+    assert client.get("/v1/models/no-such-model").status_code == 404
+    values = parse_metrics(client.get("/metrics").data.decode())
+    assert values['cosyvoice_requests_total{code="200",endpoint="models"}'] == 2
+    assert values['cosyvoice_requests_total{code="404",endpoint="models"}'] == 1
+    assert not any('endpoint="other"' in key for key in values)
+
+
+def test_an_unknown_path_is_counted_as_other(client):
+    assert client.get("/no/such/page").status_code == 404
+    values = parse_metrics(client.get("/metrics").data.decode())
+    assert values['cosyvoice_requests_total{code="404",endpoint="other"}'] == 1
+
+
+def test_each_app_counts_from_zero(make_app, piper_engine):
+    first, second = make_app(piper_engine).test_client(), make_app(piper_engine).test_client()
+    first.get("/health")
+    values = parse_metrics(second.get("/metrics").data.decode())
+    assert 'cosyvoice_requests_total{code="200",endpoint="health"}' not in values
 
 
 # Several processes sharing one PROMETHEUS_MULTIPROC_DIR, as gunicorn's master and workers do (without a model).
