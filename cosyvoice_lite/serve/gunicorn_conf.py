@@ -5,6 +5,7 @@ workers share the weights' memory pages. Each worker is a gthread worker: every 
 to the engine's scheduler (MAX_BATCH decoded side by side, QUEUE_SIZE more waiting), spare threads keep /health,
 /ready and /metrics answering during long syntheses, and a request beyond the bound gets a 503 at once.
 """
+import atexit
 import glob
 import math
 import os
@@ -20,7 +21,7 @@ except ValueError as _error:  # a bad environment value: one clear line, no trac
     sys.stderr.write(f"cosyvoice-lite: cannot start: {_error}\n")
     sys.exit(3)
 
-_METRICS_OWNER = "COSYVOICE_METRICS_DIR_OF"  # pid of the master that made PROMETHEUS_MULTIPROC_DIR (and removes it)
+_METRICS_OWNER = "COSYVOICE_METRICS_DIR_OF"  # pid of the master that made PROMETHEUS_MULTIPROC_DIR
 
 
 def _metrics_dir() -> str:
@@ -40,7 +41,14 @@ def _metrics_dir() -> str:
     path = tempfile.mkdtemp(prefix="cosyvoice-lite-metrics-", dir=base)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     os.environ[_METRICS_OWNER] = str(os.getpid())
+    # removed when the master exits, however it exits normally (a server, --check-config, a script reading this file)
+    atexit.register(_remove_metrics_dir, path, os.getpid())
     return path
+
+
+def _remove_metrics_dir(path: str, master: int) -> None:
+    if os.getpid() == master:  # not in the forked workers, which run this process's exit handlers too
+        shutil.rmtree(path, ignore_errors=True)
 
 
 metrics_dir = _metrics_dir()
@@ -90,8 +98,3 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid, metrics_dir)
-
-
-def on_exit(server):
-    if os.environ.get(_METRICS_OWNER) == str(os.getpid()):
-        shutil.rmtree(metrics_dir, ignore_errors=True)
