@@ -267,7 +267,7 @@ def test_metrics_count_requests_audio_and_errors(client):
     response = client.get("/metrics")
     assert response.status_code == 200 and response.content_type.startswith("text/plain")
     values = parse_metrics(response.data.decode())
-    assert values['cosyvoice_requests_total{endpoint="tts",code="200"}'] >= 1
+    assert values['cosyvoice_requests_total{code="200",endpoint="tts"}'] >= 1
     assert values['cosyvoice_errors_total{code="400"}'] >= 1
     assert values["cosyvoice_audio_seconds_total"] > 0 and values["cosyvoice_synthesis_seconds_total"] > 0
     assert values["cosyvoice_queue_depth"] == 0 and values["cosyvoice_in_progress"] == 0

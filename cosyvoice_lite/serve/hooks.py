@@ -9,6 +9,7 @@ import uuid
 from flask import Flask, Response, g, request
 
 from ..service import SynthesisService
+from ..service.metrics import endpoint_label
 from .context import RequestRecord, finish_request
 from .errors import ApiError
 from ..settings import Settings
@@ -25,7 +26,8 @@ def register_hooks(app: Flask, service: SynthesisService) -> None:
         service.admission.ensure_started()
         rid = request.headers.get("X-Request-ID", "")
         g.rec = RequestRecord(id=rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex[:16], method=request.method,
-                              path=_printable(request.path), endpoint=_endpoint_label(), started=time.monotonic())
+                              path=_printable(request.path), endpoint=endpoint_label(request.endpoint),
+                              started=time.monotonic())
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
             return Response(status=204)  # CORS preflight; headers added in finish()
         if settings.api_key and (request.endpoint or "") not in PUBLIC_ENDPOINTS:
@@ -52,20 +54,6 @@ def register_hooks(app: Flask, service: SynthesisService) -> None:
 def _printable(text: str, limit: int = 200) -> str:
     """User-controlled text for a log line: no control characters (no forged log lines), bounded length."""
     return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
-
-
-def _endpoint_name() -> str:
-    """The route's name without its blueprint ('api.tts' -> 'tts'; 'static' stays 'static')."""
-    return (request.endpoint or "").rsplit(".", 1)[-1]
-
-
-def _endpoint_label() -> str:
-    endpoint = _endpoint_name()
-    return {"tts": "tts", "openai_speech": "speech", "openai_voices": "voices", "openai_models": "models",
-            "openai_model": "models", "speakers": "speakers",
-            "health": "health", "ready": "ready", "metrics": "metrics", "openapi": "openapi", "page": "page",
-            "static": "page", "favicon": "page"}.get(endpoint, "other")
-
 
 
 def _add_cors(response: Response, settings: Settings) -> None:
