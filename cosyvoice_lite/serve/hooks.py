@@ -9,12 +9,27 @@ import uuid
 from flask import Flask, Response, g, request
 
 from ..service import SynthesisService
-from ..service.metrics import endpoint_label
+from ..service.metrics import OTHER
 from .context import RequestRecord, finish_request
 from .errors import ApiError
 from ..settings import Settings
 
 PUBLIC_ENDPOINTS = {"api.health", "api.ready", "api.page", "api.favicon", "static"}  # reachable without API_KEY
+# HTTP routes (view names) -> what /metrics counts them as (service.metrics.Metrics.ENDPOINTS)
+ENDPOINT_LABELS = {
+    "tts": "tts", "openai_speech": "speech", "convert": "vc", "openai_voices": "voices", "create_voice": "voices",
+    "get_voice": "voices", "delete_voice": "voices", "openai_models": "models", "openai_model": "models",
+    "speakers": "speakers", "health": "health", "ready": "ready", "metrics": "metrics", "openapi": "openapi",
+    "page": "page", "static": "page", "favicon": "page",
+}
+
+
+def endpoint_label(endpoint: str | None) -> str:
+    """The label of a route, by its name with or without the blueprint ('api.tts' and 'tts' -> 'tts');
+    an unknown or missing route (404) -> 'other'."""
+    return ENDPOINT_LABELS.get((endpoint or "").rsplit(".", 1)[-1], OTHER)
+
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 

@@ -25,7 +25,7 @@ from gunicorn.workers import gthread
 from gunicorn.workers.gthread import ThreadWorker
 from werkzeug.exceptions import HTTPException
 
-from ..service.metrics import endpoint_label
+from .hooks import endpoint_label
 from ..settings import Settings
 
 _CODES = {400: "bad_request", 403: "forbidden", 408: "body_timeout", 414: "uri_too_long",
@@ -77,7 +77,7 @@ class JsonErrorWorker(ThreadWorker):
         self.read_timeout = settings.header_timeout + settings.body_timeout
         self.body_timeout = settings.body_timeout
         self.write_timeout = settings.write_timeout
-        self.max_body = settings.max_body_bytes
+        self.max_body = max(settings.max_body_bytes, settings.max_upload_bytes)  # the larger route bound
         self.lingering = {}  # socket -> (deadline, bytes drained)
         super().init_process()
 

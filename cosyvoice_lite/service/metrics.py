@@ -20,24 +20,13 @@ log = logging.getLogger(__name__)
 OTHER = "other"
 
 # The one table of endpoint labels: route (view function) name -> the label its requests are counted under.
-ENDPOINT_LABELS = {
-    "tts": "tts", "openai_speech": "speech", "openai_voices": "voices", "openai_models": "models",
-    "openai_model": "models", "speakers": "speakers", "health": "health", "ready": "ready", "metrics": "metrics",
-    "openapi": "openapi", "page": "page", "static": "page", "favicon": "page",
-}
-
-
-def endpoint_label(endpoint: str | None) -> str:
-    """The label of a route, by its name with or without the blueprint ('api.tts' and 'tts' -> 'tts');
-    an unknown or missing route (404) -> 'other'."""
-    return ENDPOINT_LABELS.get((endpoint or "").rsplit(".", 1)[-1], OTHER)
-
-
 class Metrics:
     """The figures of /metrics. Counters (requests, audio, cache) include those of workers that have exited;
     queue depth, in progress and workers are summed over the live workers only."""
 
-    ENDPOINTS = (*dict.fromkeys(ENDPOINT_LABELS.values()), OTHER)
+    # what a request is counted as: the front doors' endpoints (serve/hooks.py maps HTTP routes onto these)
+    ENDPOINTS = ("tts", "speech", "vc", "voices", "models", "speakers", "health", "ready", "metrics", "openapi",
+                 "page", "wyoming", OTHER)
     # Status codes outside this list are counted as code="other" (a bounded set of series).
     CODES = (200, 204, 304, 400, 401, 404, 405, 408, 413, 415, 499, 500, 503, 504)
     BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
@@ -76,6 +65,12 @@ class Metrics:
                               multiprocess_mode="livesum", registry=registry)
         self._workers = Gauge("cosyvoice_workers", "Worker processes that have served a request.",
                               multiprocess_mode="livesum", registry=registry)
+        self._voices_made = Counter("cosyvoice_voices_made_total", "Voices made from reference audio.",
+                                    registry=registry)
+        self._voice_seconds = Counter("cosyvoice_voice_making_seconds_total",
+                                      "Seconds spent making voices (features, tokenizer, speaker encoder).",
+                                      registry=registry)
+        self._voices_deleted = Counter("cosyvoice_voices_deleted_total", "Saved voices deleted.", registry=registry)
         self._cache = {name: Counter(metric, help_text, registry=registry)
                        for name, (metric, help_text) in self.CACHE_COUNTERS.items()}
         # prometheus_client chose its store at import: files shared by the processes, or this process's memory
@@ -106,6 +101,14 @@ class Metrics:
         if seconds is not None:
             self._duration.observe(seconds)
         self._workers.set(1)
+
+    def count_voice(self, event: str, seconds: float) -> None:
+        """'made' (with the seconds it took) or 'deleted'."""
+        if event == "made":
+            self._voices_made.inc()
+            self._voice_seconds.inc(seconds)
+        else:
+            self._voices_deleted.inc()
 
     def count_cache(self, name: str, amount: float) -> None:
         self._cache[name].inc(amount)
