@@ -82,6 +82,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._inbox: Deque[Request] = collections.deque()
+        self._tasks: Deque = collections.deque()  # (fn, out, cancel) to run on this thread between units
         self._active: List[Request] = []
         self._working = False
         self._stopping = False
@@ -114,6 +115,18 @@ class Scheduler:
         finally:
             request.abandoned = True  # no-op when finished; stops the worker's work otherwise
 
+    def call(self, fn, cancel=None):
+        """Run ``fn()`` on the scheduler's thread, between two units of synthesis work, and return its result (or
+        raise its error). Torch work of the service besides synthesis (making a voice) goes here, so that one pool
+        of compute threads exists: a second one on the same cores slows both by an order of magnitude."""
+        self._ensure_worker()
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            self._tasks.append((fn, out, cancel))
+            self._wakeup.notify()
+        values = list(results(out, cancel))
+        return values[0] if values else None
+
     @property
     def busy(self) -> int:
         return len(self._inbox) + len(self._active)
@@ -145,6 +158,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._inbox, self._active = collections.deque(), []
+        self._tasks: Deque = collections.deque()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="cosyvoice-scheduler", daemon=True)
         self._thread.start()
@@ -155,16 +169,19 @@ class Scheduler:
         while True:
             with self._lock:
                 self._working = False
-                if not self._inbox and not self._active and not self._stopping:
+                if not self._inbox and not self._active and not self._tasks and not self._stopping:
                     self.decoder.release_idle()  # what a long request grew
                     release_compute_threads()  # idle: another thread may run torch meanwhile (tools, benchmarks)
-                while not self._inbox and not self._active and not self._stopping:
+                while not self._inbox and not self._active and not self._tasks and not self._stopping:
                     self._wakeup.wait()
                 if self._stopping:
                     return
                 while self._inbox and len(self._active) < self.max_batch:
                     self._active.append(self._inbox.popleft())
+                task = self._tasks.popleft() if self._tasks else None
                 self._working = True
+            if task is not None:  # one task between two units of work: listeners wait for it once, not for a queue
+                self._run_task(*task)
             for request in [r for r in self._active if r.cancelled()]:
                 self._finish(request, request.error())
             if not self._active:
@@ -176,6 +193,18 @@ class Scheduler:
                 log.exception("synthesis failed")
                 for request in list(self._active):
                     self._finish(request, error)
+
+    @staticmethod
+    def _run_task(fn, out: "queue.SimpleQueue", cancel) -> None:
+        if cancel is not None and cancel.is_set():
+            out.put(Cancelled(reason(cancel)))
+            return
+        try:
+            with torch.inference_mode():
+                out.put(fn())
+            out.put(DONE)
+        except BaseException as error:  # handed to the caller
+            out.put(error)
 
     def _finish(self, request: Request, error: Optional[BaseException] = None) -> None:
         if request in self._active:

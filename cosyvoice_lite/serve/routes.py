@@ -126,7 +126,10 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
         return {"id": v.id, "alias": v.name, "language": v.language, "engine": v.engine}
 
     def engine_json() -> dict:
-        info = {"engine": engine.name, "description": engine.description}
+        offers = engine.offers
+        info = {"engine": engine.name, "description": engine.description, "model": engine.model_id,
+                "offers": {"kind": offers.kind, "speakers": offers.speakers, "cloning": offers.cloning,
+                           "instructions": offers.instructions, "conversion": offers.conversion}}
         if engine.hint:
             info["hint"] = engine.hint
         return info
