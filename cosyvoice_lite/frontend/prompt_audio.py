@@ -60,7 +60,7 @@ def load_clip(data, max_seconds: float | None = MAX_SECONDS) -> Clip:
         raise PromptAudioError(f"reference audio file not found: {source}")
     try:
         samples, sample_rate = soundfile.read(source, dtype="float32", always_2d=True)  # (n, C)
-    except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError... for bad input
+    except (RuntimeError, TypeError, ValueError, OSError) as error:  # LibsndfileError is a RuntimeError
         raise PromptAudioError(f"the reference audio could not be decoded ({error}); send WAV, FLAC or OGG") from None
     if samples.shape[1] == 0:
         raise PromptAudioError("the reference audio has no channels")
