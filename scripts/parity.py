@@ -195,25 +195,25 @@ WAV_TOLERANCE = 1e-4
 
 def _voice_frontend(golden: Golden):
     if "voice_frontend" not in golden.__dict__:
-        from .frontend.onnx_models import VoiceFrontend
+        from cosyvoice_lite.frontend.onnx_models import VoiceFrontend
         golden.voice_frontend = VoiceFrontend(golden.root / "model")
     return golden.voice_frontend
 
 
 def _text_frontend(golden: Golden):
     if "text_frontend" not in golden.__dict__:
-        from .frontend import TextFrontend
+        from cosyvoice_lite.frontend import TextFrontend
         golden.text_frontend = TextFrontend()
     return golden.text_frontend
 
 
 def _clip(golden: Golden, relative: str):
-    from .frontend.prompt_audio import load_clip
+    from cosyvoice_lite.frontend.prompt_audio import load_clip
     return load_clip((golden.root / relative).read_bytes())
 
 
 def _frontend_audio_stages(model, golden: Golden, case: str):
-    from .frontend.prompt_audio import prompt_mel, speaker_fbank, whisper_log_mel
+    from cosyvoice_lite.frontend.prompt_audio import prompt_mel, speaker_fbank, whisper_log_mel
     meta, g = golden.cases[case], lambda name: golden.array(case, name)  # noqa: E731
     frontend = _voice_frontend(golden)
     clip = _clip(golden, meta["wav"])
@@ -233,7 +233,7 @@ def _frontend_audio_stages(model, golden: Golden, case: str):
 
 def _mode_voice(golden: Golden, case: str):
     """The Voice the official model input of a case amounts to (stored arrays, no frontend)."""
-    from .voices import BUILTIN, CLONED, Voice
+    from cosyvoice_lite.voices import BUILTIN, CLONED, Voice
     meta = golden.cases[case]
     a = lambda name: golden.array(case, name) if golden.has(case, name) else None  # noqa: E731
     if meta["kind"] == "instruct":
@@ -248,7 +248,7 @@ def _mode_voice(golden: Golden, case: str):
 
 def _model_input_stages(golden: Golden, case: str):
     """Our frontend from the prompt wavs against the stored model input (tokens via the stored log-mel)."""
-    from .frontend.prompt_audio import prompt_mel, speaker_fbank, whisper_log_mel
+    from cosyvoice_lite.frontend.prompt_audio import prompt_mel, speaker_fbank, whisper_log_mel
     meta = golden.cases[case]
     frontend = _voice_frontend(golden)
     rate = int(golden.manifest.get("sample_rate", 22050))
@@ -313,8 +313,8 @@ def _mode_stages(model, golden: Golden, case: str):
                 result["tokens"] = g("source_speech_token").reshape(-1).astype(np.int64).tolist()
             else:
                 ratio = (len(tokens) + 0.5) / text.shape[1]  # the official forcing: exactly N tokens
-                result["tokens"] = list(model.text_to_tokens(text, voice, min_token_text_ratio=ratio,
-                                                             max_token_text_ratio=ratio))
+                result["tokens"] = list(text_to_tokens(model, text, voice, min_token_text_ratio=ratio,
+                                                       max_token_text_ratio=ratio))
             result["mel"] = model.tokens_to_mel(result["tokens"], voice)
             result["wav"] = model.mel_to_wav(result["mel"])
         return result

@@ -78,6 +78,20 @@ def load_clip(data, max_seconds: float | None = MAX_SECONDS) -> Clip:
     return Clip(mono, int(sample_rate))
 
 
+def clip_of(samples, sample_rate: int) -> Clip:
+    """A Clip from mono samples already decoded (float32 (n,) or (1, n), e.g. voices.clip.read_clip's), with the
+    same checks as load_clip except the length."""
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    if samples.size == 0:
+        raise PromptAudioError("the reference audio is empty")
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise PromptAudioError(f"the reference audio is sampled at {sample_rate} Hz; at least "
+                               f"{MIN_SAMPLE_RATE} Hz is needed")
+    if not np.isfinite(samples).all():
+        raise PromptAudioError("the reference audio contains NaN or infinite samples")
+    return Clip(torch.from_numpy(np.ascontiguousarray(samples)).reshape(1, -1), int(sample_rate))
+
+
 # --- resampling (torchaudio.transforms.Resample with its defaults) --------------------------------------------
 
 @lru_cache(maxsize=8)

@@ -3,7 +3,9 @@
     frontend = VoiceFrontend(model_dir)                       # the two ONNX networks, opened on first use
     voice = clone_voice(wav_bytes, frontend, transcript_tokens)   # zero-shot (with the clip's transcript tokens)
     voice = clone_voice(wav_bytes, frontend)                  # cross-lingual (no transcript)
+    voice = clone_voice(clip_of(samples, rate), frontend, ...)    # from samples already decoded
     voice = instruct_voice(builtin, instruction_tokens)       # CosyVoice-300M-Instruct
+    tokens = speech_tokens(source_bytes, frontend)            # a VC source clip's speech tokens
 
 A clone holds what the official frontend_zero_shot extracts from the clip: its 50 Hz speech tokens (tokenizer on
 the 16 kHz whisper log-mel), its speaker embedding (speaker encoder on the 16 kHz Kaldi fbank) for both the LLM and
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..frontend.prompt_audio import load_clip, prompt_mel, speaker_fbank, whisper_log_mel
+from ..frontend.prompt_audio import Clip, load_clip, prompt_mel, speaker_fbank, whisper_log_mel
 from .voice import CLONED, Voice
 
 # CosyVoice-300M-Instruct was trained with instructions ending in this literal text (not a special token).
@@ -27,10 +29,19 @@ def with_end_marker(instruction: str) -> str:
     return instruction if instruction.endswith(END_OF_INSTRUCTION) else instruction + END_OF_INSTRUCTION
 
 
+def _clip(audio) -> Clip:
+    return audio if isinstance(audio, Clip) else load_clip(audio)
+
+
+def speech_tokens(audio, frontend) -> np.ndarray:
+    """(N,) int32 50 Hz speech tokens of a clip (bytes, path, file or Clip): a voice conversion's source."""
+    return frontend.tokenizer(whisper_log_mel(_clip(audio).at(16000)).numpy())
+
+
 def clone_features(audio, frontend, sample_rate: int = 22050) -> dict:
     """The arrays of a clip a Voice is made of: speech_token (Np,) int32, embedding (1, 192) float32,
     prompt_mel (Fp, 80) float32 at `sample_rate`. Raises PromptAudioError for unusable audio."""
-    clip = load_clip(audio)
+    clip = _clip(audio)
     speech_16k = clip.at(16000)
     return {
         "speech_token": frontend.tokenizer(whisper_log_mel(speech_16k).numpy()),
@@ -41,9 +52,9 @@ def clone_features(audio, frontend, sample_rate: int = 22050) -> dict:
 
 def clone_voice(audio, frontend, transcript_tokens=(), voice_id: str | None = None, name: str | None = None,
                 language: str = "und", sample_rate: int = 22050) -> Voice:
-    """A cloned Voice from a reference clip (bytes, path or binary file) and, optionally, the text tokens of what
-    is said in it. With a transcript the LLM continues the clip (zero-shot); without one the LLM hears only the
-    speaker embedding and the flow the whole clip (cross-lingual). The id defaults to 'voice_' + a prefix of the
+    """A cloned Voice from a reference clip (bytes, path, binary file or Clip) and, optionally, the text tokens of
+    what is said in it. With a transcript the LLM continues the clip (zero-shot); without one the LLM hears only
+    the speaker embedding and the flow the whole clip (cross-lingual). The id defaults to 'voice_' + a prefix of the
     voice's fingerprint, so the same clip and transcript give the same id."""
     features = clone_features(audio, frontend, sample_rate)
     embedding = features["embedding"]
