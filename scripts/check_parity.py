@@ -3,6 +3,8 @@
 
     .venv/bin/python scripts/check_parity.py                   # the golden set in tests/golden (or $GOLDEN_DIR)
     .venv/bin/python scripts/check_parity.py GOLDEN_DIR        # any golden set in the same layout
+    .venv/bin/python scripts/check_parity.py tests/golden-modes --only model
+                          # a golden-modes set (zero-shot, cross-lingual, instruct, VC, prompt-audio frontend)
     .venv/bin/python scripts/check_parity.py --only model      # or: --only frontend
 
 Prints one line per case and stage (max-abs error, or mismatch count for exact stages), then a summary.

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Sequence:
     cache: KVCache
-    prefix: Optional[Tensor]          # (1, L+3, D) LM input before the first step; None afterwards
+    prefix: Optional[Tensor]          # (1, P, D) LM input before the first step; None afterwards
     min_len: int
     max_len: int
     sampling: Dict
@@ -123,13 +123,17 @@ class LMDecoder:
     @torch.inference_mode()
     def start(self, text_token: Tensor, embedding: Optional[Tensor], min_token_text_ratio: float = 2,
               max_token_text_ratio: float = 20, sampling: Optional[Dict] = None,
-              generator: Optional[torch.Generator] = None, on_logits=None) -> Sequence:
+              generator: Optional[torch.Generator] = None, on_logits=None, prompt_text: Optional[Tensor] = None,
+              prompt_speech: Optional[Tensor] = None) -> Sequence:
         """A new sequence for text_token (1, L) and a raw speaker embedding (1, spk_embed_dim) or None. EOS cannot
         be drawn before int(L * min_token_text_ratio) tokens; at most int(L * max_token_text_ratio) are decoded;
         ``sampling`` overrides the yaml's ras_sampling arguments; without ``generator`` draws use torch's global
-        RNG (as the official code does)."""
+        RNG (as the official code does). prompt_text (1, Lp) and prompt_speech (1, Np) tokens make the prefix a
+        prompt to continue (TransformerLM.prefix); L, for the length limits, is the target text's alone, as in
+        the official code."""
         min_len, max_len = self.llm.length_limits(text_token.size(1), min_token_text_ratio, max_token_text_ratio)
-        return Sequence(self.llm.new_cache(), self.llm.prefix(text_token, embedding), min_len, max_len,
+        prefix = self.llm.prefix(text_token, embedding, prompt_text, prompt_speech)
+        return Sequence(self.llm.new_cache(), prefix, min_len, max_len,
                         {**self.llm.sampling, **(sampling or {})}, generator, finished=max_len <= 0,
                         on_logits=on_logits)
 

@@ -9,6 +9,10 @@ All torch work happens on this one thread, so concurrent requests never fight ov
 - decoding: otherwise one LLM step advances every decoding request by one token, in one batch (the linear layers
   read their weights once for all of them; in exact mode each sequence is stepped on its own).
 
+A request speaks text segments in a Voice (a built-in speaker, a cloned or an instructed voice: the LLM and every flow
+chunk get the voice's prompt), or converts given speech tokens into a voice (voice conversion: no LLM, the source
+tokens are streamed through the flow and HiFT in the same chunks).
+
 Each request has its own torch.Generator (seeded when a seed is given), so concurrent requests do not disturb each
 other's random draws.
 """
@@ -29,6 +33,7 @@ import torch
 from ..cancel import DONE, Cancelled, reason, results
 from ..forks import PerProcess
 from ..memory import release_compute_threads, release_free_memory
+from ..model.cosyvoice import llm_conditioning
 from .lm_decoder import LMDecoder, Sequence
 from ..voices import Voice
 from .streaming import TokenStream
@@ -53,6 +58,7 @@ class Request:
     generator: torch.Generator
     sampling: Dict                           # LLM overrides (min/max_token_text_ratio, sampling)
     segment_ends: bool = False               # put SEGMENT_END after each segment's last chunk
+    conversion: bool = False                 # voice conversion: one stream of given tokens, no LLM
     out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
     submitted: float = field(default_factory=time.monotonic)
     # worker-side state
@@ -102,6 +108,26 @@ class Scheduler:
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
         request = Request([torch.as_tensor(s, dtype=torch.int64).reshape(1, -1) for s in segments], voice,
                           speed, cancel, generator, {**self.sampling, **sampling}, segment_ends)
+        return self._results(request)
+
+    def submit_conversion(self, source_tokens, voice: Voice, speed: float = 1.0,
+                          cancel: Optional[threading.Event] = None, seed: Optional[int] = None,
+                          segment_ends: bool = False) -> Iterator[np.ndarray]:
+        """Voice conversion: yield float32 waveform chunks of the speech tokens of a source clip (50 Hz, from the
+        speech tokenizer) said in `voice`, whose reference clip is the flow's prompt (a cloned voice). Streamed in
+        chunks like synthesis (first-chunk rules, then hops while enough tokens are left, then the rest); raises
+        Cancelled when `cancel` is set."""
+        if voice.prompt_mel is None or not voice.prompt_speech.size:
+            raise ValueError(f"voice conversion needs a voice with a reference clip; {voice.id!r} has none")
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
+        request = Request([], voice, speed, cancel, generator, {}, segment_ends, conversion=True)
+        mode = self.model.mode
+        stream = TokenStream(self.model, voice, self.n_timesteps, speed, generator, first_hop=self.first_hop,
+                             stop=request.cancelled, first_overlap=mode.first_overlap, first_cache=mode.first_cache)
+        for token in np.asarray(source_tokens).reshape(-1).tolist():
+            stream.push(int(token))
+        request.streams.append([stream, not stream.ready()])  # no more tokens will come: done once not ready
         return self._results(request)
 
     def _results(self, request: Request) -> Iterator[np.ndarray]:
@@ -250,14 +276,15 @@ class Scheduler:
     def _catching_up(self, key: tuple, exclude: List[Request]) -> bool:
         """Whether another request decoding its first stream is at most JOIN_LAG tokens short of a chunk of the
         same (non-final) size."""
-        final, size = key
+        final, size, prompt_frames = key
         if final:
             return False
         for r in self._active:
             if r in exclude or r.seq is None or len(r.streams) != 1:
                 continue
             stream = r.streams[0][0]
-            if stream.hop + stream.overlap == size and 0 < size - len(stream.tokens) <= JOIN_LAG:
+            if (stream.hop + stream.overlap == size and stream.prompt_frames == prompt_frames
+                    and 0 < size - len(stream.tokens) <= JOIN_LAG):
                 return True
         return False
 
@@ -288,8 +315,8 @@ class Scheduler:
         text = request.segments[request.next_segment]
         first = request.next_segment == 0
         request.next_segment += 1
-        request.seq = self.decoder.start(text, _tensor(request.voice.llm_embedding),
-                                               generator=request.generator, **request.sampling)
+        request.seq = self.decoder.start(text, **llm_conditioning(request.voice), generator=request.generator,
+                                         **request.sampling)
         mode = self.model.mode
         joins = {"first_overlap": mode.first_overlap, "first_cache": mode.first_cache} if first else {}
         stream = TokenStream(self.model, request.voice, self.n_timesteps, request.speed, request.generator,
@@ -305,9 +332,10 @@ class Scheduler:
 
     @staticmethod
     def _chunk_key(request: Request) -> tuple:
-        """(final, tokens) of the request's next chunk: chunks with equal keys can share one flow batch."""
+        """(final, tokens, prompt frames) of the request's next chunk: chunks with equal keys can share one flow
+        batch."""
         stream, llm_done = request.streams[0]
-        return llm_done, stream.next_chunk_size(final=llm_done)
+        return llm_done, stream.next_chunk_size(final=llm_done), stream.prompt_frames
 
     def _vocode(self, group: List[Request]) -> None:
         """The next chunk of each request in `group` (one request, or several with equal chunks)."""
@@ -316,6 +344,8 @@ class Scheduler:
         for request, wav in zip(group, wavs):
             if final:
                 request.streams.popleft()
+            elif request.conversion and not request.streams[0][0].ready():
+                request.streams[0][1] = True  # the rest of the source tokens is the last chunk
             if wav.numel():
                 request.audio_samples += wav.numel()
                 request.out.put(wav[0].numpy().astype(np.float32, copy=False))
@@ -324,7 +354,3 @@ class Scheduler:
             if not request.streams and request.seq is None and request.next_segment >= len(request.segments):
                 self._finish(request)
 
-
-def _tensor(array) -> torch.Tensor:
-    """A voice's (1, D) embedding as the model reads it, or None when the voice has none (instructions)."""
-    return None if array is None else torch.from_numpy(array)

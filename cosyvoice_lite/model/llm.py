@@ -109,13 +109,25 @@ class TransformerLM(nn.Module):
         embedding = F.normalize(embedding, dim=1)
         return self.spk_embed_affine_layer(embedding).unsqueeze(1)
 
-    def prefix(self, text_token: Tensor, embedding: Optional[Tensor]) -> Tensor:
-        """LM input before the first speech token: [sos, speaker, text (L), task_id] -> (1, L+3, D)."""
-        text = self.encode_text(text_token)  # (1, L, D)
-        speaker = self.embed_speaker(embedding)  # (1, 1, D)
+    def prefix(self, text_token: Tensor, embedding: Optional[Tensor], prompt_text: Optional[Tensor] = None,
+               prompt_speech: Optional[Tensor] = None) -> Tensor:
+        """LM input before the first speech token -> (1, P, D):
+        [sos, speaker (1, or 0 without embedding), text (Lp + L), task_id, prompt speech (Np)].
+
+        A prompt (zero-shot: the reference clip's transcript (1, Lp) and its speech tokens (1, Np); instruct: the
+        instruction as prompt_text) is encoded together with the text, so the causal text encoder reads the target
+        text after it; the LM then continues the prompt's speech tokens."""
+        if prompt_text is not None and prompt_text.numel():
+            text_token = torch.cat([prompt_text.reshape(1, -1).to(text_token), text_token], dim=1)
+        text = self.encode_text(text_token)  # (1, Lp + L, D)
+        speaker = self.embed_speaker(embedding)  # (1, 1 or 0, D)
         sos = self.llm_embedding.weight[self.sos].reshape(1, 1, -1)
         task_id = self.llm_embedding.weight[self.task_id].reshape(1, 1, -1)
-        return torch.cat([sos, speaker, text, task_id], dim=1)
+        if prompt_speech is not None and prompt_speech.numel():
+            speech = self.embed_tokens(prompt_speech.reshape(1, -1).long())  # (1, Np, D)
+        else:
+            speech = text.new_zeros(1, 0, text.size(2))
+        return torch.cat([sos, speaker, text, task_id, speech], dim=1)
 
     def embed_tokens(self, speech_token: Tensor) -> Tensor:
         """(1, N) speech token ids -> (1, N, D) LM input rows."""
