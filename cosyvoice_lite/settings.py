@@ -76,9 +76,10 @@ class Settings:
     # BACKEND: auto | openvino | torch - runtime of the flow estimator and HiFT (auto: OpenVINO where it is
     # installed and pays on this CPU, see backends/); torch = plain PyTorch everywhere
     backend: str = "auto"
-    # WYOMING_URI: the Wyoming (Home Assistant) server's address, tcp://HOST:PORT. Empty: gunicorn serves no
-    # Wyoming and `cosyvoice-lite wyoming` listens on tcp://0.0.0.0:10200 (tcp://127.0.0.1:10200 when API_KEY is
-    # set: Wyoming has no authentication). Set: every gunicorn worker also serves it (SO_REUSEPORT, same model).
+    # WYOMING_URI: the Wyoming (Home Assistant) server's address, tcp://HOST:PORT, or 'on' for the default
+    # address: tcp://0.0.0.0:10200, or tcp://127.0.0.1:10200 when API_KEY is set (Wyoming has no authentication).
+    # Empty: gunicorn serves no Wyoming (`cosyvoice-lite wyoming` uses the default address). Set: every gunicorn
+    # worker also serves it, over the same model (SO_REUSEPORT spreads the connections).
     wyoming_uri: str = ""
     # WYOMING_ZEROCONF: announce the Wyoming server for Home Assistant's discovery (_wyoming._tcp.local.) under
     # this name; empty = no announcement (needs `pip install zeroconf`)
@@ -172,7 +173,9 @@ class Settings:
     def wyoming_address(self, uri: str | None = None) -> tuple[str, int]:
         """(host, port) of ``uri`` (else WYOMING_URI, else the default: all interfaces, or localhost alone when
         API_KEY is set, since Wyoming cannot ask for the key)."""
-        uri = (uri or self.wyoming_uri).strip() or \
+        uri = (uri or self.wyoming_uri).strip()
+        uri = "" if uri.lower() == "on" else uri
+        uri = uri or \
             ("tcp://127.0.0.1:10200" if self.api_key else "tcp://0.0.0.0:10200")
         scheme, sep, rest = uri.partition("://")
         host, _, port = rest.rpartition(":")

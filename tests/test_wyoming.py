@@ -333,6 +333,7 @@ def test_wyoming_binds_to_localhost_when_an_api_key_is_set_unless_told_otherwise
 
     assert Settings.from_env(environ={}).wyoming_address() == ("0.0.0.0", 10200)
     assert Settings.from_env(environ={"API_KEY": "k"}).wyoming_address() == ("127.0.0.1", 10200)
+    assert Settings.from_env(environ={"API_KEY": "k", "WYOMING_URI": "on"}).wyoming_address() == ("127.0.0.1", 10200)
     told = Settings.from_env(environ={"API_KEY": "k", "WYOMING_URI": "tcp://0.0.0.0:10300"})
     assert told.wyoming_address() == ("0.0.0.0", 10300)
     with pytest.raises(ValueError, match="WYOMING_URI"):
