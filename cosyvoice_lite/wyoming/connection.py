@@ -13,6 +13,7 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -34,8 +35,8 @@ request_log = logging.getLogger("cosyvoice_lite.request")
 RATE, WIDTH, CHANNELS = audio.SAMPLE_RATE, 2, 1   # one format for every answer of a connection (HA's WAV header)
 SAMPLES_PER_CHUNK = 1024                          # as wyoming-piper sends them
 DEPTH = 2            # syntheses one connection runs at once: the sentence being sent and the next one
+MAX_OUTBOX = 32      # answers owed before the connection stops reading (a client that sends and never reads)
 DONE = object()      # a Job's last item
-_ids = itertools.count(1)
 
 
 class Refused(Exception):
@@ -51,7 +52,7 @@ class Job:
 
     def __init__(self, conn: "Connection", text: str, voice, kind: str):
         self.conn, self.text, self.voice, self.kind = conn, text, voice, kind
-        self.id = f"wy{conn.id}-{next(conn.jobs)}"
+        self.id = f"{conn.id}-{next(conn.jobs)}"
         self.items: asyncio.Queue = asyncio.Queue()  # chunks, then DONE or a ServiceError
         self.started = False
         self.gone = False            # the client left: the service's client_gone probe says so
@@ -127,10 +128,12 @@ class Connection:
         self.server, self.service, self.settings = server, server.service, server.service.settings
         self.reader, self.writer = reader, writer
         self.loop = asyncio.get_running_loop()
-        self.id = next(_ids)
+        self.id = "wy" + uuid.uuid4().hex[:8]  # unique across gunicorn workers too
         self.jobs = itertools.count(1)
         self.outbox: collections.deque = collections.deque()  # Events and Jobs, in the order they are answered
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event()       # something to send
+        self.room = asyncio.Event()       # the outbox shrank, or the sender gave up
+        self.dropped = False              # the sender gave up on the client
         self.stream: Stream | None = None
 
     # ---- reading ------------------------------------------------------------------------------------------
@@ -139,6 +142,11 @@ class Connection:
         peer = self.writer.get_extra_info("peername")
         try:
             while True:
+                while len(self.outbox) >= MAX_OUTBOX and not self.dropped:  # backpressure: read no more
+                    self.room.clear()
+                    await self.room.wait()
+                if self.dropped:
+                    break
                 # a connection that waits for nothing may stay silent for WYOMING_IDLE_TIMEOUT; one that is owed
                 # audio or has a stream open, as long as a request may last
                 busy = self.stream is not None or self.outbox
@@ -283,10 +291,19 @@ class Connection:
                     await self._write(item)
                 self.outbox.popleft()
                 self._start_jobs()
+                self.room.set()
         except (asyncio.TimeoutError, ConnectionError, OSError):
             # a client that stopped reading, or is gone: drop it, which ends the reading side too
             log.info("wyoming connection %s dropped: the client does not read", self.id)
-            self.writer.transport.abort()
+            self._drop()
+        except Exception:
+            log.exception("wyoming connection %s: sending failed", self.id)
+            self._drop()
+
+    def _drop(self) -> None:
+        self.dropped = True
+        self.room.set()
+        self.writer.transport.abort()
 
     async def _send_job(self, job: Job) -> None:
         started = False
