@@ -66,7 +66,8 @@ def server(tiny_model_dir, tmp_path_factory):
     """HTTP and Wyoming from one gunicorn worker over one SynthesisService."""
     port = free_port()
     env = {"MODEL_DIR": str(tiny_model_dir), "BACKEND": "torch", "WYOMING_URI": f"tcp://127.0.0.1:{port}",
-           "MAX_TEXT_CHARS": "600", "HEADER_TIMEOUT": "1", "BODY_TIMEOUT": "1", "MAX_BATCH": "4"}
+           "MAX_TEXT_CHARS": "600", "HEADER_TIMEOUT": "1", "BODY_TIMEOUT": "1", "MAX_BATCH": "4",
+           "WYOMING_IDLE_TIMEOUT": "2"}
     with gunicorn(tmp_path_factory.mktemp("wyoming"), env) as srv:
         srv.wyoming_port = port
         wait_for_port(port, 30)
@@ -252,6 +253,26 @@ def test_a_client_that_stalls_inside_a_frame_is_closed(server):
         return closed
 
     assert run(go()) == b""
+
+
+def test_a_silent_client_is_closed_after_the_idle_timeout_but_not_while_its_stream_is_open(server):
+    async def go():
+        silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", server.wyoming_port)
+        async with client(server) as streaming:
+            await streaming.write_event(SynthesizeStart().event())
+            started = time.monotonic()
+            closed = await asyncio.wait_for(silent_reader.read(), 10)  # WYOMING_IDLE_TIMEOUT = 2 s
+            waited = time.monotonic() - started
+            await asyncio.sleep(1)  # the stream has been silent longer than the idle timeout by now
+            await streaming.write_event(SynthesizeChunk(text="Still listening.").event())
+            await streaming.write_event(SynthesizeStop().event())
+            events = await answer(streaming, "synthesize-stopped")
+        silent_writer.close()
+        return closed, waited, events
+
+    closed, waited, events = run(go())
+    assert closed == b"" and 1 < waited < 6
+    assert types(events) == ["audio-start", "audio-chunk*", "audio-stop", "synthesize-stopped"]
 
 
 # ---- concurrency and cancellation ------------------------------------------------------------------------------
