@@ -230,10 +230,11 @@ def test_a_malformed_frame_closes_that_connection_and_no_other(server):
     assert "wyoming connection" in server.log() and "is not valid JSON" in server.log()
 
 
-def test_an_oversized_data_length_is_refused_before_any_of_it_is_read(server):
+@pytest.mark.parametrize("length", ["data_length", "payload_length"])
+def test_an_oversized_length_is_refused_before_any_of_it_is_read(server, length):
     async def go():
         reader, writer = await asyncio.open_connection("127.0.0.1", server.wyoming_port)
-        writer.write(json.dumps({"type": "synthesize", "data_length": 2**40}).encode() + b"\n")
+        writer.write(json.dumps({"type": "synthesize", length: 2**40}).encode() + b"\n")
         started = time.monotonic()
         closed = await asyncio.wait_for(reader.read(), 10)
         writer.close()
@@ -241,7 +242,7 @@ def test_an_oversized_data_length_is_refused_before_any_of_it_is_read(server):
 
     closed, seconds = run(go())
     assert closed == b"" and seconds < 5
-    assert "'data_length' 1099511627776 is over the limit" in server.log()
+    assert f"'{length}' 1099511627776 is over the limit" in server.log()
 
 
 def test_a_client_that_stalls_inside_a_frame_is_closed(server):
