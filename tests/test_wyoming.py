@@ -299,7 +299,7 @@ def test_two_clients_at_once_both_hear_their_first_audio_before_either_finishes(
 
 
 def test_a_client_that_leaves_mid_stream_stops_its_synthesis(server):
-    before = server.metric('cosyvoice_requests_total{endpoint="wyoming",code="499"}')
+    before = server.metric('cosyvoice_requests_total{code="499",endpoint="wyoming"}')
     seen = len(server.log())
 
     async def go():
@@ -311,7 +311,7 @@ def test_a_client_that_leaves_mid_stream_stops_its_synthesis(server):
         # the connection is closed here, mid-stream, without synthesize-stop
 
     run(go())
-    server.wait_for(lambda: server.metric('cosyvoice_requests_total{endpoint="wyoming",code="499"}') > before,
+    server.wait_for(lambda: server.metric('cosyvoice_requests_total{code="499",endpoint="wyoming"}') > before,
                     20, "the abandoned synthesis to be counted as client_gone")
     server.wait_for(lambda: server.metric("cosyvoice_in_progress") == 0, 20, "the engine to stop its work")
     # of the stream's 13 sentences, only the one being spoken and the next (synthesised ahead) were started,
@@ -376,6 +376,18 @@ def test_zeroconf_without_the_package_is_a_clear_error(monkeypatch):
                               engine=SimpleNamespace(name="piper", description=""))
     with pytest.raises(ZeroconfMissing, match="pip install zeroconf"):
         WyomingServer(service, "127.0.0.1", 0, zeroconf_name="kitchen")
+
+
+def test_saved_voices_are_described_by_their_id_with_their_language():
+    from cosyvoice_lite.voices import Voice
+    from cosyvoice_lite.wyoming import describe
+
+    service = SimpleNamespace(
+        engine=SimpleNamespace(name="cosyvoice", description="CosyVoice-300M"),
+        voices=SimpleNamespace(voices=[Voice("中文女", "zh-female", "zh")]),
+        saved_voices=lambda: [{"id": "voice_0123abcd", "name": "Grandma", "language": "yue"}])
+    voices = [(v.name, v.description, v.languages) for v in describe(service).tts[0].voices]
+    assert voices == [("zh-female", "中文女", ["zh"]), ("voice_0123abcd", "Grandma (saved voice)", ["yue"])]
 
 
 # ---- sentences out of deltas -----------------------------------------------------------------------------------

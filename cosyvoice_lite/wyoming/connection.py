@@ -154,7 +154,7 @@ class Connection:
                 event = await read_frame(self.reader, self.server.limits, idle)
                 if event is None:
                     break
-                self._handle(event)
+                await self._handle(event)
         except FrameError as e:
             log.warning("wyoming connection %s from %s closed: %s", self.id, peer, e)
         except asyncio.TimeoutError:
@@ -169,36 +169,38 @@ class Connection:
             await asyncio.gather(sender, return_exceptions=True)
             self.writer.close()
 
-    def _handle(self, event: Event) -> None:
+    async def _handle(self, event: Event) -> None:
         kind = event.type
         try:
-            if Describe.is_type(kind):
-                self._answer(self.server.info)
+            if Describe.is_type(kind):  # saved voices are read from their store: off the loop
+                self._answer((await asyncio.to_thread(self.server.describe)).event())
             elif Ping.is_type(kind):
                 self._answer(Pong(text=Ping.from_event(event).text).event())
             elif SynthesizeStart.is_type(kind):
-                self._stream_start(event.data)
+                await self._stream_start(event.data)
             elif SynthesizeChunk.is_type(kind):
                 self._stream_chunk(event.data)
             elif SynthesizeStop.is_type(kind):
                 self._stream_stop()
             elif Synthesize.is_type(kind):
                 if self.stream is None:  # inside a stream it repeats the whole text for older servers: ignored
-                    self._synthesize(event.data)
+                    await self._synthesize(event.data)
             else:  # HA >= 2025.8 expects unknown events to be ignored
                 log.debug("wyoming connection %s: ignored event %r", self.id, kind[:64])
         except Refused as e:
             self._answer(Error(text=e.message, code=e.code).event())
+        except ServiceError as e:  # e.g. the voice store is unavailable
+            self._answer(Error(text=e.message, code=e.code).event())
 
-    def _synthesize(self, data: dict) -> None:
-        voice = self._voice(data.get("voice"))
-        self._queue(Job(self, self._text(data.get("text")), voice, "synthesize"))
+    async def _synthesize(self, data: dict) -> None:
+        text = self._text(data.get("text"))
+        self._queue(Job(self, text, await self._voice(data.get("voice")), "synthesize"))
 
-    def _stream_start(self, data: dict) -> None:
+    async def _stream_start(self, data: dict) -> None:
         if self.stream is not None:
             return  # one stream at a time; a repeated start changes nothing
         self.stream = Stream(None)
-        self.stream.voice = self._voice(data.get("voice"))  # no voice (allowed since HA 2025.8): the default
+        self.stream.voice = await self._voice(data.get("voice"))  # no voice (allowed since HA 2025.8): default
 
     def _stream_chunk(self, data: dict) -> None:
         stream = self.stream
@@ -227,14 +229,16 @@ class Connection:
         if is_speakable(sentence):  # a lone quote or dash between sentences is not an error
             self._queue(Job(self, sentence, voice, "stream"))
 
-    def _voice(self, wanted):
+    async def _voice(self, wanted):
         """HA sends voice {name, speaker}; other clients may send a language alone. No voice: the default."""
         voices = self.service.voices
         if not isinstance(wanted, dict) or not any(wanted.get(k) for k in ("name", "speaker", "language")):
             return voices.default
         names = [n for n in (wanted.get("name"), wanted.get("speaker")) if isinstance(n, str) and n]
         for name in names:
-            voice = voices.find(name)
+            voice = voices.find(name)  # the engine's own, in memory
+            if voice is None and name.startswith("voice_"):  # a saved voice: read from its store, off the loop
+                voice = await asyncio.to_thread(self.service.find_voice, name)
             if voice is not None:
                 return voice
         language = wanted.get("language")

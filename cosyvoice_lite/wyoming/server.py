@@ -43,7 +43,6 @@ class WyomingServer:
         settings = service.settings
         self.limits = Limits.for_text(settings.max_text_chars, settings.header_timeout + settings.body_timeout,
                                       settings.wyoming_idle_timeout)
-        self.info = describe(service).event()
         if zeroconf_name and importlib.util.find_spec("zeroconf") is None:
             raise ZeroconfMissing("WYOMING_ZEROCONF needs the zeroconf package: pip install zeroconf==0.154.0")
         self.sock = listen(host, port)  # bound now, so that a taken port fails the start, not a thread later
@@ -57,6 +56,9 @@ class WyomingServer:
                  len(self.service.voices.voices))
         async with server:
             await server.serve_forever()
+
+    def describe(self) -> Info:
+        return describe(self.service)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await Connection(self, reader, writer).serve()
@@ -76,11 +78,15 @@ class WyomingServer:
 
 
 def describe(service: SynthesisService) -> Info:
-    """``info``: every voice as a TtsVoice (its readable name; its id answers too) with its language."""
+    """``info``: every voice as a TtsVoice with its language: the engine's own by readable name (their ids answer
+    too), then the saved voices by id (the name a voice was given need not be unique)."""
     engine = service.engine
     attribution = ATTRIBUTION.get(engine.name, Attribution(name=engine.name, url=""))
     voices = [TtsVoice(name=v.name, attribution=attribution, installed=True, description=v.id, version=None,
                        languages=[v.language]) for v in service.voices.voices]
+    voices += [TtsVoice(name=meta["id"], attribution=attribution, installed=True,
+                        description=f"{meta.get('name') or meta['id']} (saved voice)", version=None,
+                        languages=[meta.get("language") or "und"]) for meta in service.saved_voices()]
     return Info(tts=[TtsProgram(name="cosyvoice-lite", attribution=attribution, installed=True,
                                 description=engine.description or engine.name, version=_version(),
                                 voices=voices, supports_synthesize_streaming=True)])
