@@ -55,6 +55,7 @@ class Job:
         self.id = f"{conn.id}-{next(conn.jobs)}"
         self.items: asyncio.Queue = asyncio.Queue()  # chunks, then DONE or a ServiceError
         self.started = False
+        self.heard = False           # its first chunk (or its end) has reached the loop
         self.gone = False            # the client left: the service's client_gone probe says so
         self.synthesis = None
 
@@ -71,9 +72,15 @@ class Job:
 
     def _put(self, item) -> None:
         try:
-            self.conn.loop.call_soon_threadsafe(self.items.put_nowait, item)
+            self.conn.loop.call_soon_threadsafe(self._deliver, item)
         except RuntimeError:  # the loop is closed (the server stopped): nobody is listening
             self.cancel()
+
+    def _deliver(self, item) -> None:  # on the loop
+        self.items.put_nowait(item)
+        if not self.heard:
+            self.heard = True
+            self.conn._start_jobs()  # the next sentence may start now
 
     def _run(self) -> None:
         service, arrived = self.conn.service, time.monotonic()
@@ -274,13 +281,19 @@ class Connection:
         self.wake.set()
 
     def _start_jobs(self) -> None:
-        running = sum(1 for item in self.outbox if isinstance(item, Job) and item.started)
+        """Start the next syntheses: at most DEPTH at once, and each only once the one before it has given its first
+        audio, so that a sentence synthesised ahead never delays the first audio of the one before it."""
+        running, previous_heard = 0, True
         for item in self.outbox:
-            if running >= DEPTH:
+            if not isinstance(item, Job):
+                continue
+            if item.started:
+                running, previous_heard = running + 1, item.heard
+                continue
+            if running >= DEPTH or not previous_heard:
                 break
-            if isinstance(item, Job) and not item.started:
-                item.start()
-                running += 1
+            item.start()
+            running, previous_heard = running + 1, False
 
     async def _send_all(self) -> None:
         try:
