@@ -96,10 +96,10 @@ def main() -> int:
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             if http:
-                retry(lambda: urllib.request.urlopen(f"http://127.0.0.1:{http}/ready", timeout=2))
+                retry(lambda port=http: urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2))
                 http_synthesis(http)
             if wyoming:
-                retry(lambda: asyncio.run(wyoming_synthesis(wyoming)))
+                retry(lambda port=wyoming: asyncio.run(wyoming_synthesis(port)))
             time.sleep(1)
             figures = [memory_mb(pid) for pid in process_tree(proc.pid)]
             print(f"{name:<30}{len(figures):>10}{sum(f['Pss'] for f in figures):>8}"
