@@ -76,6 +76,16 @@ class Settings:
     # BACKEND: auto | openvino | torch - runtime of the flow estimator and HiFT (auto: OpenVINO where it is
     # installed and pays on this CPU, see backends/); torch = plain PyTorch everywhere
     backend: str = "auto"
+    # WYOMING_URI: the Wyoming (Home Assistant) server's address, tcp://HOST:PORT, or 'on' for the default
+    # address: tcp://0.0.0.0:10200, or tcp://127.0.0.1:10200 when API_KEY is set (Wyoming has no authentication).
+    # Empty: gunicorn serves no Wyoming (`cosyvoice-lite wyoming` uses the default address). Set: every gunicorn
+    # worker also serves it, over the same model (SO_REUSEPORT spreads the connections).
+    wyoming_uri: str = ""
+    # WYOMING_ZEROCONF: announce the Wyoming server for Home Assistant's discovery (_wyoming._tcp.local.) under
+    # this name; empty = no announcement (needs `pip install zeroconf`)
+    wyoming_zeroconf: str = ""
+    # WYOMING_IDLE_TIMEOUT: seconds a Wyoming connection may stay silent while it waits for nothing -> closed
+    wyoming_idle_timeout: float = 60.0
 
     ENV = {
         "model_dir": "MODEL_DIR", "engine": "ENGINE", "mode": "COSYVOICE_MODE", "host": "HOST",
@@ -89,7 +99,8 @@ class Settings:
         "write_timeout": "WRITE_TIMEOUT",
         "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY", "log_level": "LOG_LEVEL",
         "cache_dir": "CACHE_DIR", "voice_map": "VOICE_MAP", "cache": "CACHE", "cache_max_mb": "CACHE_MAX_MB",
-        "cache_ttl": "CACHE_TTL", "backend": "BACKEND",
+        "cache_ttl": "CACHE_TTL", "backend": "BACKEND", "wyoming_uri": "WYOMING_URI",
+        "wyoming_zeroconf": "WYOMING_ZEROCONF", "wyoming_idle_timeout": "WYOMING_IDLE_TIMEOUT",
     }
 
     @classmethod
@@ -133,7 +144,8 @@ class Settings:
                 raise ValueError(f"{self.ENV[name]} must be at least 1")
         if self.queue_size < 0 or self.torch_threads < 0:
             raise ValueError("QUEUE_SIZE and TORCH_THREADS must not be negative")
-        for name in ("request_timeout", "body_timeout", "header_timeout", "write_timeout", "max_audio_seconds"):
+        for name in ("request_timeout", "body_timeout", "header_timeout", "write_timeout", "max_audio_seconds",
+                     "wyoming_idle_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{self.ENV[name]} must be positive")
         if self.port > 65535:
@@ -145,6 +157,8 @@ class Settings:
         if self.log_level.lower() not in LOG_LEVELS:
             # else gunicorn stops with only "Unable to configure logger 'gunicorn.error'"
             raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.wyoming_uri:
+            self.wyoming_address()  # raises on a malformed WYOMING_URI
         from .voices.book import parse_voice_map
 
         parse_voice_map(self.voice_map)  # raises on a malformed VOICE_MAP
@@ -155,6 +169,19 @@ class Settings:
         if self.torch_threads:
             return self.torch_threads
         return max(1, (os.cpu_count() or 1) // self.workers)
+
+    def wyoming_address(self, uri: str | None = None) -> tuple[str, int]:
+        """(host, port) of ``uri`` (else WYOMING_URI, else the default: all interfaces, or localhost alone when
+        API_KEY is set, since Wyoming cannot ask for the key)."""
+        uri = (uri or self.wyoming_uri).strip()
+        uri = "" if uri.lower() == "on" else uri
+        uri = uri or \
+            ("tcp://127.0.0.1:10200" if self.api_key else "tcp://0.0.0.0:10200")
+        scheme, sep, rest = uri.partition("://")
+        host, _, port = rest.rpartition(":")
+        if scheme != "tcp" or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"WYOMING_URI must be tcp://HOST:PORT, got {uri!r}")
+        return host.strip("[]"), int(port)
 
     @property
     def cache_root(self) -> str:
