@@ -219,6 +219,8 @@ def speak(server, voice: str, stream: bool) -> bytes:
 def test_a_saved_voice_outlives_a_restart_of_gunicorn(sft_dir, tmp_path):
     env = {"MODEL_DIR": str(sft_dir), "COSYVOICE_MODE": "fast", "BACKEND": "torch", "CACHE": "off",
            "CACHE_DIR": str(tmp_path)}
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
     with gunicorn(tmp_path / "first", env, ready_timeout=180) as server:
         voice = create(server, text=EN_TEXT)
         whole, streamed = speak(server, voice, False), speak(server, voice, True)
@@ -238,6 +240,8 @@ def test_two_servers_share_saved_voices_through_redis(sft_dir, tmp_path):
     redis.start()
     try:
         env = {"MODEL_DIR": str(sft_dir), "COSYVOICE_MODE": "fast", "BACKEND": "torch", "CACHE": redis.url}
+        for name in ("one", "two"):
+            (tmp_path / name).mkdir()
         with gunicorn(tmp_path / "one", {**env, "CACHE_DIR": str(tmp_path / "c1")}, ready_timeout=180) as one, \
                 gunicorn(tmp_path / "two", {**env, "CACHE_DIR": str(tmp_path / "c2")}, ready_timeout=180) as two:
             voice = create(one, name="shared")
