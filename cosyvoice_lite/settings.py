@@ -1,9 +1,22 @@
 """Every environment variable the service reads, read here once (documented defaults below; README has the same
-table). The rest of the package takes these values as arguments."""
+table). The rest of the package takes these values as arguments.
+
+The one exception is PASS_THROUGH: variables that belong to the libraries the service runs on (or to the
+platform). They are read, or given a default, where they take effect, and are documented here and in the README."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+
+# name -> what it does and where the package reads or sets it
+PASS_THROUGH = {
+    "ONEDNN_MAX_CPU_ISA": "oneDNN's cap on its kernels' instructions (in PyTorch and OpenVINO), e.g. AVX2; "
+                          "backends/cpu.py reads it so that the precision plan follows the cap",
+    "OV_CPU_MAX_ISA": "OpenVINO's own kernels' cap; backends/ov_runtime.py sets it from ONEDNN_MAX_CPU_ISA when only "
+                      "that is set (the two must agree), backends/cpu.py reads it like ONEDNN_MAX_CPU_ISA",
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "oneDNN's compiled-kernel cache; memory.py sets 64 unless it is set",
+    "XDG_CACHE_HOME": "the base of the default CACHE_DIR (default_cache_dir below)",
+}
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -76,6 +89,12 @@ class Settings:
     # BACKEND: auto | openvino | torch - runtime of the flow estimator and HiFT (auto: OpenVINO where it is
     # installed and pays on this CPU, see backends/); torch = plain PyTorch everywhere
     backend: str = "auto"
+    # COSYVOICE_LITE_TIKTOKEN: Whisper's multilingual.tiktoken vocabulary file; empty = the copy the openai-whisper
+    # package ships (frontend/tokenizer.py)
+    tiktoken_file: str = ""
+    # COSYVOICE_LITE_WETEXT_FSTS: a directory of WeText FSTs, <lang>/tn/{tagger,verbalizer}.fst; empty = the ones the
+    # wetext package ships (frontend/wetext_tn.py)
+    wetext_fsts: str = ""
 
     ENV = {
         "model_dir": "MODEL_DIR", "engine": "ENGINE", "mode": "COSYVOICE_MODE", "host": "HOST",
@@ -90,6 +109,7 @@ class Settings:
         "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY", "log_level": "LOG_LEVEL",
         "cache_dir": "CACHE_DIR", "voice_map": "VOICE_MAP", "cache": "CACHE", "cache_max_mb": "CACHE_MAX_MB",
         "cache_ttl": "CACHE_TTL", "backend": "BACKEND",
+        "tiktoken_file": "COSYVOICE_LITE_TIKTOKEN", "wetext_fsts": "COSYVOICE_LITE_WETEXT_FSTS",
     }
 
     @classmethod
@@ -148,6 +168,11 @@ class Settings:
         from .voices.book import parse_voice_map
 
         parse_voice_map(self.voice_map)  # raises on a malformed VOICE_MAP
+        # an override that names nothing would otherwise fail only when the CosyVoice engine loads
+        if self.tiktoken_file and not os.path.isfile(self.tiktoken_file):
+            raise ValueError(f"COSYVOICE_LITE_TIKTOKEN={self.tiktoken_file} is not a file")
+        if self.wetext_fsts and not os.path.isdir(self.wetext_fsts):
+            raise ValueError(f"COSYVOICE_LITE_WETEXT_FSTS={self.wetext_fsts} is not a directory")
 
     @property
     def threads(self) -> int:
