@@ -5,6 +5,12 @@ gunicorn documents the Worker hooks, not the insides of its gthread worker; work
 requirements.txt pins the gunicorn they were read from (TESTED_GUNICORN); should another version be installed
 and one of them be renamed or removed, the server refuses to start, naming what is missing, rather than serving
 with a worker that fails at the first slow client.
+
+Why not gunicorn's supported gevent worker: it monkey-patches threading, so the engine's scheduler thread becomes a
+greenlet and a synthesis stalls the worker's whole event loop (1.5 s of torch work = a 1.5 s stall of /health and
+of every slow-client read, measured); with threads left unpatched, a request waiting on the scheduler through
+threading primitives stalls it the same way. Only hub-aware hand-offs (gevent's thread pool) avoid that, which means
+rewriting every hand-off between requests and the scheduler, and the 408 timeouts and JSON refusals stay custom.
 """
 from __future__ import annotations
 
