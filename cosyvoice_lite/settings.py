@@ -16,6 +16,10 @@ PASS_THROUGH = {
                       "that is set (the two must agree), backends/cpu.py reads it like ONEDNN_MAX_CPU_ISA",
     "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "oneDNN's compiled-kernel cache; memory.py sets 64 unless it is set",
     "XDG_CACHE_HOME": "the base of the default CACHE_DIR (default_cache_dir below)",
+    "PROMETHEUS_MULTIPROC_DIR": "prometheus_client's directory of per-process /metrics files; serve/gunicorn_conf.py "
+                                "makes a fresh one when unset (an operator's own is emptied at start)",
+    "COSYVOICE_METRICS_DIR_OF": "not a setting: the master's pid, set by serve/gunicorn_conf.py beside the "
+                                "PROMETHEUS_MULTIPROC_DIR it made, so that a configuration read again (HUP) keeps it",
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
