@@ -56,7 +56,7 @@ class CosyVoiceEngine(Engine):
     def __init__(self, model_dir, n_timesteps: int | None = None, mode: str | None = None, max_batch: int = 4,
                  first_hop: int | None = FIRST_HOP, threads: int | None = None, backend: str = "auto",
                  cache_root: str | None = None, defer_backend: bool = False, kind: str = "auto",
-                 keep_voice_models: bool = False):
+                 keep_voice_models: bool = False, tiktoken_file: str | None = None, wetext_fsts: str | None = None):
         """``defer_backend``: compile the OpenVINO stages at the first synthesis or warm-up, in the process that
         serves, not here (the service: gunicorn loads the model in its master and forks the workers, and
         OpenVINO's thread pool does not survive a fork: a worker would run the compiled stages on one core)."""
@@ -74,7 +74,8 @@ class CosyVoiceEngine(Engine):
         self._backend_lock = threading.Lock()
         self._backend_ready = False
         self.runtime = describe(self._stages)  # the plan, until the stages are compiled
-        self.frontend = TextFrontend()
+        # tiktoken_file / wetext_fsts: the frontend's data in place of what its packages ship (settings.py)
+        self.frontend = TextFrontend(fst_dir=wetext_fsts or None, vocab_path=tiktoken_file or None)
         self.n_timesteps = n_timesteps or self.mode.n_timesteps
         self.max_batch = max(1, max_batch)
         self.scheduler = Scheduler(self.model, max_batch=self.max_batch, first_hop=first_hop,
