@@ -134,6 +134,13 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
             info["hint"] = engine.hint
         return info
 
+    def upload(what: str) -> tuple[dict, bytes]:
+        fields, clip = read_upload(service.settings.body_timeout, service.settings.max_upload_bytes)
+        if clip is None:
+            raise ApiError(400, f"send the {what} audio as 'file' (multipart) or base64 in a JSON body",
+                           code="missing_audio", param="file")
+        return fields, clip
+
     @api.post("/tts")
     def tts():
         body = read_json_object(service.settings.body_timeout, service.settings.max_body_bytes)
@@ -157,10 +164,7 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
 
     @api.post("/v1/audio/voices")
     def create_voice():
-        fields, clip = read_upload(service.settings.body_timeout, service.settings.max_upload_bytes)
-        if clip is None:
-            raise ApiError(400, "send the reference audio as 'file' (multipart) or base64 in a JSON body",
-                           code="missing_audio", param="file")
+        fields, clip = upload("reference")
         try:
             made = service.create_voice(clip, fields.get("text"), fields.get("name"), request_id=g.rec.id)
         except ServiceError as e:
@@ -185,10 +189,7 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
 
     @api.post("/vc")
     def convert():
-        fields, clip = read_upload(service.settings.body_timeout, service.settings.max_upload_bytes)
-        if clip is None:
-            raise ApiError(400, "send the source audio as 'file' (multipart) or base64 in a JSON body",
-                           code="missing_audio", param="file")
+        fields, clip = upload("source")
         name = fields.get("voice")
         voice = voices.default if name is None else service.find_voice(name)
         if voice is None:
