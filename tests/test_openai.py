@@ -373,8 +373,8 @@ def test_openapi_describes_the_openai_routes(client):
     spec = client.get("/openapi.json").json
     assert {"/v1/models", "/v1/models/{model}", "/v1/audio/voices", "/v1/audio/speech"} <= set(spec["paths"])
     speech = spec["components"]["schemas"]["SpeechRequest"]["properties"]
-    assert speech["stream"]["default"] is True and speech["stream_format"]["enum"] == ["audio", "sse"]
-    assert speech["voice"]["enum"][:3] == ["en_US-joe-medium", "joe", "alloy"]
-    assert all(field.get("nullable") for name, field in speech.items() if name != "input")
+    assert speech["stream"]["default"] is True and speech["stream_format"]["anyOf"][0]["enum"] == ["audio", "sse"]
+    assert speech["voice"]["anyOf"][0]["enum"][:3] == ["en_US-joe-medium", "joe", "alloy"]
+    assert all({"type": "null"} in field["anyOf"] for name, field in speech.items() if name != "input")
     assert "text/event-stream" in spec["paths"]["/v1/audio/speech"]["post"]["responses"]["200"]["content"]
 

@@ -278,3 +278,78 @@ def _api_error(error: dict, body: dict, service, roles: dict) -> ApiError:
         return ApiError(400, "'stream_format' must be 'audio' or 'sse'", code="invalid_stream_format", param=key)
     return ApiError(400, f"'{key}' must be a string", code=f"invalid_{key}", param=key)  # model, instructions
 
+
+# ---- the JSON answers (documented in /openapi.json; checked against the real answers by the schemathesis test) --
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. max_chars, valid_speakers, engine
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class Error(BaseModel):
+    """Every error answer (the OpenAI shape)."""
+    error: ErrorDetail
+
+
+class SpeakerInfo(BaseModel):
+    id: str
+    alias: str
+    language: str
+    engine: str
+
+
+class Speakers(BaseModel):
+    engine: str
+    description: str
+    hint: str | None = Field(None, description="the offline voice: how to get CosyVoice")
+    default: str
+    speakers: list[SpeakerInfo]
+
+
+class VoiceInfo(BaseModel):
+    id: str
+    name: str
+    language: str
+    speaker: str = Field(description="the speaker's alias")
+
+
+class Voices(BaseModel):
+    voices: list[VoiceInfo]
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int = Field(description="when this service loaded its engine (Unix seconds)")
+    owned_by: str
+
+
+class Models(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Status(BaseModel):
+    model_config = ConfigDict(extra="allow")  # /ready adds the runtime, queue and cache
+    status: str
+    engine: str
+
+
+class SpeechAudioDeltaEvent(BaseModel):
+    type: Literal["speech.audio.delta"]
+    audio: str = Field(description="base64: the next bytes of the file", json_schema_extra={"format": "byte"})
+
+
+class Usage(BaseModel):
+    """No tokens are billed: input_tokens counts the input's characters."""
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class SpeechAudioDoneEvent(BaseModel):
+    type: Literal["speech.audio.done"]
+    usage: Usage
