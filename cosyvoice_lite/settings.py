@@ -15,12 +15,29 @@ def default_cache_dir() -> str:
     return os.path.join(base, "cosyvoice-lite")
 
 
+def _boolean(raw: str) -> bool:
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    try:
+        return value[raw.lower()]
+    except KeyError:
+        raise ValueError(raw) from None
+
+
 @dataclass
 class Settings:
     # field = default              # ENV VAR: meaning
     model_dir: str = "models/CosyVoice-300M-SFT"  # MODEL_DIR: CosyVoice model directory; empty/missing -> Piper
     engine: str = "auto"            # ENGINE: auto | cosyvoice | piper
     mode: str = "default"           # COSYVOICE_MODE: exact | default | fast (model/modes.py)
+    # MODEL_KIND: auto | base | sft | instruct - what the CosyVoice-300M directory is, hence what it offers (auto:
+    # no spk2info.pt -> base; 'instruct' in the directory's name -> instruct; else sft)
+    model_kind: str = "auto"
+    max_voices: int = 100           # MAX_VOICES: saved voices a server keeps; more -> 409
+    # MAX_UPLOAD_BYTES: largest reference or source clip (multipart or base64 JSON body); larger -> 413
+    max_upload_bytes: int = 8388608
+    # KEEP_VOICE_MODELS: keep the speech tokenizer and speaker encoder loaded between voices (faster to make the
+    # next one, ~hundreds of MB held); default: loaded for each voice and released after
+    keep_voice_models: bool = False
     workers: int = 1                # WORKERS: gunicorn worker processes (each holds the model once)
     torch_threads: int = 0          # TORCH_THREADS: CPU threads per worker; 0 = cores / WORKERS
     max_text_chars: int = 4096      # MAX_TEXT_CHARS: longer text -> 413
@@ -62,6 +79,8 @@ class Settings:
 
     ENV = {
         "model_dir": "MODEL_DIR", "engine": "ENGINE", "mode": "COSYVOICE_MODE", "host": "HOST",
+        "model_kind": "MODEL_KIND", "max_voices": "MAX_VOICES", "max_upload_bytes": "MAX_UPLOAD_BYTES",
+        "keep_voice_models": "KEEP_VOICE_MODELS",
         "graceful_timeout": "GRACEFUL_TIMEOUT", "max_requests": "MAX_REQUESTS", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
         "max_text_chars": "MAX_TEXT_CHARS", "max_body_bytes": "MAX_BODY_BYTES", "queue_size": "QUEUE_SIZE",
         "max_batch": "MAX_BATCH",
@@ -82,7 +101,7 @@ class Settings:
             raw = environ.get(cls.ENV[f.name], "").strip()
             if raw:
                 try:
-                    values[f.name] = type(f.default)(raw)
+                    values[f.name] = _boolean(raw) if isinstance(f.default, bool) else type(f.default)(raw)
                 except ValueError:
                     raise ValueError(f"environment variable {cls.ENV[f.name]} must be a "
                                      f"{type(f.default).__name__}, got {raw!r}") from None
@@ -101,6 +120,10 @@ class Settings:
             raise ValueError(f"COSYVOICE_MODE must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.graceful_timeout < 0 or self.max_requests < 0:
             raise ValueError("GRACEFUL_TIMEOUT and MAX_REQUESTS must not be negative")
+        if self.model_kind not in ("auto", "base", "sft", "instruct"):
+            raise ValueError(f"MODEL_KIND must be auto, base, sft or instruct, got {self.model_kind!r}")
+        if self.max_voices < 0 or self.max_upload_bytes < 1024:
+            raise ValueError("MAX_VOICES must not be negative and MAX_UPLOAD_BYTES must be at least 1024")
         if self.engine not in ("auto", "cosyvoice", "piper"):
             raise ValueError(f"ENGINE must be auto, cosyvoice or piper, got {self.engine!r}")
         if self.backend not in ("auto", "openvino", "torch"):

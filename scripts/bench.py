@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 TEXT = "希望你以后能够做得比我还好哟。今天天气很好，我们一起去公园散步吧。"
 STREAM_TEXT = "Hello, and welcome to the show. Today we talk about speech synthesis on small computers."
@@ -119,12 +120,14 @@ def forced(n_tokens: int, text_len: int) -> dict:
 def bench_stages(model, text_token, speaker: str, n_tokens: int) -> dict:
     import torch
 
+    from cosyvoice_lite.decode.reference import text_to_tokens
+
     seconds = n_tokens / model.token_rate
     torch.manual_seed(0)
     start = started = time.perf_counter()
     first_token_at = None
     tokens = []
-    for token in model.text_to_tokens(text_token, speaker, **forced(n_tokens, len(text_token))):
+    for token in text_to_tokens(model, text_token, speaker, **forced(n_tokens, len(text_token))):
         if first_token_at is None:
             first_token_at = time.perf_counter()
         tokens.append(token)
@@ -313,6 +316,7 @@ def quality(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    from cosyvoice_lite.decode.lm_decoder import LMDecoder
     from cosyvoice_lite.model import load_model
 
     def full_model(mode):  # the full-size random model, built in the mode's precision like a real one
@@ -339,7 +343,7 @@ def quality(args) -> dict:
         return rel(A, B)
 
     def sampled(model, text, emb, n, seed):
-        decoder = model.decoder
+        decoder = LMDecoder.for_model(model)
         seq = decoder.start(text, emb, min_token_text_ratio=0, max_token_text_ratio=10 ** 6,
                             generator=torch.Generator().manual_seed(seed))
         tokens = []
@@ -357,7 +361,7 @@ def quality(args) -> dict:
         exact = load("exact")
         ref = []
         for text, emb, case in cases:
-            greedy, logits = exact.decoder.greedy(text, emb, n)
+            greedy, logits = LMDecoder.for_model(exact).greedy(text, emb, n)
             tokens = sampled(exact, text, emb, n, seed=1)
             noise = torch.randn(1, 80, exact.flow.n_frames(len(tokens)), generator=torch.Generator().manual_seed(2))
             mel = exact.flow.inference(torch.tensor([tokens]), emb, n_timesteps=exact.n_timesteps, noise=noise)
@@ -371,8 +375,9 @@ def quality(args) -> dict:
             model = load(mode)
             rows = []
             for text, emb, case, greedy, logits, tokens, noise, mel, wav in ref:
-                g2, _ = model.decoder.greedy(text, emb, n)
-                _, forced_logits = model.decoder.greedy(text, emb, n, forced=greedy)
+                decoder = LMDecoder.for_model(model)
+                g2, _ = decoder.greedy(text, emb, n)
+                _, forced_logits = decoder.greedy(text, emb, n, forced=greedy)
                 t2 = sampled(model, text, emb, n, seed=1)
                 mel2 = model.flow.inference(torch.tensor([tokens]), emb, n_timesteps=model.n_timesteps, noise=noise)
                 wav2, _ = model.hift(mel2, generator=torch.Generator().manual_seed(3))
@@ -483,7 +488,7 @@ def stage_efficiency(results: dict, macs: dict, peaks: dict, n_steps: dict) -> d
 # --- parent ---------------------------------------------------------------------------------------------------
 
 def random_model_dir() -> Path:
-    from cosyvoice_lite.model.random_model import write_random_model
+    from random_model import write_random_model
 
     path = Path(tempfile.gettempdir()) / "cosyvoice_lite_bench_full"
     if not (path / "spk2info.pt").is_file():  # written last: its presence means the directory is complete

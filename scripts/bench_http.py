@@ -146,7 +146,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cosyvoice-bench-http-") as tmp:
         model_dir = args.model_dir
         if not model_dir:
-            from cosyvoice_lite.model.random_model import write_random_model
+            from random_model import write_random_model
 
             model_dir = str(write_random_model(Path(tmp) / "full", preset="full"))
         server = OwnServer("cosyvoice", model_dir, workers=1, queue_size=args.requests, threads=args.threads,

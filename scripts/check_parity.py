@@ -3,6 +3,8 @@
 
     .venv/bin/python scripts/check_parity.py                   # the golden set in tests/golden (or $GOLDEN_DIR)
     .venv/bin/python scripts/check_parity.py GOLDEN_DIR        # any golden set in the same layout
+    .venv/bin/python scripts/check_parity.py tests/golden-modes --only model
+                          # a golden-modes set (zero-shot, cross-lingual, instruct, VC, prompt-audio frontend)
     .venv/bin/python scripts/check_parity.py --only model      # or: --only frontend
 
 Prints one line per case and stage (max-abs error, or mismatch count for exact stages), then a summary.
@@ -18,10 +20,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
-from cosyvoice_lite.parity import TOLERANCE, Golden, frontend_checks, model_checks  # noqa: E402
+from parity import TOLERANCE, Golden, frontend_checks, model_checks  # noqa: E402
 
 
 def main() -> int:

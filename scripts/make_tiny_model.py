@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cosyvoice_lite.model.random_model import PRESETS, write_random_model  # noqa: E402
+from random_model import PRESETS, write_random_model  # noqa: E402
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # test tooling shared with the scripts: parity, random_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gated_engine import GatedEngine  # noqa: E402,F401  (re-exported to the test modules)

@@ -9,7 +9,7 @@ from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.flow import EDGE_TOKENS
 from cosyvoice_lite.model.loader import build, load_state
 from cosyvoice_lite.model.transformer import split_qkv_keys
-from cosyvoice_lite.parity import Golden
+from parity import Golden
 
 MODEL_DIR = GOLDEN / "model"
 TOL = 1e-3

@@ -288,8 +288,8 @@ def test_two_workers_share_metrics_and_api_key_is_never_logged(tmp_path):
         server.wait_for(lambda: total()["cosyvoice_workers"] == 2, 20, "both workers to report")
         for _ in range(4):  # whichever worker answers, the totals are the same
             values = total()
-            assert values['cosyvoice_requests_total{endpoint="tts",code="200"}'] == 6
-            assert values['cosyvoice_requests_total{endpoint="tts",code="401"}'] == 1
+            assert values['cosyvoice_requests_total{code="200",endpoint="tts"}'] == 6
+            assert values['cosyvoice_requests_total{code="401",endpoint="tts"}'] == 1
         assert key not in server.log()
 
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 from golden_data import GOLDEN
 
+from cosyvoice_lite.decode.reference import generate
 from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.llm import TransformerLM, nucleus_sampling, ras_sampling, token_limit
 from cosyvoice_lite.model.loader import build, load_state
-from cosyvoice_lite.parity import Golden
+from parity import Golden
 
 TOL = 1e-3
 
@@ -148,7 +149,7 @@ def test_seeded_generation_reproduces_official_tokens(llm, case):
     ratio = forcing_ratio(len(golden), text_token(case).size(1))
     seen = []
     torch.manual_seed(meta["seed"])
-    tokens = list(llm.generate(text_token(case), embedding(case), min_token_text_ratio=ratio,
+    tokens = list(generate(llm, text_token(case), embedding(case), min_token_text_ratio=ratio,
                                max_token_text_ratio=ratio, on_logits=lambda i, logits: seen.append(logits.clone())))
     assert tokens == golden
     # the logits the sampler saw are the golden per-step logits
@@ -163,14 +164,14 @@ def test_e2e_sft_speech_tokens(llm, case):
     assert len(golden) == meta["force_n"]
     ratio = forcing_ratio(len(golden), text_token(case).size(1))
     torch.manual_seed(meta["seed"])  # the LLM is the first RNG consumer of inference_sft
-    tokens = list(llm.generate(text_token(case), speakers[meta["spk"]]["embedding"],
+    tokens = list(generate(llm, text_token(case), speakers[meta["spk"]]["embedding"],
                                min_token_text_ratio=ratio, max_token_text_ratio=ratio))
     assert tokens == golden
 
 
 def test_generate_yields_ints_lazily(llm):
     case = LLM_CASES[0]
-    stream = llm.generate(text_token(case), embedding(case))
+    stream = generate(llm, text_token(case), embedding(case))
     first = next(stream)
     assert isinstance(first, int) and 0 <= first < llm.speech_token_size
     stream.close()
@@ -190,8 +191,8 @@ def test_eos_is_never_sampled_before_min_len(llm):
     L = text_token(case).size(1)
     min_ratio = 7.5 / L  # min_len 7
     torch.manual_seed(0)
-    tokens = list(model.generate(text_token(case), embedding(case), min_token_text_ratio=min_ratio,
-                                 max_token_text_ratio=20))
+    tokens = list(generate(model, text_token(case), embedding(case), min_token_text_ratio=min_ratio,
+                            max_token_text_ratio=20))
     assert len(tokens) == token_limit(L, min_ratio) == 7
     assert model.eos_token not in tokens
 
@@ -201,8 +202,8 @@ def test_max_len_caps_decoding(llm):
     case = LLM_CASES[0]
     L = text_token(case).size(1)
     torch.manual_seed(0)
-    tokens = list(model.generate(text_token(case), embedding(case), min_token_text_ratio=0,
-                                 max_token_text_ratio=12.5 / L))
+    tokens = list(generate(model, text_token(case), embedding(case), min_token_text_ratio=0,
+                            max_token_text_ratio=12.5 / L))
     assert len(tokens) == 12
 
 

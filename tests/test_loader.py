@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import edit_checkpoint
 from golden_data import GOLDEN_MODEL
+from random_model import write_random_model
 
+from cosyvoice_lite.decode.reference import synthesize
 from cosyvoice_lite.model import ModelLoadError, load_model
 from cosyvoice_lite.model.config import ConfigError, read_config
-from cosyvoice_lite.model.random_model import write_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FILES = ["cosyvoice.yaml", "llm.pt", "flow.pt", "hift.pt", "spk2info.pt"]
@@ -35,7 +36,7 @@ def test_lean_modes_keep_no_checkpoint_mapped_after_loading(model_copy, mode):
     model = load_model(model_copy, mode=mode)  # the lean modes map the checkpoints while converting them
     mapped = Path("/proc/self/maps").read_text()
     assert str(model_copy) not in mapped
-    assert model.synthesize([1, 2, 3], next(iter(model.speakers)), seed=0).numel() > 0
+    assert synthesize(model, [1, 2, 3], next(iter(model.speakers)), seed=0).numel() > 0
 
 
 def test_sizes_come_from_the_yaml():
@@ -167,15 +168,15 @@ def test_config_rejects_a_dangling_ref(tmp_path):
 
 def test_tiny_random_model_loads_and_speaks(tmp_path):
     model = load_model(write_random_model(tmp_path, "tiny", seed=3))
-    wav = model.synthesize([1, 2, 3], "英文女", seed=0)
+    wav = synthesize(model, [1, 2, 3], "英文女", seed=0)
     assert wav.shape[0] == 1 and wav.shape[1] > 0 and wav.shape[1] % 256 == 0
     assert wav.abs().max() <= 0.99 and wav.abs().max() > 0.01
 
 
 def test_same_seed_gives_the_same_waveform():
     model = load_model(GOLDEN_MODEL)
-    a = model.synthesize([100, 200, 300], "中文女", seed=7, max_token_text_ratio=5)
-    b = model.synthesize([100, 200, 300], "中文女", seed=7, max_token_text_ratio=5)
+    a = synthesize(model, [100, 200, 300], "中文女", seed=7, max_token_text_ratio=5)
+    b = synthesize(model, [100, 200, 300], "中文女", seed=7, max_token_text_ratio=5)
     assert torch.equal(a, b)
 
 

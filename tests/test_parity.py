@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from golden_data import GOLDEN
 
-from cosyvoice_lite.parity import Golden, model_checks
+from parity import Golden, model_checks
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -147,8 +147,8 @@ def test_overload_gives_only_200s_and_fast_503s_health_stays_fast_and_no_worker_
     # The server's own counters agree with what the clients saw, and it ends idle.
     wait_idle(tiny_server)
     metrics = tiny_server.metrics()
-    assert metrics['cosyvoice_requests_total{endpoint="tts",code="200"}'] >= report["statuses"]["200"]
-    assert metrics['cosyvoice_requests_total{endpoint="tts",code="503"}'] >= report["statuses"]["503"]
+    assert metrics['cosyvoice_requests_total{code="200",endpoint="tts"}'] >= report["statuses"]["200"]
+    assert metrics['cosyvoice_requests_total{code="503",endpoint="tts"}'] >= report["statuses"]["503"]
     assert tiny_server.proc.poll() is None
 
 
@@ -703,4 +703,4 @@ def test_stalled_bodies_get_408_and_free_their_threads(tmp_path):
         assert server.request("GET", "/health", timeout=5)[0] == 200 and time.monotonic() - started < 1
         assert server.request("POST", "/tts", {"text": "Back to work."})[0] == 200
         assert server_pids(server.port)[1] == [worker]
-        assert server.metric('cosyvoice_requests_total{endpoint="tts",code="408"}') == 6
+        assert server.metric('cosyvoice_requests_total{code="408",endpoint="tts"}') == 6

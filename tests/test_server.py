@@ -252,8 +252,9 @@ def test_openai_voices_lists_id_and_name(client):
 def test_openapi_describes_every_endpoint(client):
     spec = client.get("/openapi.json").json
     assert spec["openapi"].startswith("3.")
-    assert set(spec["paths"]) == {"/tts", "/v1/audio/speech", "/v1/audio/voices", "/v1/models", "/v1/models/{model}",
-                                  "/speakers", "/health", "/ready", "/metrics", "/openapi.json", "/"}
+    assert set(spec["paths"]) == {"/tts", "/v1/audio/speech", "/v1/audio/voices", "/v1/audio/voices/{voice_id}",
+                                  "/vc", "/v1/models", "/v1/models/{model}", "/speakers", "/health", "/ready",
+                                  "/metrics", "/openapi.json", "/"}
     tts = spec["components"]["schemas"]["TtsRequest"]["properties"]
     assert tts["text"]["maxLength"] == 4096 and tts["speaker"]["anyOf"][0]["enum"] == ["en_US-joe-medium", "joe"]
     assert spec["components"]["schemas"]["SpeechRequest"]["properties"]["response_format"]["default"] == "mp3"
@@ -267,7 +268,7 @@ def test_metrics_count_requests_audio_and_errors(client):
     response = client.get("/metrics")
     assert response.status_code == 200 and response.content_type.startswith("text/plain")
     values = parse_metrics(response.data.decode())
-    assert values['cosyvoice_requests_total{endpoint="tts",code="200"}'] >= 1
+    assert values['cosyvoice_requests_total{code="200",endpoint="tts"}'] >= 1
     assert values['cosyvoice_errors_total{code="400"}'] >= 1
     assert values["cosyvoice_audio_seconds_total"] > 0 and values["cosyvoice_synthesis_seconds_total"] > 0
     assert values["cosyvoice_queue_depth"] == 0 and values["cosyvoice_in_progress"] == 0

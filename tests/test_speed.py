@@ -12,8 +12,9 @@ from golden_data import GOLDEN
 
 from cosyvoice_lite.decode import streaming
 from cosyvoice_lite.model import load_model
-from cosyvoice_lite.model.lm_decoder import LMDecoder
 from cosyvoice_lite.cancel import Cancelled
+from cosyvoice_lite.decode.lm_decoder import LMDecoder
+from cosyvoice_lite.decode.reference import generate
 from cosyvoice_lite.decode.scheduler import Scheduler
 from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.layers import FileEmbedding, Fp16Linear, Int8Linear
@@ -22,7 +23,7 @@ from cosyvoice_lite.model.precision import Precision
 from cosyvoice_lite.model.modes import SETTINGS, mode_settings
 from cosyvoice_lite.settings import Settings
 from cosyvoice_lite.decode.streaming import HIFT_CACHE_FRAMES, TOKEN_OVERLAP, TokenStream
-from cosyvoice_lite.parity import Golden
+from parity import Golden
 from cosyvoice_lite.voices import builtin_voices
 
 MODEL_DIR = GOLDEN / "model"
@@ -59,6 +60,11 @@ def fast():
     return load_model(MODEL_DIR, mode="fast")
 
 
+def mode_decoder(model) -> LMDecoder:
+    """The decoder the scheduler runs for this model's mode."""
+    return LMDecoder.for_model(model)
+
+
 def rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -67,29 +73,29 @@ def rel(a, b):
 
 @pytest.mark.parametrize("case", LLM_CASES)
 def test_default_mode_keeps_the_float32_greedy_tokens(exact, default, case):
-    ref, _ = exact.decoder.greedy(*llm_inputs(case), GREEDY_STEPS)
-    ours, _ = default.decoder.greedy(*llm_inputs(case), GREEDY_STEPS)
+    ref, _ = mode_decoder(exact).greedy(*llm_inputs(case), GREEDY_STEPS)
+    ours, _ = mode_decoder(default).greedy(*llm_inputs(case), GREEDY_STEPS)
     assert ours == ref
 
 
 @pytest.mark.parametrize("case", LLM_CASES)
 def test_default_mode_logits_stay_within_one_percent(exact, default, case):
-    tokens, ref = exact.decoder.greedy(*llm_inputs(case), GREEDY_STEPS)
-    _, ours = default.decoder.greedy(*llm_inputs(case), GREEDY_STEPS, forced=tokens)
+    tokens, ref = mode_decoder(exact).greedy(*llm_inputs(case), GREEDY_STEPS)
+    _, ours = mode_decoder(default).greedy(*llm_inputs(case), GREEDY_STEPS, forced=tokens)
     assert rel(ours, ref) < 1e-2
 
 
 def test_fast_mode_shares_the_default_llm(default, fast):
     text, embedding = llm_inputs(LLM_CASES[0])
-    _, a = default.decoder.greedy(text, embedding, 10)
-    _, b = fast.decoder.greedy(text, embedding, 10)
+    _, a = mode_decoder(default).greedy(text, embedding, 10)
+    _, b = mode_decoder(fast).greedy(text, embedding, 10)
     assert torch.equal(a, b)
 
 
 def test_exact_mode_keeps_float32_modules(exact):
     assert exact.mode.name == "exact" and exact.n_timesteps == 10
     assert not any(isinstance(m, (Int8Linear, Fp16Linear)) for m in exact.llm.modules())
-    assert not exact.decoder.batched
+    assert not mode_decoder(exact).batched
 
 
 def test_default_mode_converts_llm_and_flow_linears(default):
@@ -153,12 +159,13 @@ def test_flow_and_vocoder_error_of_default_mode_is_small(exact, default):
 def test_exact_decoder_reproduces_generate_draw_for_draw(exact):
     text, embedding = llm_inputs(LLM_CASES[0])
     torch.manual_seed(3)
-    ref = list(exact.llm.generate(text, embedding, min_token_text_ratio=1, max_token_text_ratio=2))
+    ref = list(generate(exact.llm, text, embedding, min_token_text_ratio=1, max_token_text_ratio=2))
     torch.manual_seed(3)
-    seq = exact.decoder.start(text, embedding, min_token_text_ratio=1, max_token_text_ratio=2)
+    stepper = mode_decoder(exact)
+    seq = stepper.start(text, embedding, min_token_text_ratio=1, max_token_text_ratio=2)
     ours = []
     while not seq.finished:
-        token = exact.decoder.step([seq])[0]
+        token = stepper.step([seq])[0]
         if token is not None:
             ours.append(token)
     assert ours == ref
@@ -169,19 +176,20 @@ def test_batched_steps_match_single_sequence_steps(exact, default, mode):
     """Sequences that join at different steps (different cache lengths) get the logits they get alone."""
     model = exact if mode == "exact" else default
     inputs = [llm_inputs(case) for case in LLM_CASES]
-    alone = [model.decoder.greedy(text, embedding, 20) for text, embedding in inputs]
+    stepper = mode_decoder(model)
+    alone = [stepper.greedy(text, embedding, 20) for text, embedding in inputs]
     seqs, rows = [], [[] for _ in inputs]
     for step in range(20 + len(inputs)):
         if step < len(inputs):
-            seqs.append(model.decoder.start(*inputs[step], min_token_text_ratio=0, max_token_text_ratio=10 ** 6))
+            seqs.append(stepper.start(*inputs[step], min_token_text_ratio=0, max_token_text_ratio=10 ** 6))
         live = [s for s in seqs if s.steps < 20]
         if not live:
             break
-        logits = model.decoder.logits(live)
+        logits = stepper.logits(live)
         for i, s in enumerate(live):
             k = seqs.index(s)
             rows[k].append(logits[i:i + 1])
-            model.decoder.push(s, alone[k][0][s.steps])
+            stepper.push(s, alone[k][0][s.steps])
     for k, (_, ref) in enumerate(alone):
         got = torch.cat(rows[k])
         if mode == "exact":
@@ -195,7 +203,7 @@ def test_batched_decoding_of_long_sequences_follows_the_single_sequence_path(def
     text, embedding = llm_inputs(LLM_CASES[0])
     tokens = torch.randint(0, 4096, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     _, ref = LMDecoder(default.llm, batched=False).greedy(text, embedding, 300, forced=tokens)
-    _, ours = default.decoder.greedy(text, embedding, 300, forced=tokens)
+    _, ours = mode_decoder(default).greedy(text, embedding, 300, forced=tokens)
     assert rel(ours, ref) < 1e-2
 
 
@@ -237,6 +245,15 @@ def test_scripted_layer_stack_gives_the_logits_of_the_python_loop(default):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_a_float_lm_asked_to_batch_steps_each_sequence_through_the_module(exact):
+    """Only int8 layer stacks have a batched step; a float32 LM keeps the module's (official) logits."""
+    text, embedding = llm_inputs(LLM_CASES[0])
+    _, ref = LMDecoder(exact.llm, batched=False).greedy(text, embedding, 10)
+    decoder = LMDecoder(exact.llm, batched=True)
+    _, ours = decoder.greedy(text, embedding, 10)
+    assert torch.equal(ours, ref) and not decoder.batched
+
+
 def test_a_sequence_can_switch_between_batched_and_single_steps(default):
     """The batched step keeps a sequence's keys and values in buffers of its own; single-sequence steps on the same
     cache must see them, and batched steps what single ones appended (across the cache growths)."""
@@ -260,11 +277,12 @@ def test_per_sequence_generators_make_draws_independent(exact):
     text, embedding = llm_inputs(LLM_CASES[0])
 
     def run(others: int):
-        seqs = [exact.decoder.start(text, embedding, 1, 1.5, generator=torch.Generator().manual_seed(i))
+        stepper = mode_decoder(exact)
+        seqs = [stepper.start(text, embedding, 1, 1.5, generator=torch.Generator().manual_seed(i))
                 for i in range(others + 1)]
         out = []
         while not seqs[0].finished:
-            token = exact.decoder.step(seqs)[0]
+            token = stepper.step(seqs)[0]
             if token is not None:
                 out.append(token)
         return out
@@ -491,9 +509,10 @@ def test_default_mode_keeps_half_the_key_value_bytes_of_exact_mode(exact, defaul
     text, embedding = llm_inputs(LLM_CASES[0])
 
     def bytes_per_frame(model):
-        seq = model.decoder.start(text, embedding, min_token_text_ratio=0, max_token_text_ratio=10 ** 6)
+        stepper = mode_decoder(model)
+        seq = stepper.start(text, embedding, min_token_text_ratio=0, max_token_text_ratio=10 ** 6)
         for _ in range(5):
-            model.decoder.step([seq])
+            stepper.step([seq])
         layers = seq.cache.layers
         return sum(t.element_size() * t[0, :, 0].numel() for layer in layers for t in (layer.k, layer.v))
 

@@ -9,7 +9,7 @@ from golden_data import GOLDEN
 from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.loader import build, load_state
 from cosyvoice_lite.model.transformer import ConformerEncoder, EspnetRelPositionalEncoding, TransformerEncoder
-from cosyvoice_lite.parity import Golden
+from parity import Golden
 
 TOL = 1e-3
 

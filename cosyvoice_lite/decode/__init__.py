@@ -1,2 +1,3 @@
-"""Running the model over time: the streaming chunker (tokens -> flow + HiFT chunks) and the scheduler thread
-that interleaves the LLM steps and chunks of concurrent requests. The networks themselves live in ``model/``."""
+"""Running the model over time: the LM decoder (token by token, many sequences at once), the streaming chunker
+(tokens -> flow + HiFT chunks), the scheduler thread that interleaves the LLM steps and chunks of concurrent
+requests, and the whole-utterance reference path (``reference``). The networks themselves live in ``model/``."""

@@ -9,6 +9,10 @@ All torch work happens on this one thread, so concurrent requests never fight ov
 - decoding: otherwise one LLM step advances every decoding request by one token, in one batch (the linear layers
   read their weights once for all of them; in exact mode each sequence is stepped on its own).
 
+A request speaks text segments in a Voice (a built-in speaker, a cloned or an instructed voice: the LLM and every flow
+chunk get the voice's prompt), or converts given speech tokens into a voice (voice conversion: no LLM, the source
+tokens are streamed through the flow and HiFT in the same chunks).
+
 Each request has its own torch.Generator (seeded when a seed is given), so concurrent requests do not disturb each
 other's random draws.
 """
@@ -29,7 +33,8 @@ import torch
 from ..cancel import DONE, Cancelled, reason, results
 from ..forks import PerProcess
 from ..memory import release_compute_threads, release_free_memory
-from ..model.lm_decoder import Sequence
+from ..model.cosyvoice import llm_conditioning
+from .lm_decoder import LMDecoder, Sequence
 from ..voices import Voice
 from .streaming import TokenStream
 
@@ -53,6 +58,7 @@ class Request:
     generator: torch.Generator
     sampling: Dict                           # LLM overrides (min/max_token_text_ratio, sampling)
     segment_ends: bool = False               # put SEGMENT_END after each segment's last chunk
+    conversion: bool = False                 # voice conversion: one stream of given tokens, no LLM
     out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
     submitted: float = field(default_factory=time.monotonic)
     # worker-side state
@@ -74,6 +80,7 @@ class Scheduler:
     def __init__(self, model, max_batch: int = 4, first_hop: Optional[int] = None,
                  n_timesteps: Optional[int] = None):
         self.model = model
+        self.decoder = LMDecoder.for_model(model)
         self.max_batch = max_batch
         self.first_hop = first_hop
         self.n_timesteps = n_timesteps or model.n_timesteps
@@ -81,6 +88,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._inbox: Deque[Request] = collections.deque()
+        self._tasks: Deque = collections.deque()  # (fn, out, cancel) to run on this thread between units
         self._active: List[Request] = []
         self._working = False
         self._stopping = False
@@ -102,6 +110,26 @@ class Scheduler:
                           speed, cancel, generator, {**self.sampling, **sampling}, segment_ends)
         return self._results(request)
 
+    def submit_conversion(self, source_tokens, voice: Voice, speed: float = 1.0,
+                          cancel: Optional[threading.Event] = None, seed: Optional[int] = None,
+                          segment_ends: bool = False) -> Iterator[np.ndarray]:
+        """Voice conversion: yield float32 waveform chunks of the speech tokens of a source clip (50 Hz, from the
+        speech tokenizer) said in `voice`, whose reference clip is the flow's prompt (a cloned voice). Streamed in
+        chunks like synthesis (first-chunk rules, then hops while enough tokens are left, then the rest); raises
+        Cancelled when `cancel` is set."""
+        if voice.prompt_mel is None or not voice.prompt_speech.size:
+            raise ValueError(f"voice conversion needs a voice with a reference clip; {voice.id!r} has none")
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
+        request = Request([], voice, speed, cancel, generator, {}, segment_ends, conversion=True)
+        mode = self.model.mode
+        stream = TokenStream(self.model, voice, self.n_timesteps, speed, generator, first_hop=self.first_hop,
+                             stop=request.cancelled, first_overlap=mode.first_overlap, first_cache=mode.first_cache)
+        for token in np.asarray(source_tokens).reshape(-1).tolist():
+            stream.push(int(token))
+        request.streams.append([stream, not stream.ready()])  # no more tokens will come: done once not ready
+        return self._results(request)
+
     def _results(self, request: Request) -> Iterator[np.ndarray]:
         """Queue the request (at the first next(), so an iterator never used costs nothing) and yield its audio."""
         self._ensure_worker()
@@ -112,6 +140,18 @@ class Scheduler:
             yield from results(request.out, request.cancel)
         finally:
             request.abandoned = True  # no-op when finished; stops the worker's work otherwise
+
+    def call(self, fn, cancel=None):
+        """Run ``fn()`` on the scheduler's thread, between two units of synthesis work, and return its result (or
+        raise its error). Torch work of the service besides synthesis (making a voice) goes here, so that one pool
+        of compute threads exists: a second one on the same cores slows both by an order of magnitude."""
+        self._ensure_worker()
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            self._tasks.append((fn, out, cancel))
+            self._wakeup.notify()
+        values = list(results(out, cancel))
+        return values[0] if values else None
 
     @property
     def busy(self) -> int:
@@ -144,6 +184,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._inbox, self._active = collections.deque(), []
+        self._tasks: Deque = collections.deque()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="cosyvoice-scheduler", daemon=True)
         self._thread.start()
@@ -154,16 +195,19 @@ class Scheduler:
         while True:
             with self._lock:
                 self._working = False
-                if not self._inbox and not self._active and not self._stopping:
-                    self.model.decoder.release_idle()  # what a long request grew
+                if not self._inbox and not self._active and not self._tasks and not self._stopping:
+                    self.decoder.release_idle()  # what a long request grew
                     release_compute_threads()  # idle: another thread may run torch meanwhile (tools, benchmarks)
-                while not self._inbox and not self._active and not self._stopping:
+                while not self._inbox and not self._active and not self._tasks and not self._stopping:
                     self._wakeup.wait()
                 if self._stopping:
                     return
                 while self._inbox and len(self._active) < self.max_batch:
                     self._active.append(self._inbox.popleft())
+                task = self._tasks.popleft() if self._tasks else None
                 self._working = True
+            if task is not None:  # one task between two units of work: listeners wait for it once, not for a queue
+                self._run_task(*task)
             for request in [r for r in self._active if r.cancelled()]:
                 self._finish(request, request.error())
             if not self._active:
@@ -175,6 +219,18 @@ class Scheduler:
                 log.exception("synthesis failed")
                 for request in list(self._active):
                     self._finish(request, error)
+
+    @staticmethod
+    def _run_task(fn, out: "queue.SimpleQueue", cancel) -> None:
+        if cancel is not None and cancel.is_set():
+            out.put(Cancelled(reason(cancel)))
+            return
+        try:
+            with torch.inference_mode():
+                out.put(fn())
+            out.put(DONE)
+        except BaseException as error:  # handed to the caller
+            out.put(error)
 
     def _finish(self, request: Request, error: Optional[BaseException] = None) -> None:
         if request in self._active:
@@ -220,14 +276,15 @@ class Scheduler:
     def _catching_up(self, key: tuple, exclude: List[Request]) -> bool:
         """Whether another request decoding its first stream is at most JOIN_LAG tokens short of a chunk of the
         same (non-final) size."""
-        final, size = key
+        final, size, prompt_frames = key
         if final:
             return False
         for r in self._active:
             if r in exclude or r.seq is None or len(r.streams) != 1:
                 continue
             stream = r.streams[0][0]
-            if stream.hop + stream.overlap == size and 0 < size - len(stream.tokens) <= JOIN_LAG:
+            if (stream.hop + stream.overlap == size and stream.prompt_frames == prompt_frames
+                    and 0 < size - len(stream.tokens) <= JOIN_LAG):
                 return True
         return False
 
@@ -237,7 +294,7 @@ class Scheduler:
         if not decoding:
             return
         started = time.perf_counter()
-        tokens = self.model.decoder.step([r.seq for r in decoding])
+        tokens = self.decoder.step([r.seq for r in decoding])
         if self.trace:
             self.trace("llm", time.perf_counter() - started, batch=len(decoding))
         for request, token in zip(decoding, tokens):
@@ -258,8 +315,8 @@ class Scheduler:
         text = request.segments[request.next_segment]
         first = request.next_segment == 0
         request.next_segment += 1
-        request.seq = self.model.decoder.start(text, _tensor(request.voice.llm_embedding),
-                                               generator=request.generator, **request.sampling)
+        request.seq = self.decoder.start(text, **llm_conditioning(request.voice), generator=request.generator,
+                                         **request.sampling)
         mode = self.model.mode
         joins = {"first_overlap": mode.first_overlap, "first_cache": mode.first_cache} if first else {}
         stream = TokenStream(self.model, request.voice, self.n_timesteps, request.speed, request.generator,
@@ -275,9 +332,10 @@ class Scheduler:
 
     @staticmethod
     def _chunk_key(request: Request) -> tuple:
-        """(final, tokens) of the request's next chunk: chunks with equal keys can share one flow batch."""
+        """(final, tokens, prompt frames) of the request's next chunk: chunks with equal keys can share one flow
+        batch."""
         stream, llm_done = request.streams[0]
-        return llm_done, stream.next_chunk_size(final=llm_done)
+        return llm_done, stream.next_chunk_size(final=llm_done), stream.prompt_frames
 
     def _vocode(self, group: List[Request]) -> None:
         """The next chunk of each request in `group` (one request, or several with equal chunks)."""
@@ -286,6 +344,8 @@ class Scheduler:
         for request, wav in zip(group, wavs):
             if final:
                 request.streams.popleft()
+            elif request.conversion and not request.streams[0][0].ready():
+                request.streams[0][1] = True  # the rest of the source tokens is the last chunk
             if wav.numel():
                 request.audio_samples += wav.numel()
                 request.out.put(wav[0].numpy().astype(np.float32, copy=False))
@@ -294,7 +354,3 @@ class Scheduler:
             if not request.streams and request.seq is None and request.next_segment >= len(request.segments):
                 self._finish(request)
 
-
-def _tensor(array) -> torch.Tensor:
-    """A voice's (1, D) embedding as the model reads it, or None when the voice has none (instructions)."""
-    return None if array is None else torch.from_numpy(array)

@@ -7,19 +7,24 @@ copied over for their 20 * 256 samples) and the speech of those frames is cross-
 clicks; those samples of each chunk are held back for that fade. The hop starts small (``first_hop``, for a short
 first wait), then is 100 tokens and doubles up to 200, as larger chunks waste less on overlaps.
 
+A voice with a reference clip (cloned, or the target of a voice conversion) is the flow's prompt in every chunk, as
+in the official v1 streaming: its speech tokens are encoded before the chunk's, its mel conditions the first Fp
+frames, and the flow cache carries the prompt frames' noise from chunk to chunk along with the overlap's.
+
 The join between the first and the second chunk may use shorter overlaps (``first_overlap`` tokens and
 ``first_cache`` HiFT frames): the first chunk then needs fewer tokens and a shorter flow pass, so the first audio
 comes sooner, at the price of a shorter cross-fade at that one join. The official values are the default.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from ..cancel import Cancelled
 from ..memory import release_free_memory
+from ..model.cosyvoice import flow_conditioning
 from ..model.flow import stretch
 
 TOKEN_OVERLAP = 20        # tokens shared by consecutive flow chunks (official token_overlap_len)
@@ -50,7 +55,11 @@ class TokenStream:
                  first_overlap: int = TOKEN_OVERLAP, first_cache: int = HIFT_CACHE_FRAMES):
         self.model = model
         self.stop = stop  # polled between Euler steps: True = the listener is gone
-        self.embedding = torch.from_numpy(voice.flow_embedding)  # (1, D)
+        conditioning = flow_conditioning(voice)
+        self.embedding = conditioning["embedding"]  # (1, D)
+        self.prompt_token = conditioning["prompt_token"]  # (1, Np) or None
+        self.prompt_feat = conditioning["prompt_feat"]  # (1, Fp, 80) or None
+        self.prompt_frames = 0 if self.prompt_feat is None else self.prompt_feat.shape[1]
         self.n_timesteps = n_timesteps or model.n_timesteps
         self.speed = speed
         self.generator = generator
@@ -106,8 +115,8 @@ class TokenStream:
         batch (the rows of a batch do not interact; only float rounding may differ from one-by-one runs).
         final: every stream's last chunk (all its tokens, nothing held back)."""
         tokens = [s.tokens if final else s.tokens[:s.hop + s.overlap] for s in streams]
-        if len({len(t) for t in tokens}) != 1:
-            raise ValueError("chunk_many needs chunks of one size")
+        if len({len(t) for t in tokens}) != 1 or len({s.prompt_frames for s in streams}) != 1:
+            raise ValueError("chunk_many needs chunks of one size (and prompts of one length)")
         if not tokens[0]:  # a segment without speech tokens
             return [torch.zeros(1, 0) for _ in streams]
         mels = TokenStream._flow_many(streams, tokens)
@@ -131,16 +140,20 @@ class TokenStream:
         flow = first.model.flow
         token = torch.tensor(tokens, dtype=torch.int64)  # (B, T)
         spks = torch.cat([flow.project_speaker(s.embedding) for s in streams])  # (B, 80)
-        mu = torch.cat([flow.encode(token[i:i + 1]) for i in range(len(streams))])  # (B, 80, F)
+        prompt_frames = first.prompt_frames
+        mu = torch.cat([flow.encode(token[i:i + 1], s.prompt_token, prompt_frames)
+                        for i, s in enumerate(streams)])  # (B, 80, Fp + F)
         z = torch.cat([torch.randn(mu[:1].shape, generator=s.generator) if s.generator is not None
                        else torch.randn_like(mu[:1]) for s in streams])
+        cond = torch.cat([flow.prompt_cond(s.prompt_feat, mu.shape[2]) for s in streams]) if prompt_frames else None
         def check(step):
             if all(s.stop is not None and s.stop() for s in streams):
                 raise Cancelled()
 
         try:
             mel, caches = flow.solve(mu, spks, z, first.n_timesteps, caches=[s.flow_cache for s in streams],
-                                     keep=[s.mel_overlap for s in streams], on_step=check)
+                                     keep=[s.mel_overlap for s in streams], on_step=check, cond=cond,
+                                     prompt_frames=prompt_frames)
         finally:
             # a compiled estimator (backends/) would keep buffers for the largest batch it has run, through the
             # vocoder's turn and the LLM steps that follow: once per chunk, reallocating them costs little
@@ -181,3 +194,17 @@ class TokenStream:
         if final:
             return len(self.tokens)
         return self.hop + self.overlap if self.ready() else 0
+
+
+def stream_tokens(model, tokens, voice, n_timesteps: Optional[int] = None, speed: float = 1.0,
+                  generator: Optional[torch.Generator] = None, **options) -> Iterator[torch.Tensor]:
+    """Speech tokens known in advance (a voice conversion's source tokens) -> waveform chunks (1, S), the way the
+    official v1 streaming handles them once the LLM (or, for VC, the tokenizer) is done: chunks while there are
+    enough tokens for one, then the rest. ``options``: TokenStream's (first_hop, hop, stop, ...)."""
+    stream = TokenStream(model, voice, n_timesteps, speed, generator, **options)
+    for token in tokens:
+        stream.push(int(token))
+    with torch.inference_mode():
+        while stream.ready():
+            yield stream.chunk()
+        yield stream.finish()

@@ -57,6 +57,22 @@ class Plan:
     max_audio_s: float = float("inf")
 
 
+@dataclass(frozen=True)
+class Offers:
+    """What a loaded model can do besides speaking with its own voices (CosyVoice-300M: the base model clones and
+    converts, -SFT has speakers, -Instruct takes instructions)."""
+    kind: str = ""                # the model's kind as recognised, e.g. 'sft'
+    speakers: bool = True         # voices of its own
+    cloning: bool = False         # a voice from a reference clip (zero-shot; cross-lingual without a transcript)
+    instructions: bool = False    # how to speak, in words
+    conversion: bool = False      # voice conversion of a source clip
+
+    def listing(self) -> list[str]:
+        names = {"speakers": "built-in speakers", "cloning": "voice cloning", "instructions": "instructions",
+                 "conversion": "voice conversion"}
+        return [text for key, text in names.items() if getattr(self, key)]
+
+
 class SerialExecutor:
     """Runs synthesis generators one after another on one thread of this process (started again after a fork),
     for engines that cannot serve two requests at once; callers wait for their chunks and watch their cancel."""
@@ -105,6 +121,7 @@ class Engine:
     description = ""
     model_id = "engine"  # the model id it answers to on OpenAI's routes
     hint: str | None = None  # what an operator should do about this engine (shown by /speakers and /ready)
+    offers = Offers()
     max_batch = 1
     _executor: SerialExecutor | None = None
 
@@ -150,6 +167,18 @@ class Engine:
             yield chunk
 
     def _synthesize(self, segments, voice, speed, cancel, seed) -> Iterator:
+        raise NotImplementedError
+
+    def make_voice(self, samples: np.ndarray, rate: int, transcript: str | None, name: str, voice_id: str) -> Voice:
+        """A Voice from a reference clip (mono float32 at ``rate``) and its transcript (None: cross-lingual)."""
+        raise NotImplementedError
+
+    def instructed(self, voice: Voice, instructions: str) -> Voice:
+        """``voice`` told how to speak."""
+        raise NotImplementedError
+
+    def convert(self, samples: np.ndarray, rate: int, voice: Voice, cancel=None, seed: int | None = None) -> Iterator:
+        """The speech of a source clip in ``voice`` (voice conversion): chunks at OUTPUT_RATE, then SEGMENT_END."""
         raise NotImplementedError
 
     def speak(self, text: str, voice: Voice | None = None, speed: float = 1.0, cancel=None,

@@ -9,14 +9,13 @@ after torch.manual_seed(seed) yields the same tokens as the official inference.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lm_decoder import LMDecoder
 from .precision import EXACT, Precision
 from .transformer import KVCache
 
@@ -110,13 +109,25 @@ class TransformerLM(nn.Module):
         embedding = F.normalize(embedding, dim=1)
         return self.spk_embed_affine_layer(embedding).unsqueeze(1)
 
-    def prefix(self, text_token: Tensor, embedding: Optional[Tensor]) -> Tensor:
-        """LM input before the first speech token: [sos, speaker, text (L), task_id] -> (1, L+3, D)."""
-        text = self.encode_text(text_token)  # (1, L, D)
-        speaker = self.embed_speaker(embedding)  # (1, 1, D)
+    def prefix(self, text_token: Tensor, embedding: Optional[Tensor], prompt_text: Optional[Tensor] = None,
+               prompt_speech: Optional[Tensor] = None) -> Tensor:
+        """LM input before the first speech token -> (1, P, D):
+        [sos, speaker (1, or 0 without embedding), text (Lp + L), task_id, prompt speech (Np)].
+
+        A prompt (zero-shot: the reference clip's transcript (1, Lp) and its speech tokens (1, Np); instruct: the
+        instruction as prompt_text) is encoded together with the text, so the causal text encoder reads the target
+        text after it; the LM then continues the prompt's speech tokens."""
+        if prompt_text is not None and prompt_text.numel():
+            text_token = torch.cat([prompt_text.reshape(1, -1).to(text_token), text_token], dim=1)
+        text = self.encode_text(text_token)  # (1, Lp + L, D)
+        speaker = self.embed_speaker(embedding)  # (1, 1 or 0, D)
         sos = self.llm_embedding.weight[self.sos].reshape(1, 1, -1)
         task_id = self.llm_embedding.weight[self.task_id].reshape(1, 1, -1)
-        return torch.cat([sos, speaker, text, task_id], dim=1)
+        if prompt_speech is not None and prompt_speech.numel():
+            speech = self.embed_tokens(prompt_speech.reshape(1, -1).long())  # (1, Np, D)
+        else:
+            speech = text.new_zeros(1, 0, text.size(2))
+        return torch.cat([sos, speaker, text, task_id, speech], dim=1)
 
     def embed_tokens(self, speech_token: Tensor) -> Tensor:
         """(1, N) speech token ids -> (1, N, D) LM input rows."""
@@ -151,19 +162,3 @@ class TransformerLM(nn.Module):
                       max_token_text_ratio: float = 20) -> tuple:
         """(min_len, max_len) speech tokens for a text of text_len tokens, computed like the official."""
         return token_limit(text_len, min_token_text_ratio), token_limit(text_len, max_token_text_ratio)
-
-    @torch.inference_mode()
-    def generate(self, text_token: Tensor, embedding: Optional[Tensor], min_token_text_ratio: float = 2,
-                 max_token_text_ratio: float = 20, sampling: Optional[Dict] = None,
-                 on_logits: Optional[Callable[[int, Tensor], None]] = None) -> Iterator[int]:
-        """Yield speech token ids one by one until EOS or max_len = int(L * max_token_text_ratio) tokens.
-
-        text_token (1, L) int; embedding (1, spk_embed_dim) raw speaker vector (or None).
-        EOS cannot be drawn before min_len = int(L * min_token_text_ratio) tokens.
-        sampling overrides the yaml ras_sampling arguments (top_p, top_k, win_size, tau_r).
-        on_logits(step, raw_logits (1, V+1)) is called at every step before sampling (for tests / inspection).
-        """
-        decoder = LMDecoder(self, batched=False)
-        seq = decoder.start(text_token, embedding, min_token_text_ratio, max_token_text_ratio, sampling,
-                            on_logits=on_logits)
-        yield from decoder.tokens(seq)

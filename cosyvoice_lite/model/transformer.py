@@ -129,7 +129,7 @@ class LayerCache:
 
     def append_kv(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Store k, v (B, H, t, d_k) after the cached ones; return all keys and values (B, H, length, d_k), in the
-        type of k and v (the batched decoder may have left the cache in float16: lm_decoder._KVSlots)."""
+        type of k and v (the batched decoder may have left the cache in float16: decode.lm_decoder._KVSlots)."""
         n, t = self.length, k.size(2)
         self.k = self._grow(self.k, n, n + t, 2, k)
         self.v = self._grow(self.v, n, n + t, 2, v)
@@ -164,6 +164,9 @@ class RelPositionMultiHeadedAttention(nn.Module):
     """Multi-head self-attention with Transformer-XL relative positions (ESPnet 'rel_selfattn').
 
     score(i, j) = ((q_i + u) . k_j + (q_i + v) . W_pos pe(pos_i - pos_j)) / sqrt(d_k)
+
+    decode.lm_decoder._int8_layers is the lean modes' batched copy of this maths (with the layer around it):
+    a change here is a change there; tests/test_speed.py compares the two.
     """
 
     def __init__(self, n_head: int, n_feat: int, key_bias: bool = True, policy: Precision = EXACT):

@@ -32,7 +32,8 @@ def create_app(config: dict | None = None) -> Flask:
         raise StartupError(str(e)) from None
 
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # the larger of the two bounds; each route reads its body within its own (serve/body.py)
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes, settings.max_upload_bytes)
     # '//health' is a 404, not a 308 to an absolute URL built from the client's Host header
     app.url_map.merge_slashes = False
     app.json.ensure_ascii = False

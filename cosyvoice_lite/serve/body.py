@@ -6,8 +6,12 @@ import json
 import select
 import socket
 
-from flask import current_app, request
-from werkzeug.exceptions import RequestEntityTooLarge
+import base64
+import binascii
+import io
+
+from flask import request
+from werkzeug.formparser import parse_form_data
 
 from .errors import ApiError
 
@@ -30,9 +34,12 @@ def _read_body(limit: int, timeout: float) -> bytes:
     """
     environ = request.environ
     if request.content_length is not None and request.content_length > limit:
-        raise RequestEntityTooLarge()
+        raise _too_large(limit)
     if not environ.get("wsgi.input_terminated"):  # not gunicorn (e.g. the test client): Werkzeug bounds the stream
-        return request.get_data(cache=False)
+        raw = request.stream.read(limit + 1)
+        if len(raw) > limit:
+            raise _too_large(limit)
+        return raw
     sock = environ.get("gunicorn.socket")
     previous = sock.gettimeout() if sock is not None else None
     try:
@@ -54,8 +61,12 @@ def _read_body(limit: int, timeout: float) -> bytes:
             except OSError:
                 pass
     if len(raw) > limit:
-        raise RequestEntityTooLarge()
+        raise _too_large(limit)
     return raw
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
 
 
 def _stop_reading(sock) -> None:
@@ -67,10 +78,13 @@ def _stop_reading(sock) -> None:
             pass
 
 
-def read_json_object(body_timeout: float) -> dict:
+def read_json_object(body_timeout: float, limit: int) -> dict:
     if not request.is_json:
         raise ApiError(415, "send a JSON body with 'Content-Type: application/json'", code="unsupported_media_type")
-    raw = _read_body(current_app.config["MAX_CONTENT_LENGTH"], body_timeout)
+    return _parse_json(_read_body(limit, body_timeout))
+
+
+def _parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError:
@@ -84,6 +98,42 @@ def read_json_object(body_timeout: float) -> dict:
     return body
 
 
+
+
+def read_upload(body_timeout: float, limit: int, file_key: str = "file") -> tuple[dict[str, str], bytes | None]:
+    """A form with one audio file: multipart/form-data (the file as ``file_key``), or a JSON object with the file
+    base64-encoded under ``file_key`` (or "audio"). -> (the other fields as strings, the file's bytes or None)."""
+    if request.is_json:
+        body = _parse_json(_read_body(limit, body_timeout))
+        encoded = body.pop(file_key, None)
+        if encoded is None:
+            encoded = body.pop("audio", None)
+        fields = {}
+        for key, value in body.items():
+            if value is not None and not isinstance(value, str):
+                raise ApiError(400, f"'{key}' must be a string", code=f"invalid_{key}", param=key)
+            if value is not None:
+                fields[key] = value
+        if encoded is None:
+            return fields, None
+        if not isinstance(encoded, str):
+            raise ApiError(400, f"'{file_key}' must be base64 text", code="invalid_audio", param=file_key)
+        try:
+            return fields, base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"'{file_key}' is not valid base64", code="invalid_audio", param=file_key) from None
+    if request.mimetype != "multipart/form-data":
+        raise ApiError(415, "send multipart/form-data with the audio as 'file', or a JSON body with it base64-encoded",
+                       code="unsupported_media_type")
+    raw = _read_body(limit, body_timeout)
+    environ = {**request.environ, "wsgi.input": io.BytesIO(raw), "CONTENT_LENGTH": str(len(raw))}
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
+    try:
+        _, form, files = parse_form_data(environ, max_content_length=limit, silent=False)
+    except ValueError as e:
+        raise ApiError(400, f"malformed multipart body: {str(e)[:100]}", code="malformed_body") from None
+    upload = files.get(file_key)
+    return {key: form[key] for key in form}, upload.read() if upload is not None else None
 
 
 def client_gone_check(environ):

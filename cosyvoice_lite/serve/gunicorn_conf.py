@@ -5,9 +5,13 @@ workers share the weights' memory pages. Each worker is a gthread worker: every 
 to the engine's scheduler (MAX_BATCH decoded side by side, QUEUE_SIZE more waiting), spare threads keep /health,
 /ready and /metrics answering during long syntheses, and a request beyond the bound gets a 503 at once.
 """
+import atexit
+import glob
 import math
 import os
+import shutil
 import sys
+import tempfile
 
 from cosyvoice_lite.settings import Settings
 
@@ -16,6 +20,38 @@ try:
 except ValueError as _error:  # a bad environment value: one clear line, no traceback, no server
     sys.stderr.write(f"cosyvoice-lite: cannot start: {_error}\n")
     sys.exit(3)
+
+_METRICS_OWNER = "COSYVOICE_METRICS_DIR_OF"  # pid of the master that made PROMETHEUS_MULTIPROC_DIR
+
+
+def _metrics_dir() -> str:
+    """The directory where every process of this server keeps its /metrics figures (prometheus_client's
+    multiprocess mode). Set here, in the master before the app is loaded: prometheus_client reads it at import."""
+    if os.environ.get(_METRICS_OWNER) == str(os.getpid()):  # this master's own, the configuration read again (HUP)
+        return os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given and _METRICS_OWNER not in os.environ:  # the operator's: wiped, or a previous run's counts add up
+        os.makedirs(given, exist_ok=True)
+        for path in glob.glob(os.path.join(given, "*.db")):
+            os.remove(path)
+        return given
+    # A fresh one per server start; in memory (/dev/shm) where there is one, since every request writes to it.
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else os.path.join(_settings.cache_root, "metrics")
+    os.makedirs(base, exist_ok=True)
+    path = tempfile.mkdtemp(prefix="cosyvoice-lite-metrics-", dir=base)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    os.environ[_METRICS_OWNER] = str(os.getpid())
+    # removed when the master exits, however it exits normally (a server, --check-config, a script reading this file)
+    atexit.register(_remove_metrics_dir, path, os.getpid())
+    return path
+
+
+def _remove_metrics_dir(path: str, master: int) -> None:
+    if os.getpid() == master:  # not in the forked workers, which run this process's exit handlers too
+        shutil.rmtree(path, ignore_errors=True)
+
+
+metrics_dir = _metrics_dir()
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
@@ -55,3 +91,10 @@ def post_worker_init(worker):
     service = getattr(worker.wsgi, "extensions", {}).get("cosyvoice_lite")
     if service is not None:
         service.admission.ensure_started()
+
+
+def child_exit(server, worker):
+    """A worker has exited (or was killed): its queue gauges leave the sums of /metrics, its counters stay."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, metrics_dir)

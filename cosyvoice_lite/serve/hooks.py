@@ -9,11 +9,27 @@ import uuid
 from flask import Flask, Response, g, request
 
 from ..service import SynthesisService
+from ..service.metrics import OTHER
 from .context import RequestRecord, finish_request
 from .errors import ApiError
 from ..settings import Settings
 
 PUBLIC_ENDPOINTS = {"api.health", "api.ready", "api.page", "api.favicon", "static"}  # reachable without API_KEY
+# HTTP routes (view names) -> what /metrics counts them as (service.metrics.Metrics.ENDPOINTS)
+ENDPOINT_LABELS = {
+    "tts": "tts", "openai_speech": "speech", "convert": "vc", "openai_voices": "voices", "create_voice": "voices",
+    "get_voice": "voices", "delete_voice": "voices", "openai_models": "models", "openai_model": "models",
+    "speakers": "speakers", "health": "health", "ready": "ready", "metrics": "metrics", "openapi": "openapi",
+    "page": "page", "static": "page", "favicon": "page",
+}
+
+
+def endpoint_label(endpoint: str | None) -> str:
+    """The label of a route, by its name with or without the blueprint ('api.tts' and 'tts' -> 'tts');
+    an unknown or missing route (404) -> 'other'."""
+    return ENDPOINT_LABELS.get((endpoint or "").rsplit(".", 1)[-1], OTHER)
+
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -25,7 +41,8 @@ def register_hooks(app: Flask, service: SynthesisService) -> None:
         service.admission.ensure_started()
         rid = request.headers.get("X-Request-ID", "")
         g.rec = RequestRecord(id=rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex[:16], method=request.method,
-                              path=_printable(request.path), endpoint=_endpoint_label(), started=time.monotonic())
+                              path=_printable(request.path), endpoint=endpoint_label(request.endpoint),
+                              started=time.monotonic())
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
             return Response(status=204)  # CORS preflight; headers added in finish()
         if settings.api_key and (request.endpoint or "") not in PUBLIC_ENDPOINTS:
@@ -52,20 +69,6 @@ def register_hooks(app: Flask, service: SynthesisService) -> None:
 def _printable(text: str, limit: int = 200) -> str:
     """User-controlled text for a log line: no control characters (no forged log lines), bounded length."""
     return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
-
-
-def _endpoint_name() -> str:
-    """The route's name without its blueprint ('api.tts' -> 'tts'; 'static' stays 'static')."""
-    return (request.endpoint or "").rsplit(".", 1)[-1]
-
-
-def _endpoint_label() -> str:
-    endpoint = _endpoint_name()
-    return {"tts": "tts", "openai_speech": "speech", "openai_voices": "voices", "openai_models": "models",
-            "openai_model": "models", "speakers": "speakers",
-            "health": "health", "ready": "ready", "metrics": "metrics", "openapi": "openapi", "page": "page",
-            "static": "page", "favicon": "page"}.get(endpoint, "other")
-
 
 
 def _add_cors(response: Response, settings: Settings) -> None:

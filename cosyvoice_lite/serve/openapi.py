@@ -56,13 +56,72 @@ def _audio_responses(sse: bool = False) -> dict:
     }
 
 
+# The upload routes (a voice from a clip, voice conversion) read their form in serve/body.py's read_upload, not
+# through a model: a multipart form, or JSON with the file base64-encoded; every other field is a string.
+BASE64 = r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+def _upload(fields: dict, file_description: str, multipart_extra: dict | None = None, **json_extra) -> dict:
+    strings = {"type": ["string", "null"]}  # JSON: a null field is an absent one
+    multipart = {"type": "object", "required": ["file"], **(multipart_extra or {}), "properties": {
+        "file": {"type": "string", "format": "binary", "description": file_description},
+        **{k: {"type": "string", **v} for k, v in fields.items()}}}
+    json_form = {"type": "object", "required": ["file"], "additionalProperties": strings, **json_extra, "properties": {
+        "file": {"type": "string", "pattern": BASE64, "contentEncoding": "base64", "description": file_description},
+        **{k: {"anyOf": [{"type": "string", **v}, {"type": "null"}]} for k, v in fields.items()}}}
+    return {"required": True, "content": {"multipart/form-data": {"schema": multipart},
+                                          "application/json": {"schema": json_form}}}
+
+
+def _voice_routes(service, secured: list) -> dict:
+    """POST /v1/audio/voices, GET and DELETE /v1/audio/voices/{voice_id}, POST /vc: what the model offers decides
+    whether they answer (400 unsupported_mode where it cannot clone or convert)."""
+    voice_id = [{"name": "voice_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    saved = {"$ref": REF.format(model="SavedVoice")}
+    refused = _error("The model cannot make voices (unsupported_mode), or the clip cannot be used")
+    return {
+        "/v1/audio/voices/{voice_id}": {
+            "get": {"summary": "A saved voice", "operationId": "get_voice", "security": secured,
+                    "parameters": voice_id,
+                    "responses": {"200": {"description": "the voice", "content": {"application/json": {
+                        "schema": saved}}}, "400": refused, "404": _error("no such saved voice")}},
+            "delete": {"summary": "Delete a saved voice", "operationId": "delete_voice", "security": secured,
+                       "parameters": voice_id,
+                       "responses": {"200": {"description": "deleted", "content": {"application/json": {"schema": {
+                           "type": "object", "required": ["id", "object", "deleted"], "properties": {
+                               "id": {"type": "string"}, "object": {"const": "voice"},
+                               "deleted": {"const": True}}}}}},
+                           "400": refused, "404": _error("no such saved voice")}}},
+        "/vc": {"post": {"summary": "Voice conversion: a source clip spoken again with a voice",
+                         "operationId": "convert", "security": secured,
+                         "requestBody": _upload({"voice": {**schema.voice_names(service), "description": (
+                                                     "a voice name or a saved voice's id; default: the first")},
+                                                 "format": {"enum": list(audio.FORMATS)},
+                                                 "response_format": {"enum": list(audio.FORMATS),
+                                                                     "description": "when format is absent"},
+                                                 "stream": {"enum": ["true", "false"]}}, "the source clip",
+                                                # opus and flac cannot be streamed; in the multipart form as
+                                                # anyOf (schemathesis 4.32.5's coverage phase fails on if/then or
+                                                # not beside a binary field: "Unsupported type: 'Binary'")
+                                                multipart_extra={"anyOf": [
+                                                    {"properties": {"stream": {"const": "false"}}},
+                                                    {"properties": {k: {"enum": list(audio.STREAMABLE_FORMATS)}
+                                                                    for k in ("format", "response_format")}}]},
+                                                **{"if": {"required": ["stream"], "properties": {
+                                                    "stream": {"const": "true"}}},
+                                                   "then": {"properties": {k: {"enum": list(audio.STREAMABLE_FORMATS)}
+                                                                           for k in ("format", "response_format")}}}),
+                         "responses": {**_audio_responses(), "400": refused}}},
+    }
+
+
 def openapi_spec(service) -> dict:
     settings, engine = service.settings, service.engine
     tts, speech = schema.models(service)
     models = [(tts, "validation"), (speech, "validation"),
               *((m, "serialization") for m in (schema.Error, schema.Speakers, schema.Voices, schema.Model,
                                                schema.Models, schema.Status, schema.SpeechAudioDeltaEvent,
-                                               schema.SpeechAudioDoneEvent))]
+                                               schema.SpeechAudioDoneEvent, schema.SavedVoice))]
     _, defs = models_json_schema(models, ref_template=REF)
     secured = [{"bearer": []}] if settings.api_key else []
 
@@ -82,8 +141,23 @@ def openapi_spec(service) -> dict:
             "/v1/audio/speech": {"post": {"summary": "OpenAI-compatible text to speech", "operationId": "speech",
                                           "security": secured, "requestBody": body("SpeechRequest"),
                                           "responses": _audio_responses(sse=True)}},
-            "/v1/audio/voices": {"get": {"summary": "Voices for the OpenAI endpoint", "operationId": "voices",
-                                         "security": secured, "responses": _json("Voices", "voices")}},
+            "/v1/audio/voices": {
+                "get": {"summary": "Voices for the OpenAI endpoint", "operationId": "voices", "security": secured,
+                        "responses": _json("Voices", "voices")},
+                "post": {"summary": "A voice of your own from a reference clip", "operationId": "create_voice",
+                         "security": secured,
+                         "requestBody": _upload({"text": {"description": "the clip's transcript (zero-shot); "
+                                                                         "without it, cross-lingual"},
+                                                 "name": {"description": "a readable name"}},
+                                                "the reference clip (3-30 s of speech)"),
+                         "responses": {"201": {"description": "the saved voice", "content": {"application/json": {
+                             "schema": {"$ref": REF.format(model="SavedVoice")}}}},
+                             "400": _error("The model cannot make voices (unsupported_mode), no clip "
+                                           "(missing_audio), or the clip cannot be used"),
+                             "413": _error("Upload larger than MAX_UPLOAD_BYTES"),
+                             "415": _error("Neither multipart/form-data nor JSON"),
+                             "503": _error("The voice store is not available")}}},
+            **_voice_routes(service, secured),
             "/v1/models": {"get": {"summary": "Models (OpenAI shape): one engine serves them all",
                                    "operationId": "models", "security": secured,
                                    "responses": _json("Models", "models")}},

@@ -12,7 +12,7 @@ from flask import Blueprint, Response, g, jsonify, request, send_from_directory
 from .. import audio
 from ..service import AudioLimit, ServiceError, SynthesisRequest, SynthesisService, TimedOut
 from ..voices import Voice
-from .body import client_gone_check, read_json_object
+from .body import client_gone_check, read_json_object, read_upload
 from .context import RequestRecord, finish_request
 from .errors import ApiError, error_response
 from .openai import SseEncoder, model_ids, model_object
@@ -126,26 +126,78 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
         return {"id": v.id, "alias": v.name, "language": v.language, "engine": v.engine}
 
     def engine_json() -> dict:
-        info = {"engine": engine.name, "description": engine.description}
+        offers = engine.offers
+        info = {"engine": engine.name, "description": engine.description, "model": engine.model_id,
+                "offers": {"kind": offers.kind, "speakers": offers.speakers, "cloning": offers.cloning,
+                           "instructions": offers.instructions, "conversion": offers.conversion}}
         if engine.hint:
             info["hint"] = engine.hint
         return info
 
     @api.post("/tts")
     def tts():
-        body = read_json_object(service.settings.body_timeout)
+        body = read_json_object(service.settings.body_timeout, service.settings.max_body_bytes)
         req = parse_tts(body, service)
         return speak(service, req)
 
     @api.post("/v1/audio/speech")
     def openai_speech():
-        body = read_json_object(service.settings.body_timeout)
+        body = read_json_object(service.settings.body_timeout, service.settings.max_body_bytes)
         req = parse_openai_speech(body, service)
         return speak(service, req)
 
     @api.get("/v1/audio/voices")
     def openai_voices():
-        return jsonify({"voices": voices.listing()})
+        return jsonify({"voices": voices.listing() + service.saved_voices()})
+
+    @api.post("/v1/audio/voices")
+    def create_voice():
+        fields, clip = read_upload(service.settings.body_timeout, service.settings.max_upload_bytes)
+        if clip is None:
+            raise ApiError(400, "send the reference audio as 'file' (multipart) or base64 in a JSON body",
+                           code="missing_audio", param="file")
+        try:
+            made = service.create_voice(clip, fields.get("text"), fields.get("name"), request_id=g.rec.id)
+        except ServiceError as e:
+            g.rec.outcome = e.outcome
+            raise api_error(e) from None
+        return jsonify(made), 201
+
+    @api.get("/v1/audio/voices/<voice_id>")
+    def get_voice(voice_id: str):
+        try:
+            return jsonify(service.saved_voice(voice_id))
+        except ServiceError as e:
+            raise api_error(e) from None
+
+    @api.delete("/v1/audio/voices/<voice_id>")
+    def delete_voice(voice_id: str):
+        try:
+            service.delete_voice(voice_id)
+        except ServiceError as e:
+            raise api_error(e) from None
+        return jsonify({"id": voice_id, "object": "voice", "deleted": True})
+
+    @api.post("/vc")
+    def convert():
+        fields, clip = read_upload(service.settings.body_timeout, service.settings.max_upload_bytes)
+        if clip is None:
+            raise ApiError(400, "send the source audio as 'file' (multipart) or base64 in a JSON body",
+                           code="missing_audio", param="file")
+        name = fields.get("voice")
+        voice = voices.default if name is None else service.find_voice(name)
+        if voice is None:
+            raise ApiError(400, f"unknown voice {name[:80]!r}; choose one of: {voices.names_listing()} or a saved "
+                           "voice's id", code="unknown_speaker", param="voice")
+        fmt = fields.get("format") or fields.get("response_format") or "wav"
+        if fmt not in audio.FORMATS:
+            raise ApiError(400, f"'format' must be one of {', '.join(audio.FORMATS)}", code="invalid_format",
+                           param="format")
+        stream = (fields.get("stream") or "false").lower() == "true"
+        if stream and fmt not in audio.STREAMABLE_FORMATS:
+            raise ApiError(400, f"{fmt} cannot be streamed; stream one of {', '.join(audio.STREAMABLE_FORMATS)}",
+                           code="invalid_format", param="format")
+        return speak(service, SynthesisRequest("", voice, format=fmt, stream=stream, source=clip))
 
     @api.get("/v1/models")
     def openai_models():

@@ -16,10 +16,12 @@ from pydantic_core import PydanticCustomError
 
 from .. import audio
 from ..service import SynthesisRequest, SynthesisService, clean_text
+from ..voices.store import ID_PATTERN
 from .errors import ApiError
 
 SPEED_RANGE = (0.25, 4.0)
 SEED_MAX = 2**63 - 1
+MAX_INSTRUCTIONS_CHARS = 1000
 WHOLE_FORMATS = [f for f in audio.FORMATS if f not in audio.STREAMABLE_FORMATS]  # opus, flac: sent whole only
 
 # Text must have something besides whitespace and control characters (Cc, which become spaces; so do lone
@@ -35,6 +37,8 @@ Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description=(
     # JSON Schema's integer is any number without a fraction (7.0 too): read such a number as that integer
     BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
 CACHE = "false: neither read nor write the sentence-level audio cache for this request"
+INSTRUCTIONS = ("how to speak, in words (CosyVoice-300M-Instruct); a model without instructions accepts only "
+                "blank, as its pattern says")
 
 
 def _streamed_whole_format(stream_key: str, format_key: str, **unless) -> dict:
@@ -83,6 +87,7 @@ class TtsRequest(Body):
     normalize: bool | None = Field(True, description="text normalisation (numbers, dates, ...)")
     cache: bool | None = Field(True, description=CACHE)
     seed: Seed | None = None
+    instructions: Annotated[str, Field(max_length=MAX_INSTRUCTIONS_CHARS)] | None = Field("", description=INSTRUCTIONS)
 
     @model_validator(mode="after")
     def _streamable(self):
@@ -113,8 +118,7 @@ class SpeechRequest(Body):
                                                            "by VOICE_MAP (GET /v1/audio/voices)")
     response_format: Format | None = Field("mp3", description="aac is not available (400)")
     speed: Speed | None = 1.0
-    instructions: Annotated[str, Field(pattern=BLANK)] | None = Field(
-        "", description="not supported by this model (its speakers have fixed voices): only blank is accepted")
+    instructions: Annotated[str, Field(max_length=MAX_INSTRUCTIONS_CHARS)] | None = Field("", description=INSTRUCTIONS)
     stream_format: Literal["audio", "sse"] | None = Field(
         "audio", description="sse: speech.audio.delta / speech.audio.done events")
     stream: bool | None = Field(True, description="extension: false sends the whole file at the end; wav, pcm and "
@@ -133,28 +137,42 @@ class SpeechRequest(Body):
         return self
 
 
-def _listed(names: tuple[str, ...]) -> Any:
-    """A name field's schema lists the names the service knows; the lookup itself is the service's (``_voice``)."""
-    return WithJsonSchema({"type": "string", "enum": list(names)})
+def _named(names: tuple[str, ...], saved: bool) -> Any:
+    """A voice field's schema: the names the service knows, and (where the model makes voices) the form of a saved
+    voice's id. The lookup itself is the service's (``_voice``), in which names match case-insensitively."""
+    listed = {"type": "string", "enum": list(names)}
+    return WithJsonSchema({"anyOf": [listed, {"type": "string", "pattern": ID_PATTERN.pattern}]} if saved else listed)
+
+
+def _instructions(offered: bool) -> Any:
+    """Instructions of at most MAX_INSTRUCTIONS_CHARS; on a model without them, blank only."""
+    return Annotated[str, Field(max_length=MAX_INSTRUCTIONS_CHARS, **({} if offered else {"pattern": BLANK}))] | None
 
 
 @lru_cache(maxsize=8)
-def tts_model(max_chars: int, speakers: tuple[str, ...]) -> type[TtsRequest]:
-    """TtsRequest with this service's MAX_TEXT_CHARS and speaker names."""
+def tts_model(max_chars: int, speakers: tuple[str, ...], saved: bool, instructions: bool) -> type[TtsRequest]:
+    """TtsRequest with this service's MAX_TEXT_CHARS, voice names and offers."""
     return create_model(
         "TtsRequest", __base__=TtsRequest,
         text=(Annotated[str, Field(min_length=1, max_length=max_chars, pattern=SPEAKABLE)], ...),
-        speaker=(Annotated[str, _listed(speakers)] | None, TtsRequest.model_fields["speaker"]))
+        speaker=(Annotated[str, _named(speakers, saved)] | None, TtsRequest.model_fields["speaker"]),
+        instructions=(_instructions(instructions), TtsRequest.model_fields["instructions"]))
 
 
 @lru_cache(maxsize=8)
-def speech_model(max_chars: int, voices: tuple[str, ...]) -> type[SpeechRequest]:
-    """SpeechRequest with this service's MAX_TEXT_CHARS and voice names (speakers, then VOICE_MAP names)."""
-    ref = create_model("VoiceRef", __base__=VoiceRef, id=(Annotated[str, _listed(voices)], ...))
+def speech_model(max_chars: int, voices: tuple[str, ...], saved: bool, instructions: bool) -> type[SpeechRequest]:
+    """SpeechRequest with this service's MAX_TEXT_CHARS, voice names (speakers, then VOICE_MAP names) and offers."""
+    ref = create_model("VoiceRef", __base__=VoiceRef, id=(Annotated[str, _named(voices, saved)], ...))
     return create_model(
         "SpeechRequest", __base__=SpeechRequest,
         input=(Annotated[str, Field(min_length=1, max_length=max_chars, pattern=SPEAKABLE)], ...),
-        voice=(Annotated[str, _listed(voices)] | ref | None, SpeechRequest.model_fields["voice"]))
+        voice=(Annotated[str, _named(voices, saved)] | ref | None, SpeechRequest.model_fields["voice"]),
+        instructions=(_instructions(instructions), SpeechRequest.model_fields["instructions"]))
+
+
+def voice_names(service: SynthesisService) -> dict:
+    """The JSON schema of a voice name on the upload routes (POST /vc), as on /v1/audio/speech."""
+    return _named(_names(service.voices, mapped=True), service.store is not None).json_schema
 
 
 def _names(voices, mapped: bool) -> tuple[str, ...]:
@@ -167,9 +185,10 @@ def _names(voices, mapped: bool) -> tuple[str, ...]:
 
 def models(service: SynthesisService) -> tuple[type[TtsRequest], type[SpeechRequest]]:
     """The two request models of this service: they validate its requests and are its /openapi.json."""
-    max_chars = service.settings.max_text_chars
-    return (tts_model(max_chars, _names(service.voices, mapped=False)),
-            speech_model(max_chars, _names(service.voices, mapped=True)))
+    max_chars, offers = service.settings.max_text_chars, service.engine.offers
+    saved = service.store is not None  # saved voices are looked up by id
+    return (tts_model(max_chars, _names(service.voices, mapped=False), saved, offers.instructions),
+            speech_model(max_chars, _names(service.voices, mapped=True), saved, offers.instructions))
 
 
 # ---- parsing: the model, then what no schema says ------------------------------------------------------------
@@ -180,7 +199,7 @@ def parse_tts(body: dict, service: SynthesisService) -> SynthesisRequest:
     voice = _voice(req.speaker, "speaker", service, mapped=False)
     _readable(req.text, "text", service)
     return SynthesisRequest(req.text, voice, req.speed, req.format, req.stream, seed=req.seed, cache=req.cache,
-                            normalize=req.normalize)
+                            normalize=req.normalize, instructions=req.instructions)
 
 
 def parse_openai_speech(body: dict, service: SynthesisService) -> SynthesisRequest:
@@ -193,7 +212,7 @@ def parse_openai_speech(body: dict, service: SynthesisService) -> SynthesisReque
     stream = sse or (req.stream if "stream" in req.model_fields_set else req.response_format in
                      audio.STREAMABLE_FORMATS)
     return SynthesisRequest(req.input, voice, req.speed, req.response_format, stream, sse=sse, seed=req.seed,
-                            cache=req.cache, normalize=req.normalize)
+                            cache=req.cache, normalize=req.normalize, instructions=req.instructions)
 
 
 def _validate(model: type[Body], body: dict, service, roles: dict) -> Body:
@@ -207,7 +226,7 @@ def _voice(name: str | None, key: str, service, mapped: bool):
     """The voice by name: the speaker lookup is the service's (names match case-insensitively), not the schema's."""
     if name is None:
         return service.voices.default
-    voice = service.voices.find(name, mapped=mapped)
+    voice = service.find_voice(name, mapped=mapped)
     if voice is None:
         raise _unknown_speaker(key, f"unknown {key} {repr(name)[:80]}", service, mapped)
     return voice
@@ -270,10 +289,13 @@ def _api_error(error: dict, body: dict, service, roles: dict) -> ApiError:
         return ApiError(400, f"'seed' must be an integer from 0 to {SEED_MAX}", code="invalid_seed", param="seed")
     if key in ("stream", "normalize", "cache"):
         return ApiError(400, f"'{key}' must be true or false", code=f"invalid_{key}", param=key)
-    if key == "instructions" and kind == "string_pattern_mismatch":
+    if key == "instructions" and kind == "string_too_long":
+        return ApiError(400, f"'instructions' has {len(value)} characters; the limit is {MAX_INSTRUCTIONS_CHARS}",
+                        code="instructions_too_long", param="instructions")
+    if key == "instructions" and kind == "string_pattern_mismatch":  # the service's refusal, said by the schema
         return ApiError(400, f"'instructions' is not supported by this model ({service.engine.model_id}): "
-                        "its speakers have fixed voices; leave it out and choose a voice instead",
-                        code="unsupported_instructions", param="instructions")
+                        "its voices are fixed; leave it out and choose a voice instead (instructions need "
+                        "CosyVoice-300M-Instruct)", code="unsupported_instructions", param="instructions")
     if key == "stream_format":
         return ApiError(400, "'stream_format' must be 'audio' or 'sse'", code="invalid_stream_format", param=key)
     return ApiError(400, f"'{key}' must be a string", code=f"invalid_{key}", param=key)  # model, instructions
@@ -301,9 +323,20 @@ class SpeakerInfo(BaseModel):
     engine: str
 
 
+class Offers(BaseModel):
+    """What the loaded model can do besides speaking with its own voices."""
+    kind: str
+    speakers: bool
+    cloning: bool
+    instructions: bool
+    conversion: bool
+
+
 class Speakers(BaseModel):
     engine: str
     description: str
+    model: str
+    offers: Offers
     hint: str | None = Field(None, description="the offline voice: how to get CosyVoice")
     default: str
     speakers: list[SpeakerInfo]
@@ -316,8 +349,20 @@ class VoiceInfo(BaseModel):
     speaker: str = Field(description="the speaker's alias")
 
 
+class SavedVoice(BaseModel):
+    """A voice made from a reference clip (POST /v1/audio/voices)."""
+    object: Literal["voice"]
+    id: str
+    name: str | None
+    language: str | None
+    mode: str | None
+    transcript: str | None
+    prompt_seconds: float | None
+    created_at: int | float | None
+
+
 class Voices(BaseModel):
-    voices: list[VoiceInfo]
+    voices: list[VoiceInfo | SavedVoice] = Field(description="the model's voices, the OpenAI names, then saved voices")
 
 
 class Model(BaseModel):

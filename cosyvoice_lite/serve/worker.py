@@ -23,7 +23,9 @@ from functools import partial
 from gunicorn import util
 from gunicorn.workers import gthread
 from gunicorn.workers.gthread import ThreadWorker
+from werkzeug.exceptions import HTTPException
 
+from .hooks import endpoint_label
 from ..settings import Settings
 
 _CODES = {400: "bad_request", 403: "forbidden", 408: "body_timeout", 414: "uri_too_long",
@@ -75,7 +77,7 @@ class JsonErrorWorker(ThreadWorker):
         self.read_timeout = settings.header_timeout + settings.body_timeout
         self.body_timeout = settings.body_timeout
         self.write_timeout = settings.write_timeout
-        self.max_body = settings.max_body_bytes
+        self.max_body = max(settings.max_body_bytes, settings.max_upload_bytes)  # the larger route bound
         self.lingering = {}  # socket -> (deadline, bytes drained)
         super().init_process()
 
@@ -189,7 +191,11 @@ class JsonErrorWorker(ThreadWorker):
             pass
         service = getattr(self.wsgi, "extensions", {}).get("cosyvoice_lite")
         if service is not None:
-            service.metrics.observe_request({"/tts": "tts", "/v1/audio/speech": "speech"}.get(path, "other"), 408)
+            try:  # the route the request was for, found as Flask would (the app never saw it)
+                endpoint, _ = self.wsgi.url_map.bind("localhost").match(path, method=line[0])
+            except HTTPException:  # no such route (404, 405, a redirect)
+                endpoint = None
+            service.metrics.observe_request(endpoint_label(endpoint), 408)
 
     @staticmethod
     def _drop(conn) -> bool:

@@ -10,9 +10,12 @@ class ServiceError(Exception):
     code = "internal_error"
     outcome = "error"  # for the request's log line
 
-    def __init__(self, message: str, *, param: str | None = None, retry_after: int | None = None, **extra):
+    def __init__(self, message: str, *, param: str | None = None, retry_after: int | None = None,
+                 code: str | None = None, **extra):
         super().__init__(message)
         self.message, self.param, self.retry_after, self.extra = message, param, retry_after, extra
+        if code is not None:
+            self.code = code
 
 
 class QueueFull(ServiceError):
@@ -31,6 +34,24 @@ class NothingToSpeak(ServiceError):
 class Unsupported(ServiceError):
     """The loaded model cannot do what was asked (the message names the model and what it offers)."""
     status, code, outcome = 400, "unsupported", "rejected"
+
+
+class InvalidInput(ServiceError):
+    """Something the client sent cannot be used (an audio file that does not decode, a transcript too long...)."""
+    status, code, outcome = 400, "invalid_input", "rejected"
+
+
+class NotFound(ServiceError):
+    status, code, outcome = 404, "not_found", "rejected"
+
+
+class Conflict(ServiceError):
+    status, code, outcome = 409, "conflict", "rejected"
+
+
+class StoreFailure(ServiceError):
+    """The voice store (disk or Redis) does not answer; details in the server log."""
+    status, code, outcome = 503, "store_unavailable", "store_error"
 
 
 class EngineFailure(ServiceError):

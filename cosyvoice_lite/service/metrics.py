@@ -1,24 +1,35 @@
-"""Counters and gauges for /metrics, shared by all worker processes of one server."""
+"""Counters and gauges for /metrics, kept by prometheus_client.
+
+Under gunicorn (several worker processes) prometheus_client runs in its multiprocess mode: every process writes its
+figures to files of its own in PROMETHEUS_MULTIPROC_DIR, and a scrape adds up the files of all of them, whichever
+worker answers. prometheus_client reads that variable once, when it is first imported, so it is imported here only
+when the first Metrics is made: serve/gunicorn_conf.py sets the variable in the master (a fresh directory per
+server start) after the serve package, and so this module, is imported, but before the app is loaded. It also
+removes an exited worker's live gauges (child_exit). Without the variable (Flask test client, CLI) the figures are
+this process's own.
+"""
 from __future__ import annotations
 
+import logging
 import math
-import mmap
-import multiprocessing
 import os
-import threading
+from types import SimpleNamespace
 
-import numpy as np
+log = logging.getLogger(__name__)
 
+OTHER = "other"
 
+# The one table of endpoint labels: route (view function) name -> the label its requests are counted under.
 class Metrics:
-    """Counters for /metrics, kept in an anonymous shared memory map created before gunicorn forks (preload), so
-    every worker's numbers add up in whichever worker answers the scrape. Each process writes only its own slot;
-    a slot left by a dead worker is taken over with its counters (they stay monotonic) and its gauges zeroed."""
+    """The figures of /metrics. Counters (requests, audio, cache) include those of workers that have exited;
+    queue depth, in progress and workers are summed over the live workers only."""
 
-    ENDPOINTS = ("tts", "speech", "voices", "speakers", "health", "ready", "metrics", "openapi", "page", "other")
-    CODES = (200, 204, 304, 400, 401, 404, 405, 408, 413, 415, 499, 500, 503, 504, 0)  # 0 = any other
+    # what a request is counted as: the front doors' endpoints (serve/hooks.py maps HTTP routes onto these)
+    ENDPOINTS = ("tts", "speech", "vc", "voices", "models", "speakers", "health", "ready", "metrics", "openapi",
+                 "page", "wyoming", OTHER)
+    # Status codes outside this list are counted as code="other" (a bounded set of series).
+    CODES = (200, 204, 304, 400, 401, 404, 405, 408, 413, 415, 499, 500, 503, 504)
     BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
-    SLOTS = 64
 
     # audio cache counters (cache.AudioCache's names) -> (metric, help)
     CACHE_COUNTERS = {
@@ -31,132 +42,107 @@ class Metrics:
         "errors": ("cosyvoice_cache_errors_total", "Cache operations that failed (request synthesised instead)."),
     }
 
-    # slot layout (float64 each)
-    _PID, _AUDIO, _SYNTH, _CHARS, _WAITING, _RUNNING, _DUR_SUM, _CACHE = range(8)
-    _HEAD = _CACHE + len(CACHE_COUNTERS)
-
     def __init__(self):
-        self._n_req = len(self.ENDPOINTS) * len(self.CODES)
-        self._slot_len = self._HEAD + self._n_req + len(self.BUCKETS)
-        self._map = mmap.mmap(-1, self.SLOTS * self._slot_len * 8)
-        self._table = np.frombuffer(self._map, dtype=np.float64).reshape(self.SLOTS, self._slot_len)
-        try:
-            self._claim_lock = multiprocessing.Lock()
-        except (OSError, ImportError):  # no /dev/shm: per-process metrics only
-            self._claim_lock = threading.Lock()
-        self._slot = None
-        self._slot_pid = None
-        self._lock = threading.Lock()
-        self._private = np.zeros(self._slot_len)
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+        from prometheus_client.multiprocess import MultiProcessCollector
 
-    def _my_slot(self) -> np.ndarray:
-        pid = os.getpid()
-        if self._slot_pid == pid:
-            return self._slot
-        self._lock = threading.Lock()
-        acquired = self._claim_lock.acquire(timeout=2.0)
-        try:
-            rows = [i for i in range(self.SLOTS) if not _alive(int(self._table[i, self._PID]))]
-            slot = self._table[rows[0]] if rows else self._private
-            slot[self._PID] = pid
-            slot[self._WAITING] = slot[self._RUNNING] = 0
-        finally:
-            if acquired:
-                self._claim_lock.release()
-        self._slot, self._slot_pid = slot, pid
-        return slot
+        # A registry of its own: each app (tests make many in one process) starts from zero.
+        registry = CollectorRegistry(auto_describe=False)
+        self._requests = Counter("cosyvoice_requests_total", "HTTP requests by endpoint and status code.",
+                                 ("endpoint", "code"), registry=registry)
+        self._errors = Counter("cosyvoice_errors_total", "HTTP responses with a 4xx/5xx status, by status code.",
+                               ("code",), registry=registry)
+        self._audio = Counter("cosyvoice_audio_seconds_total", "Seconds of audio synthesised.", registry=registry)
+        self._synth = Counter("cosyvoice_synthesis_seconds_total", "Seconds spent synthesising.", registry=registry)
+        self._chars = Counter("cosyvoice_characters_total", "Characters of text synthesised.", registry=registry)
+        self._duration = Histogram("cosyvoice_request_duration_seconds",
+                                   "Wall time of synthesis requests (to the last byte).", buckets=self.BUCKETS,
+                                   registry=registry)
+        # livesum: the sum over the processes alive now (a dead worker's files are removed by child_exit)
+        self._waiting = Gauge("cosyvoice_queue_depth", "Requests waiting for synthesis (all workers).",
+                              multiprocess_mode="livesum", registry=registry)
+        self._running = Gauge("cosyvoice_in_progress", "Requests being synthesised (all workers).",
+                              multiprocess_mode="livesum", registry=registry)
+        self._workers = Gauge("cosyvoice_workers", "Worker processes that have served a request.",
+                              multiprocess_mode="livesum", registry=registry)
+        self._voices_made = Counter("cosyvoice_voices_made_total", "Voices made from reference audio.",
+                                    registry=registry)
+        self._voice_seconds = Counter("cosyvoice_voice_making_seconds_total",
+                                      "Seconds spent making voices (features, tokenizer, speaker encoder).",
+                                      registry=registry)
+        self._voices_deleted = Counter("cosyvoice_voices_deleted_total", "Saved voices deleted.", registry=registry)
+        self._cache = {name: Counter(metric, help_text, registry=registry)
+                       for name, (metric, help_text) in self.CACHE_COUNTERS.items()}
+        # prometheus_client chose its store at import: files shared by the processes, or this process's memory
+        if getattr(values.ValueClass, "_multiprocess", False):
+            self._collector = MultiProcessCollector(None)
+        else:
+            self._collector = registry
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                log.error("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set: /metrics shows "
+                          "only the figures of the worker that answers")
+        # the files hold no order: families are shown in the order they are defined here
+        self._order = {family.name: i for i, family in enumerate(registry.collect())}
+        self._cache_metrics = {metric.removesuffix("_total") for metric, _ in self.CACHE_COUNTERS.values()}
 
     def observe_request(self, endpoint: str, status: int, seconds: float | None = None, chars: int = 0,
                         audio_seconds: float = 0.0, synth_seconds: float = 0.0) -> None:
-        e = self.ENDPOINTS.index(endpoint) if endpoint in self.ENDPOINTS else len(self.ENDPOINTS) - 1
-        c = self.CODES.index(status) if status in self.CODES else len(self.CODES) - 1
-        slot = self._my_slot()
-        with self._lock:
-            slot[self._HEAD + e * len(self.CODES) + c] += 1
-            slot[self._AUDIO] += audio_seconds
-            slot[self._SYNTH] += synth_seconds
-            slot[self._CHARS] += chars
-            if seconds is not None:  # latency histogram of synthesis requests
-                slot[self._DUR_SUM] += seconds
-                b = next(i for i, edge in enumerate(self.BUCKETS) if seconds <= edge)
-                slot[self._HEAD + self._n_req + b] += 1
+        """One finished request; ``seconds`` (its wall time) only for synthesis requests."""
+        code = str(status) if status in self.CODES else OTHER
+        self._requests.labels(endpoint if endpoint in self.ENDPOINTS else OTHER, code).inc()
+        if status >= 400 or code == OTHER:
+            self._errors.labels(code).inc()
+        if audio_seconds:
+            self._audio.inc(audio_seconds)
+        if synth_seconds:
+            self._synth.inc(synth_seconds)
+        if chars:
+            self._chars.inc(chars)
+        if seconds is not None:
+            self._duration.observe(seconds)
+        self._workers.set(1)
+
+    def count_voice(self, event: str, seconds: float) -> None:
+        """'made' (with the seconds it took) or 'deleted'."""
+        if event == "made":
+            self._voices_made.inc()
+            self._voice_seconds.inc(seconds)
+        else:
+            self._voices_deleted.inc()
 
     def count_cache(self, name: str, amount: float) -> None:
-        slot = self._my_slot()
-        with self._lock:
-            slot[self._CACHE + list(self.CACHE_COUNTERS).index(name)] += amount
+        self._cache[name].inc(amount)
 
     def set_queue(self, waiting: int, running: int) -> None:
-        slot = self._my_slot()
-        slot[self._WAITING] = waiting
-        slot[self._RUNNING] = running
+        self._waiting.set(waiting)
+        self._running.set(running)
+        self._workers.set(1)  # this process counts among the workers from its first queue change (its start)
 
     def render(self, engine: str, ready: bool, capacity: int, cache: dict | None = None) -> str:
-        """``cache``: None when the audio cache is off, else the backend's figures (AudioCache.stats())."""
-        live = [row for row in self._table if row[self._PID] and _alive(int(row[self._PID]))]
-        total = self._table.sum(axis=0)  # counters: every slot, dead workers' included
-        if self._slot is self._private:
-            total = total + self._private
-            live.append(self._private)
-        gauges = np.sum(live, axis=0) if live else np.zeros(self._slot_len)
-        out = []
+        """The text of /metrics. ``cache``: None when the audio cache is off, else the backend's figures
+        (AudioCache.stats()); the other arguments are this worker's own."""
+        from prometheus_client import generate_latest
+        from prometheus_client.core import GaugeMetricFamily
 
-        def metric(name, kind, help_text, samples):
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(f"{name}{labels} {_num(value)}" for labels, value in samples)
+        families = []
+        for family in sorted(self._collector.collect(), key=lambda f: self._order.get(f.name, len(self._order))):
+            if family.name in self._cache_metrics and cache is None:
+                continue
+            if family.name == "cosyvoice_cache_evictions" and cache.get("evictions"):  # Redis counts its own
+                family.samples = [s._replace(value=s.value + cache["evictions"]) for s in family.samples]
+            # no *_created series: the in-process store adds them, the multiprocess one cannot; keep both alike
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            families.append(family)
+        families.append(GaugeMetricFamily("cosyvoice_queue_capacity",
+                                          "Requests one worker holds (waiting + synthesising).", value=capacity))
+        families.append(GaugeMetricFamily("cosyvoice_ready", "1 when this worker's engine is loaded and warmed up.",
+                                          value=1 if ready else 0))
+        if cache is not None and "bytes" in cache:
+            families.append(GaugeMetricFamily("cosyvoice_cache_bytes", "Bytes the disk cache holds now.",
+                                              value=cache["bytes"]))
+        info = GaugeMetricFamily("cosyvoice_engine_info", "The engine serving requests.", labels=("engine",))
+        info.add_metric((engine,), 1)
+        families.append(info)
+        # generate_latest takes anything with collect()
+        return generate_latest(SimpleNamespace(collect=lambda: families)).decode()
 
-        requests = total[self._HEAD:self._HEAD + self._n_req].reshape(len(self.ENDPOINTS), len(self.CODES))
-        metric("cosyvoice_requests_total", "counter", "HTTP requests by endpoint and status code.",
-               [(f'{{endpoint="{ep}",code="{code or "other"}"}}', requests[i, j])
-                for i, ep in enumerate(self.ENDPOINTS) for j, code in enumerate(self.CODES) if requests[i, j]])
-        by_code = requests.sum(axis=0)
-        metric("cosyvoice_errors_total", "counter", "HTTP responses with a 4xx/5xx status, by status code.",
-               [(f'{{code="{code or "other"}"}}', by_code[j]) for j, code in enumerate(self.CODES)
-                if (code == 0 or code >= 400) and by_code[j]])
-        metric("cosyvoice_audio_seconds_total", "counter", "Seconds of audio synthesised.",
-               [("", total[self._AUDIO])])
-        metric("cosyvoice_synthesis_seconds_total", "counter", "Seconds spent synthesising.",
-               [("", total[self._SYNTH])])
-        metric("cosyvoice_characters_total", "counter", "Characters of text synthesised.",
-               [("", total[self._CHARS])])
-        buckets = np.cumsum(total[self._HEAD + self._n_req:])
-        metric("cosyvoice_request_duration_seconds", "histogram",
-               "Wall time of synthesis requests (to the last byte).",
-               [(f'_bucket{{le="{"+Inf" if math.isinf(edge) else edge}"}}', buckets[i])
-                for i, edge in enumerate(self.BUCKETS)]
-               + [("_sum", total[self._DUR_SUM]), ("_count", buckets[-1])])
-        metric("cosyvoice_queue_depth", "gauge", "Requests waiting for synthesis (all workers).",
-               [("", gauges[self._WAITING])])
-        metric("cosyvoice_in_progress", "gauge", "Requests being synthesised (all workers).",
-               [("", gauges[self._RUNNING])])
-        metric("cosyvoice_queue_capacity", "gauge", "Requests one worker holds (waiting + synthesising).",
-               [("", capacity)])
-        metric("cosyvoice_workers", "gauge", "Worker processes that have served a request.", [("", len(live))])
-        metric("cosyvoice_ready", "gauge", "1 when this worker's engine is loaded and warmed up.",
-               [("", 1 if ready else 0)])
-        if cache is not None:
-            for i, (name, (metric_name, help_text)) in enumerate(self.CACHE_COUNTERS.items()):
-                value = total[self._CACHE + i] + (cache.get("evictions", 0) if name == "evictions" else 0)
-                metric(metric_name, "counter", help_text, [("", value)])
-            if "bytes" in cache:
-                metric("cosyvoice_cache_bytes", "gauge", "Bytes the disk cache holds now.", [("", cache["bytes"])])
-        metric("cosyvoice_engine_info", "gauge", "The engine serving requests.", [(f'{{engine="{engine}"}}', 1)])
-        return "\n".join(out) + "\n"
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _num(value) -> str:
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)

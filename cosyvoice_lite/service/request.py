@@ -19,4 +19,5 @@ class SynthesisRequest:
     cache: bool = True          # may read and write the audio cache
     normalize: bool = True      # text normalisation (numbers, symbols) before tokenizing
     instructions: str = ""      # how to speak (CosyVoice-300M-Instruct)
+    source: bytes | None = None  # voice conversion: the clip whose speech is said again in ``voice`` (no text)
     id: str = ""                # request id, for logs

@@ -18,15 +18,19 @@ from ..cache import dequantize, quantize, segment_key
 from ..cancel import AUDIO_LIMIT, CANCELLED, Cancelled, CancelToken
 from ..engines import SEGMENT_END, Plan, SynthesisError
 from .errors import EngineFailure, NothingToSpeak, ServiceError, cancelled
+from ..voices import Voice
 from .request import SynthesisRequest
 
 log = logging.getLogger("cosyvoice_lite")
 
 
 class Synthesis:
-    def __init__(self, service, request: SynthesisRequest, cancel: CancelToken):
+    def __init__(self, service, request: SynthesisRequest, voice: Voice, cancel: CancelToken,
+                 clip: tuple[np.ndarray, int] | None = None):
         self.service = service
         self.request = request
+        self.voice = voice                   # what conditions it: the request's voice, with its instructions if any
+        self._clip = clip                    # voice conversion: the source clip (samples, rate)
         self.plan: Plan | None = None     # set by the service once admitted
         self.cancel = cancel                 # the one cancellation of this request
         self.cache_status = "off"            # 'hit' (every segment), 'partial', 'miss' or 'off'; known at the first chunk
@@ -76,6 +80,9 @@ class Synthesis:
             self._release()
             raise EngineFailure(f"synthesis failed: {admission.failure} (request id {request.id})")
         self.started = time.perf_counter()
+        if self._clip is not None:
+            yield from self._convert()
+            return
         segments = self.plan.segments
         # a seeded run draws each segment from one random stream, which the cache cannot reproduce: not cached
         store = service.cache if request.cache and request.seed is None else None
@@ -84,7 +91,7 @@ class Synthesis:
             identity = service.engine.identity()
 
             def key(i: int, lead: bool) -> str:
-                return segment_key(identity, request.voice.fingerprint, request.speed, lead, segments[i].key())
+                return segment_key(identity, self.voice.fingerprint, request.speed, lead, segments[i].key())
 
             # The first segment the engine synthesises streams with the first-chunk rules (lead). Segment 0 always
             # is that one; a later one was if the segments before it came from the cache: either serves it.
@@ -95,7 +102,7 @@ class Synthesis:
         audio = None
         try:
             if missing:
-                audio = iter(service.engine.synthesize([segments[i] for i in missing], request.voice, request.speed,
+                audio = iter(service.engine.synthesize([segments[i] for i in missing], self.voice, request.speed,
                                                        self.cancel, request.seed))
             for i, pcm in enumerate(found):
                 if pcm is not None:
@@ -119,28 +126,48 @@ class Synthesis:
                 admission.speed.observe(self.plan.units, self.samples * request.speed / SAMPLE_RATE,
                                         time.perf_counter() - self.started)
             self.outcome = "ok"
-        except Cancelled as e:
-            error = cancelled(self.cancel.reason or e.reason)  # the token knows why (deadline, client gone)
-            self.outcome = error.outcome
-            raise error from None
-        except SynthesisError as e:
-            self.outcome = "rejected"
-            raise NothingToSpeak(str(e), param="text") from None
-        except GeneratorExit:
-            raise
-        except ServiceError as e:
-            self.outcome = e.outcome
-            raise
-        except Exception as e:
-            log.exception("synthesis failed (request %s)", request.id)
-            self.outcome = "engine_error"
-            raise EngineFailure(f"synthesis failed: {type(e).__name__} during synthesis (request id "
-                                f"{request.id})") from None
+        except Exception as e:  # GeneratorExit (closed early) is not one: it passes
+            failure = self._failed(e)
+            if failure is e:
+                raise
+            raise failure from None
         finally:
             self._ended = time.perf_counter()
             if audio is not None and hasattr(audio, "close"):
                 audio.close()
             self._release()
+
+    def _convert(self) -> Iterator[np.ndarray]:
+        """Voice conversion: the source clip's speech in this voice, one segment, never cached."""
+        audio = None
+        try:
+            audio = iter(self.service.engine.convert(*self._clip, self.voice, self.cancel, self.request.seed))
+            for chunk in audio:
+                if chunk is not SEGMENT_END:
+                    yield from self._emit(chunk)
+            self.outcome = "ok"
+        except Exception as e:
+            raise self._failed(e) from None
+        finally:
+            self._ended = time.perf_counter()
+            if audio is not None and hasattr(audio, "close"):
+                audio.close()
+            self._release()
+
+    def _failed(self, e: Exception) -> ServiceError:
+        """The ServiceError that ends this synthesis after ``e`` (logged when it is not the client's doing)."""
+        if isinstance(e, Cancelled):
+            error = cancelled(self.cancel.reason or e.reason)  # the token knows why (deadline, client gone)
+        elif isinstance(e, SynthesisError):
+            error = NothingToSpeak(str(e), param="text")
+        elif isinstance(e, ServiceError):
+            error = e
+        else:
+            log.exception("synthesis failed (request %s)", self.request.id, exc_info=e)
+            error = EngineFailure(f"synthesis failed: {type(e).__name__} during synthesis (request id "
+                                  f"{self.request.id})")
+        self.outcome = error.outcome
+        return error
 
     def _emit(self, chunk: np.ndarray) -> Iterator[np.ndarray]:
         chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)

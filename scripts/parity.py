@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from cosyvoice_lite.decode.reference import generate, text_to_tokens
+
 TOLERANCE = 1e-3
 # frontend.json normaliser name -> our TextFrontend `normalize` flag
 NORMALISERS = {"none": False, "wetext": True}
@@ -103,7 +105,7 @@ def _llm_stages(model, golden: Golden, case: str) -> Iterator[tuple[str, Callabl
     def speech_token():
         ratio = (N + 0.5) / L  # the official forcing: min_len = max_len = N
         torch.manual_seed(int(golden.cases[case].get("seed", 0)))
-        ours = list(llm.generate(text, embedding, min_token_text_ratio=ratio, max_token_text_ratio=ratio))
+        ours = list(generate(llm, text, embedding, min_token_text_ratio=ratio, max_token_text_ratio=ratio))
         return mismatches(ours, speech[0].tolist())
 
     yield "text_embedding_out", lambda: max_abs(llm.text_embedding(text), golden.array(case, "text_embedding_out")), TOLERANCE
@@ -170,8 +172,8 @@ def _e2e_stages(model, golden: Golden, case: str) -> Iterator[tuple[str, Callabl
         # One seeded run in the official order of random draws: LLM sampling, flow noise, HiFT source.
         if not result:
             torch.manual_seed(int(meta.get("seed", 0)))
-            result["tokens"] = list(model.text_to_tokens(text, meta["spk"], min_token_text_ratio=ratio,
-                                                         max_token_text_ratio=ratio))
+            result["tokens"] = list(text_to_tokens(model, text, meta["spk"], min_token_text_ratio=ratio,
+                                                   max_token_text_ratio=ratio))
             result["mel"] = model.tokens_to_mel(result["tokens"], meta["spk"])
             result["wav"] = model.mel_to_wav(result["mel"])
         return result
@@ -181,12 +183,186 @@ def _e2e_stages(model, golden: Golden, case: str) -> Iterator[tuple[str, Callabl
     yield "wav (seeded)", lambda: max_abs(run()["wav"], golden.array(case, "wav")), TOLERANCE
 
 
-STAGES = {"llm": _llm_stages, "flow+hift": _flow_hift_stages, "e2e_sft": _e2e_stages}
+# --- prompt-based modes (golden-modes sets: tests/golden-modes/README.md) ------------------------------------------
+# A case of kind zero_shot / cross_lingual / instruct / zero_shot_spk / vc stores the official model input, the
+# LLM's prefix and first logits, the flow's stages and the seeded end-to-end output; a frontend_audio case the
+# features of one reference clip. The ONNX stand-ins sit in the set's model directory.
+
+FEATURE_TOLERANCE = 1e-4   # log-mel / fbank / prompt mel (log domain) and resampled audio
+EMBEDDING_TOLERANCE = 1e-5
+WAV_TOLERANCE = 1e-4
+
+
+def _voice_frontend(golden: Golden):
+    if "voice_frontend" not in golden.__dict__:
+        from cosyvoice_lite.frontend.onnx_models import VoiceFrontend
+        golden.voice_frontend = VoiceFrontend(golden.root / "model")
+    return golden.voice_frontend
+
+
+def _text_frontend(golden: Golden):
+    if "text_frontend" not in golden.__dict__:
+        from cosyvoice_lite.frontend import TextFrontend
+        golden.text_frontend = TextFrontend()
+    return golden.text_frontend
+
+
+def _clip(golden: Golden, relative: str):
+    from cosyvoice_lite.frontend.prompt_audio import load_clip
+    return load_clip((golden.root / relative).read_bytes())
+
+
+def _frontend_audio_stages(model, golden: Golden, case: str):
+    from cosyvoice_lite.frontend.prompt_audio import prompt_mel, speaker_fbank, whisper_log_mel
+    meta, g = golden.cases[case], lambda name: golden.array(case, name)  # noqa: E731
+    frontend = _voice_frontend(golden)
+    clip = _clip(golden, meta["wav"])
+    rate = int(golden.manifest.get("sample_rate", 22050))
+    for name, target in (("speech_16k", 16000), ("speech_22050", rate)):
+        if golden.has(case, name):  # not stored when the file already is mono at that rate
+            yield f"{name} (resampled)", lambda n=name, r=target: max_abs(clip.at(r), g(n)), FEATURE_TOLERANCE
+    yield "whisper_logmel", lambda: max_abs(whisper_log_mel(clip.at(16000)), g("whisper_logmel")), FEATURE_TOLERANCE
+    yield "fbank", lambda: max_abs(speaker_fbank(clip.at(16000)), g("fbank")), FEATURE_TOLERANCE
+    yield "speech_feat (prompt mel)", lambda: max_abs(prompt_mel(clip.at(rate), sample_rate=rate),
+                                                      g("speech_feat")), FEATURE_TOLERANCE
+    yield "speech_token (stored log-mel)", lambda: mismatches(frontend.tokenizer(g("whisper_logmel")),
+                                                              g("speech_token").reshape(-1)), 0.0
+    yield "embedding (stored fbank)", lambda: max_abs(torch.from_numpy(frontend.speaker_encoder(g("fbank"))),
+                                                      g("embedding")), EMBEDDING_TOLERANCE
+
+
+def _mode_voice(golden: Golden, case: str):
+    """The Voice the official model input of a case amounts to (stored arrays, no frontend)."""
+    from cosyvoice_lite.voices import BUILTIN, CLONED, Voice
+    meta = golden.cases[case]
+    a = lambda name: golden.array(case, name) if golden.has(case, name) else None  # noqa: E731
+    if meta["kind"] == "instruct":
+        speaker = a("flow_embedding")
+        return Voice("golden", "golden", kind=BUILTIN, llm_embedding=speaker, flow_embedding=speaker).instructed(
+            a("prompt_text").reshape(-1))
+    prompt_mel = a("prompt_speech_feat")
+    return Voice("golden", "golden", kind=CLONED, llm_embedding=a("llm_embedding"), flow_embedding=a("flow_embedding"),
+                 prompt_text=[] if a("prompt_text") is None else a("prompt_text"),
+                 prompt_speech=a("flow_prompt_speech_token"), prompt_mel=None if prompt_mel is None else prompt_mel[0])
+
+
+def _model_input_stages(golden: Golden, case: str):
+    """Our frontend from the prompt wavs against the stored model input (tokens via the stored log-mel)."""
+    from cosyvoice_lite.frontend.prompt_audio import prompt_mel, speaker_fbank, whisper_log_mel
+    meta = golden.cases[case]
+    frontend = _voice_frontend(golden)
+    rate = int(golden.manifest.get("sample_rate", 22050))
+    def log_mel(fe_case, wav):
+        # the tokenizer is an argmax hash: fed the stored log-mel where the set has it (ours is compared there)
+        if fe_case and golden.has(fe_case, "whisper_logmel"):
+            return golden.array(fe_case, "whisper_logmel")
+        return whisper_log_mel(_clip(golden, wav).at(16000)).numpy()
+
+    texts = [("text", meta.get("segment"))]
+    if meta["kind"] != "cross_lingual":
+        texts.append(("prompt_text", meta.get("prompt_text_normalized", meta.get("instruct_text_normalized"))))
+    for name, text in texts:
+        if text is not None and golden.has(case, name):
+            yield f"model input: {name} tokens", lambda n=name, x=text: mismatches(
+                _text_frontend(golden).tokenize(x), golden.array(case, n).reshape(-1)), 0.0
+    if "prompt_wav" in meta:
+        clip = lambda: _clip(golden, meta["prompt_wav"])  # noqa: E731
+        yield "model input: prompt tokens", lambda: mismatches(
+            frontend.tokenizer(log_mel(meta.get("prompt_frontend_case"), meta["prompt_wav"])),
+            golden.array(case, "flow_prompt_speech_token").reshape(-1)), 0.0
+        yield "model input: prompt mel", lambda: max_abs(prompt_mel(clip().at(rate), sample_rate=rate),
+                                                         golden.array(case, "prompt_speech_feat")), FEATURE_TOLERANCE
+        yield "model input: embedding", lambda: max_abs(torch.from_numpy(frontend.speaker_encoder(
+            speaker_fbank(clip().at(16000)).numpy())), golden.array(case, "flow_embedding")), EMBEDDING_TOLERANCE
+    if "source_wav" in meta:
+        yield "model input: source tokens", lambda: mismatches(
+            frontend.tokenizer(log_mel(meta.get("source_frontend_case"), meta["source_wav"])),
+            golden.array(case, "source_speech_token").reshape(-1)), 0.0
+
+
+def _mode_stages(model, golden: Golden, case: str):
+    meta, g = golden.cases[case], lambda name: golden.array(case, name)  # noqa: E731
+    t = lambda name: torch.from_numpy(g(name))  # noqa: E731
+    voice = _mode_voice(golden, case)
+    flow, hift = model.flow, model.hift
+    yield from _model_input_stages(golden, case)
+    vc = meta["kind"] == "vc"
+    tokens = g("speech_token").reshape(-1).astype(np.int64).tolist()
+    result = {}
+
+    if not vc:
+        text = t("text").long().reshape(1, -1)
+        conditioning = model.llm_inputs(voice)
+
+        def step_logits():
+            expected = g("step_logits")
+            cache = model.llm.new_cache()
+            rows = [model.llm.step(model.llm.prefix(text, **conditioning), cache)]
+            for i in range(len(expected) - 1):
+                rows.append(model.llm.step(model.llm.embed_tokens(torch.tensor([[tokens[i]]])), cache))
+            return max_abs(torch.cat(rows), expected)
+
+        yield "lm_prefix", lambda: max_abs(model.llm.prefix(text, **conditioning), g("lm_prefix")), TOLERANCE
+        yield "step_logits (kv cache)", step_logits, TOLERANCE
+
+    def run():
+        # one seeded run in the official order of draws: LLM sampling (not for VC), flow noise, HiFT source
+        if not result:
+            torch.manual_seed(int(meta["seed"]))
+            if vc:
+                result["tokens"] = g("source_speech_token").reshape(-1).astype(np.int64).tolist()
+            else:
+                ratio = (len(tokens) + 0.5) / text.shape[1]  # the official forcing: exactly N tokens
+                result["tokens"] = list(text_to_tokens(model, text, voice, min_token_text_ratio=ratio,
+                                                       max_token_text_ratio=ratio))
+            result["mel"] = model.tokens_to_mel(result["tokens"], voice)
+            result["wav"] = model.mel_to_wav(result["mel"])
+        return result
+
+    conditioning = model.flow_inputs(voice)
+    token = torch.tensor([tokens])
+    prompt_frames = 0 if conditioning["prompt_feat"] is None else conditioning["prompt_feat"].shape[1]
+
+    def mu():
+        return max_abs(flow.encode(token, conditioning["prompt_token"], prompt_frames), g("mu"))
+
+    yield "spk_proj", lambda: max_abs(flow.project_speaker(conditioning["embedding"]), g("spk_proj")), TOLERANCE
+    if golden.has(case, "flow_encoder_proj_out"):
+        def encoder_proj_out():
+            both = token if conditioning["prompt_token"] is None else torch.cat([conditioning["prompt_token"], token], 1)
+            h, _ = flow.encoder(flow.input_embedding(both), torch.tensor([both.shape[1]]))
+            return max_abs(flow.encoder_proj(h), g("flow_encoder_proj_out"))
+        yield "flow_encoder_proj_out", encoder_proj_out, TOLERANCE
+    yield "mu (prompt + tokens)", mu, TOLERANCE
+    if golden.has(case, "cond"):
+        yield "cond", lambda: max_abs(flow.prompt_cond(conditioning["prompt_feat"], g("mu").shape[2]), g("cond")), TOLERANCE
+    if golden.has(case, "est_step1_out"):
+        def est_step1_out():
+            z, mu_, cond = t("z"), t("mu"), flow.prompt_cond(conditioning["prompt_feat"], g("mu").shape[2])
+            spks = flow.project_speaker(conditioning["embedding"])
+            out = flow.decoder.estimator(torch.cat([z, z]), torch.ones(2, 1, z.shape[2]),
+                                         torch.cat([mu_, torch.zeros_like(mu_)]), torch.zeros(2),
+                                         torch.cat([spks, torch.zeros_like(spks)]),
+                                         torch.cat([cond, torch.zeros_like(cond)]))
+            return max_abs(out, g("est_step1_out"))
+        yield "est_step1_out", est_step1_out, TOLERANCE
+    yield "mel (tokens+z -> mel)", lambda: max_abs(model.tokens_to_mel(tokens, voice, noise=t("z")), g("mel")), TOLERANCE
+    yield "hift_f0", lambda: max_abs(hift.predict_f0(t("mel")), g("hift_f0")), 1e-2
+    yield "wav (mel+source -> wav)", lambda: max_abs(hift.decode(t("mel"), t("hift_source")), g("wav")), WAV_TOLERANCE
+    if not vc:
+        yield "speech_token (seeded)", lambda: mismatches(run()["tokens"], tokens), 0.0
+    yield "mel (seeded)", lambda: max_abs(run()["mel"], g("mel")), TOLERANCE
+    yield "wav (seeded)", lambda: max_abs(run()["wav"], g("wav")), WAV_TOLERANCE
+
+
+STAGES = {"llm": _llm_stages, "flow+hift": _flow_hift_stages, "e2e_sft": _e2e_stages,
+          "frontend_audio": _frontend_audio_stages, "zero_shot": _mode_stages, "cross_lingual": _mode_stages,
+          "instruct": _mode_stages, "vc": _mode_stages, "zero_shot_spk": _mode_stages}
 
 
 def model_checks(golden: Golden, model=None) -> Iterator[Check]:
     if model is None:
-        from .model import load_model
+        from cosyvoice_lite.model import load_model
         try:
             model = load_model(golden.root / "model")
         except Exception as error:
@@ -216,7 +392,7 @@ def frontend_checks(golden: Golden, frontend=None) -> Iterator[Check]:
         return
     data = json.loads(path.read_text(encoding="utf-8"))
     if frontend is None:
-        from .frontend import TextFrontend
+        from cosyvoice_lite.frontend import TextFrontend
         frontend = TextFrontend()
     for index, item in enumerate(data.get("items", [])):
         for normaliser, expected in item.items():

@@ -3,10 +3,10 @@
 A `Sequence` is one request's decoding state (KV cache, tokens so far, length limits, its own RNG). `LMDecoder.step`
 advances any number of sequences by one token:
 
-- exact mode: each sequence runs `TransformerLM.step` on its own, exactly like `TransformerLM.generate` (same
+- exact mode: each sequence runs `TransformerLM.step` on its own, exactly like the official decoding loop (same
   numerics and, with no per-request generator, the same draws from the global RNG);
-- other modes: the new frames of all sequences go through every linear layer together (one weight read per
-  token step, whatever the number of sequences); only attention runs per sequence, against its own cache.
+- other modes (int8 LM layers): the new frames of all sequences go through every linear layer together (one weight
+  read per token step, whatever the number of sequences); only attention runs per sequence, against its own cache.
   Relative-position projections are shared: ``linear_pos`` of relative position r is the same for every
   sequence, so each layer keeps one table of them, extended in blocks.
 """
@@ -21,8 +21,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .layers import Int8Linear
-from .transformer import KVCache
+from ..model.layers import Int8Linear
+from ..model.transformer import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Sequence:
     cache: KVCache
-    prefix: Optional[Tensor]          # (1, L+3, D) LM input before the first step; None afterwards
+    prefix: Optional[Tensor]          # (1, P, D) LM input before the first step; None afterwards
     min_len: int
     max_len: int
     sampling: Dict
@@ -102,26 +102,38 @@ class PositionTable:
 
 class LMDecoder:
     def __init__(self, llm, batched: bool, scripted: bool = True, kv_dtype: torch.dtype = torch.float32):
-        """``scripted``: the batched step runs an int8 layer stack as one TorchScript function (the same ops as
-        its Python loop, without the interpreter between them); False keeps the Python loop. ``kv_dtype``: the
-        type the batched step keeps keys and values in (attention itself runs in float32)."""
+        """``batched``: step the sequences together through ``_int8_layers`` when the LM's layers are int8 (the
+        lean modes); otherwise each sequence steps through the LM module on its own. ``scripted``: run
+        ``_int8_layers`` compiled by TorchScript (False: the same function from Python). ``kv_dtype``: the type
+        the batched step keeps keys and values in (attention itself runs in float32)."""
         self.llm = llm
         self.batched = batched
+        self.scripted = scripted
         self.kv_dtype = kv_dtype
         self.positions = PositionTable(llm.llm) if batched else None
-        self._plan = None
-        self._stack = None if scripted else False  # _Int8Stack, or False: the Python loop
+        self._stack: Optional[_Int8Stack] = None
+
+    @classmethod
+    def for_model(cls, model, **options) -> "LMDecoder":
+        """The decoder a loaded CosyVoiceSFT runs in its mode: batched steps and the KV dtype from ``model.mode``."""
+        mode = model.mode
+        return cls(model.llm, batched=mode.batched,
+                   kv_dtype=torch.float16 if mode.kv_cache == "fp16" else torch.float32, **options)
 
     @torch.inference_mode()
     def start(self, text_token: Tensor, embedding: Optional[Tensor], min_token_text_ratio: float = 2,
               max_token_text_ratio: float = 20, sampling: Optional[Dict] = None,
-              generator: Optional[torch.Generator] = None, on_logits=None) -> Sequence:
+              generator: Optional[torch.Generator] = None, on_logits=None, prompt_text: Optional[Tensor] = None,
+              prompt_speech: Optional[Tensor] = None) -> Sequence:
         """A new sequence for text_token (1, L) and a raw speaker embedding (1, spk_embed_dim) or None. EOS cannot
         be drawn before int(L * min_token_text_ratio) tokens; at most int(L * max_token_text_ratio) are decoded;
         ``sampling`` overrides the yaml's ras_sampling arguments; without ``generator`` draws use torch's global
-        RNG (as the official code does)."""
+        RNG (as the official code does). prompt_text (1, Lp) and prompt_speech (1, Np) tokens make the prefix a
+        prompt to continue (TransformerLM.prefix); L, for the length limits, is the target text's alone, as in
+        the official code."""
         min_len, max_len = self.llm.length_limits(text_token.size(1), min_token_text_ratio, max_token_text_ratio)
-        return Sequence(self.llm.new_cache(), self.llm.prefix(text_token, embedding), min_len, max_len,
+        prefix = self.llm.prefix(text_token, embedding, prompt_text, prompt_speech)
+        return Sequence(self.llm.new_cache(), prefix, min_len, max_len,
                         {**self.llm.sampling, **(sampling or {})}, generator, finished=max_len <= 0,
                         on_logits=on_logits)
 
@@ -148,7 +160,7 @@ class LMDecoder:
                 s.prefix = None
             else:
                 old.append(s)
-        if old and self.batched:
+        if old and self.batched and self._layer_stack() is not None:
             batch = self._batched_step(old)
             for i, s in enumerate(old):
                 rows[id(s)] = batch[i:i + 1]
@@ -198,58 +210,30 @@ class LMDecoder:
     def _last_input(self, s: Sequence) -> Tensor:
         return self.llm.speech_embedding(torch.tensor([s.decoded[-1]])).reshape(1, 1, -1)
 
+    def _layer_stack(self) -> Optional["_Int8Stack"]:
+        if self._stack is None and self.batched:
+            self._stack = _Int8Stack.of(self.llm.llm.encoders, self.scripted)
+            if self._stack is None:  # a float LM (no mode builds one batched): the module path, per sequence
+                self.batched = False
+        return self._stack
+
     def _batched_step(self, seqs: List[Sequence]) -> Tensor:
         """One new frame for each sequence (all past their prefix) -> raw logits (B, V+1).
 
         Written for the per-token cost on a CPU, where a step of one sequence is ~1000 small calls: 2-D (B, D)
-        activations, fbgemm and layer-norm calls without module dispatch, linear+ReLU fused, each sequence's new
-        key and value stored with one copy, and its attention in three small batched matmuls over heads.
+        activations, the layer stack in one call (see _int8_layers), each sequence's new key and value stored with
+        one copy, and its attention in three small batched matmuls over heads.
         """
         enc = self.llm.llm
-        if self._plan is None:
-            self._plan = [_LayerPlan(layer) for layer in enc.encoders]
         slots = [_KVSlots.of(s, self.kv_dtype) for s in seqs]
         lengths = [slot.reserve() for slot in slots]  # cached frames per sequence (the new one goes at index n)
         tables = self.positions.reserve(max(lengths) + 1)
         tokens = torch.tensor([s.decoded[-1] for s in seqs])
         x = enc.embed(self.llm.speech_embedding(tokens)) * enc.pos_enc.xscale  # (B, D)
-        if self._stack is None:
-            self._stack = _Int8Stack.of(enc.encoders, self._plan) or False
-        if self._stack:  # the whole layer stack in one TorchScript call: no Python between its ~400 small ops
-            x = self._stack(x, [[slot.views[i] for slot in slots] for i in range(len(tables))],
-                            tables, lengths)
-        else:
-            layer_views = zip(*(slot.views for slot in slots))  # per layer: per sequence its kv
-            for plan, views, table in zip(self._plan, layer_views, tables):
-                x = x + plan.out(self._attention(plan, plan.norm1(x), views, lengths, table))
-                x = x + plan.w2(plan.w1_relu(plan.norm2(x)))
+        x = self._stack(x, [[slot.views[i] for slot in slots] for i in range(len(tables))], tables, lengths)
         for slot, n in zip(slots, lengths):
             slot.advance(n + 1)
         return self.llm.llm_decoder(enc.after_norm(x))  # (B, V+1)
-
-    @staticmethod
-    def _attention(plan: "_LayerPlan", x: Tensor, views, lengths: List[int], table: Tensor) -> Tensor:
-        """x (B, D) normalised frames -> attention values (B, D) before the output projection; stores each
-        sequence's key and value at its index n (views: per sequence its kv of this layer, see _KVSlots;
-        table: this layer's position table (H, d_k, R))."""
-        B, D = x.size(0), plan.width
-        qkv = plan.qkv(x)  # (B, 3D): q, k, v
-        q = qkv.narrow(1, 0, D).view(B, plan.heads, 1, plan.d_k)
-        q_u = (q + plan.bias_u).unbind(0)  # B x (H, 1, d_k)
-        q_v = (q + plan.bias_v).unbind(0)
-        new = qkv.narrow(1, D, 2 * D).view(B, 2, plan.heads, plan.d_k).unbind(0)  # B x (2, H, d_k): key, value
-        R = table.size(2)
-        outs = []
-        for b, (kv, n) in enumerate(zip(views, lengths)):
-            kv.select(2, n).copy_(new[b])
-            keys_t = kv[0].narrow(1, 0, n + 1).float().transpose(1, 2)  # (H, d_k, n+1)
-            values = kv[1].narrow(1, 0, n + 1).float()  # (H, n+1, d_k)
-            pos = table.narrow(2, R - n - 1, n + 1)  # (H, d_k, n+1): relative positions n .. 0 of the keys
-            scores = torch.baddbmm(torch.bmm(q_v[b], pos), q_u[b], keys_t,
-                                   beta=plan.scale, alpha=plan.scale)  # (H, 1, n+1)
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1), values))  # (H, 1, d_k)
-        out = outs[0] if B == 1 else torch.stack(outs)
-        return out.view(B, D)
 
 
 class _KVSlots:
@@ -311,35 +295,18 @@ class _KVSlots:
         return views
 
 
-class _LayerPlan:
-    """The pieces of one LM layer the batched step calls, looked up once: fbgemm packs and layer norms are called
-    directly (a module call costs more than a 1-row layer norm), the position biases shaped for the heads."""
-
-    def __init__(self, layer):
-        attn, ff = layer.self_attn, layer.feed_forward
-        self.heads, self.d_k = attn.h, attn.d_k
-        self.width = attn.h * attn.d_k
-        self.scale = 1.0 / math.sqrt(attn.d_k)
-        self.bias_u = attn.pos_bias_u.unsqueeze(1)  # (H, 1, d_k)
-        self.bias_v = attn.pos_bias_v.unsqueeze(1)
-        self.norm1, self.norm2 = _direct_norm(layer.norm1), _direct_norm(layer.norm2)
-        self.qkv = _direct(attn.linear_qkv)
-        self.out = _direct(attn.linear_out)
-        self.w2 = _direct(ff.w_2)
-        if isinstance(ff.w_1, Int8Linear) and isinstance(ff.activation, nn.ReLU):
-            packed, op = ff.w_1._packed, _raw(torch.ops.quantized.linear_relu_dynamic)
-            self.w1_relu = lambda x: op(x, packed, True)
-        else:
-            self.w1_relu = lambda x: ff.activation(ff.w_1(x))
-
-
 def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quantized.LinearPackedParamsBase],
                  biases: List[Tensor], views: List[List[Tensor]], tables: List[Tensor], lengths: List[int],
                  heads: int, d_k: int, scale: float, eps: float) -> Tensor:
-    """LMDecoder._batched_step's layer loop for int8 layers with ReLU, op for op the same as the Python loop
-    (_LayerPlan, _attention), written for TorchScript. Per layer i: norms[4i:4i+4] = norm1 w, b, norm2 w, b;
-    packs[4i:4i+4] = qkv, out, w_1, w_2; biases[2i:2i+2] = pos_bias_u, pos_bias_v (H, 1, d_k); views[i] = per
-    sequence its kv (see _KVSlots)."""
+    """The LM's pre-norm layers (transformer.TransformerEncoderLayer) for one new frame of each of B sequences,
+    int8 linears with ReLU, written for TorchScript; x (B, D) -> (B, D). Per layer i: norms[4i:4i+4] = norm1 w, b,
+    norm2 w, b; packs[4i:4i+4] = qkv, out, w_1, w_2; biases[2i:2i+2] = pos_bias_u, pos_bias_v (H, 1, d_k);
+    views[i] = per sequence its kv (see _KVSlots), where its new key and value go at index lengths[b]; tables[i]
+    = that layer's PositionTable (H, d_k, R).
+
+    The maths of transformer.TransformerEncoderLayer with a cache, kept as a second copy for speed: stepping each
+    sequence through the modules costs ~1.4x per token alone and ~4x for four sequences (full-size LM, int8).
+    Scores are scaled inside baddbmm, so the rounding differs from the module's (exact mode runs the module)."""
     B, D = x.size(0), heads * d_k
     for i in range(len(tables)):
         h = torch.layer_norm(x, [D], norms[4 * i], norms[4 * i + 1], eps)
@@ -366,37 +333,28 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
     return x
 
 
-_SCRIPTED: list = []
-
-
 class _Int8Stack:
-    """The LM's layers as arguments of the scripted ``_int8_layers`` (collected once)."""
+    """The LM's layers as arguments of ``_int8_layers`` (collected once), and that function, scripted or not."""
 
     @classmethod
-    def of(cls, layers, plans: List[_LayerPlan]) -> Optional["_Int8Stack"]:
+    def of(cls, layers, scripted: bool = True) -> Optional["_Int8Stack"]:
         """None unless every layer has int8 q/k/v, output and feed-forward layers with a ReLU between."""
         for layer in layers:
             attn, ff = layer.self_attn, layer.feed_forward
             if not (all(isinstance(m, Int8Linear) for m in (attn.linear_qkv, attn.linear_out, ff.w_1, ff.w_2))
                     and isinstance(ff.activation, nn.ReLU)):
                 return None
-        if not _SCRIPTED:
-            try:
-                with warnings.catch_warnings():  # deprecated in favour of torch.compile, which needs a C++
-                    warnings.simplefilter("ignore", DeprecationWarning)  # compiler at run time: not in our image
-                    _SCRIPTED.append(torch.jit.script(_int8_layers))
-            except Exception as error:  # a torch without TorchScript: the Python loop does the same
-                log.warning("TorchScript unavailable, the LM step runs its layers from Python (%s)", error)
-                _SCRIPTED.append(None)
-        return cls(layers, plans, _SCRIPTED[0]) if _SCRIPTED[0] is not None else None
+        return cls(layers, _scripted() if scripted else _int8_layers)
 
-    def __init__(self, layers, plans: List[_LayerPlan], function):
+    def __init__(self, layers, function):
         self.function = function
+        attn = layers[0].self_attn
         self.norms = [t for layer in layers for norm in (layer.norm1, layer.norm2) for t in (norm.weight, norm.bias)]
         self.packs = [m.packed() for layer in layers for m in (layer.self_attn.linear_qkv, layer.self_attn.linear_out,
                                                                 layer.feed_forward.w_1, layer.feed_forward.w_2)]
-        self.biases = [t for plan in plans for t in (plan.bias_u, plan.bias_v)]
-        self.heads, self.d_k, self.scale = plans[0].heads, plans[0].d_k, plans[0].scale
+        self.biases = [b.unsqueeze(1) for layer in layers
+                       for b in (layer.self_attn.pos_bias_u, layer.self_attn.pos_bias_v)]  # (H, 1, d_k)
+        self.heads, self.d_k, self.scale = attn.h, attn.d_k, 1.0 / math.sqrt(attn.d_k)
         self.eps = layers[0].norm1.eps
 
     def __call__(self, x: Tensor, views: List[List[Tensor]], tables: List[Tensor], lengths: List[int]) -> Tensor:
@@ -404,22 +362,18 @@ class _Int8Stack:
                              self.scale, self.eps)
 
 
-def _raw(packet):
-    """The C++ function behind a torch.ops operator: calling the packet first scans the arguments for fake
-    torchbind objects in Python (~6 us per call, ~60 int8 linears per step); the packed weights are real ones."""
-    return getattr(packet, "_op", packet)
+_SCRIPTED: list = []
 
 
-def _direct(linear):
-    """The layer's forward without nn.Module dispatch (for fbgemm int8 layers)."""
-
-    if isinstance(linear, Int8Linear):
-        packed, op = linear._packed, _raw(torch.ops.quantized.linear_dynamic)
-        return lambda x: op(x, packed, True)
-    return linear
-
-
-def _direct_norm(norm: nn.LayerNorm):
-    shape, weight, bias, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
-    return lambda x: torch.layer_norm(x, shape, weight, bias, eps)
-
+def _scripted():
+    """_int8_layers compiled by TorchScript once per process (no interpreter between its ~400 small ops), or the
+    plain function on a torch without TorchScript."""
+    if not _SCRIPTED:
+        try:
+            with warnings.catch_warnings():  # deprecated in favour of torch.compile, which needs a C++
+                warnings.simplefilter("ignore", DeprecationWarning)  # compiler at run time: not in our image
+                _SCRIPTED.append(torch.jit.script(_int8_layers))
+        except Exception as error:
+            log.warning("TorchScript unavailable, the LM step runs its layers from Python (%s)", error)
+            _SCRIPTED.append(_int8_layers)
+    return _SCRIPTED[0]

@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import Config, _Loader
-from .loader import build_networks
-from .transformer import split_qkv_keys
+from cosyvoice_lite.model.config import Config, _Loader
+from cosyvoice_lite.model.loader import build_networks
+from cosyvoice_lite.model.transformer import split_qkv_keys
 
 SPEAKERS = ["中文女", "中文男", "日语男", "粤语女", "英文女", "英文男", "韩语女"]
 
 YAML = """\
-# Random-weight CosyVoice v1 model ({preset} sizes) written by cosyvoice-lite (cosyvoice_lite/model/random_model.py).
+# Random-weight CosyVoice v1 model ({preset} sizes) written by cosyvoice-lite (scripts/random_model.py).
 # Official class names, tags and keys.
 __set_seed1: !apply:random.seed [{seed}]
 __set_seed3: !apply:torch.manual_seed [{seed}]
