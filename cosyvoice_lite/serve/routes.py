@@ -15,8 +15,8 @@ from ..voices import Voice
 from .body import client_gone_check, read_json_object, read_upload
 from .context import RequestRecord, finish_request
 from .errors import ApiError, error_response
-from .openai import SseEncoder, model_ids, model_object, openai_fields
-from .schema import parse_speech_request
+from .openai import SseEncoder, model_ids, model_object
+from .schema import parse_openai_speech, parse_tts
 
 log = logging.getLogger("cosyvoice_lite")
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -144,18 +144,13 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
     @api.post("/tts")
     def tts():
         body = read_json_object(service.settings.body_timeout, service.settings.max_body_bytes)
-        req = parse_speech_request(body, service, text_key="text", speaker_key="speaker", format_key="format",
-                                   default_format="wav", mapped_names=False)
+        req = parse_tts(body, service)
         return speak(service, req)
 
     @api.post("/v1/audio/speech")
     def openai_speech():
         body = read_json_object(service.settings.body_timeout, service.settings.max_body_bytes)
-        body, sse = openai_fields(body, engine)
-        req = parse_speech_request(body, service, text_key="input", speaker_key="voice",
-                                   format_key="response_format", default_format="mp3", default_stream=True)
-        if sse:
-            req.stream = req.sse = True
+        req = parse_openai_speech(body, service)
         return speak(service, req)
 
     @api.get("/v1/audio/voices")
