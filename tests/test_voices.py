@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import uuid
 from pathlib import Path
 
@@ -232,11 +231,10 @@ def test_a_saved_voice_outlives_a_restart_of_gunicorn(sft_dir, tmp_path):
 
 
 def test_two_servers_share_saved_voices_through_redis(sft_dir, tmp_path):
-    if not shutil.which("redis-server"):
-        pytest.skip("needs redis-server: apt-get install redis-server")
+    from conftest import require_program
     from test_cache import RedisServer
 
-    redis = RedisServer(tmp_path)
+    redis = RedisServer(require_program("redis-server", "apt-get install redis-server"), tmp_path)
     redis.start()
     try:
         env = {"MODEL_DIR": str(sft_dir), "COSYVOICE_MODE": "fast", "BACKEND": "torch", "CACHE": redis.url}
