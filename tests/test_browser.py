@@ -289,3 +289,18 @@ def test_an_error_is_shown_and_clears_the_last_clip(page):
     assert result["shownBefore"] and result["inkedBefore"] > 0
     assert "300" in result["status"]  # the server's message names the limit
     assert result["downloadHidden"] and result["inked"] == 0 and result["progress"] == "" and result["speakEnabled"]
+
+
+def test_without_cloning_the_voice_part_says_why_in_one_line_and_the_instruction_box_is_hidden(page):
+    result = run_in_page(page.browser, r"""
+      await until(() => !$("voices").hidden, "the offers from /speakers");
+      const shown = (id) => $(id).offsetParent !== null;
+      return {why: $("voices-why").textContent, code: [...$("voices-why").querySelectorAll("code")].map((c) => c.textContent),
+              whyShown: shown("voices-why"), tools: shown("voice-tools"), record: shown("record"),
+              instructions: shown("instruct-box"), groups: $("speaker").querySelectorAll("optgroup").length};
+    """)
+    # the offline voice offers its speaker and nothing else: no upload, no recording, no list, no instructions
+    assert result["whyShown"] and not result["tools"] and not result["record"] and not result["instructions"]
+    assert result["why"].startswith("The offline voice cannot make voices") and "\n" not in result["why"]
+    assert result["code"] == ["campplus.onnx", "speech_tokenizer_v1.onnx"]
+    assert result["groups"] == 0  # no saved voices in the speaker list
