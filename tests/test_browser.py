@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Gate, gunicorn
+from conftest import ROOT, Gate, gunicorn
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,7 +29,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 class Chromium:
     """Minimal DevTools client over chromium's debugging pipe."""
 
-    def __init__(self, profile: Path, log_path: Path):
+    def __init__(self, profile: Path, log_path: Path, flags: tuple[str, ...] = ()):
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
@@ -39,7 +39,7 @@ class Chromium:
             os.dup2(b, 4)
 
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen([CHROMIUM, f"--user-data-dir={profile}", *FLAGS], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([CHROMIUM, f"--user-data-dir={profile}", *flags, *FLAGS], stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, close_fds=False,
                                          preexec_fn=wire_fds, start_new_session=True)
         os.close(to_browser_r)
@@ -138,6 +138,10 @@ const bytesOf = async (url) => new Uint8Array(await (await fetch(url)).arrayBuff
 
 
 def run_in_page(browser, body: str):
+    """``browser``: a Chromium (its current page), or a server fixture whose page is then the one evaluated."""
+    if not isinstance(browser, Chromium):
+        browser.browser.session = browser.session
+        browser = browser.browser
     return browser.evaluate("(async () => {" + PAGE_HELPERS + body + "})()")
 
 
@@ -291,6 +295,19 @@ def test_an_error_is_shown_and_clears_the_last_clip(page):
     assert result["downloadHidden"] and result["inked"] == 0 and result["progress"] == "" and result["speakEnabled"]
 
 
+def test_recording_without_a_microphone_says_so(page):
+    # headless chromium has no audio input device at all: the page says what to do instead of failing silently
+    result = run_in_page(page.browser, r"""
+      await until(() => !$("voices").hidden, "the offers from /speakers");
+      $("record").click();
+      await until(() => $("voice-status").className === "error", "the recording's error");
+      return {status: $("voice-status").textContent, recordEnabled: !$("record").disabled,
+              stopHidden: $("record-stop").hidden, clip: state.clip};
+    """)
+    assert result["status"].startswith("No microphone was found: connect one, or upload a clip instead")
+    assert result["recordEnabled"] and result["stopHidden"] and result["clip"] is None
+
+
 def test_without_cloning_the_voice_part_says_why_in_one_line_and_the_instruction_box_is_hidden(page):
     result = run_in_page(page.browser, r"""
       await until(() => !$("voices").hidden, "the offers from /speakers");
@@ -304,3 +321,195 @@ def test_without_cloning_the_voice_part_says_why_in_one_line_and_the_instruction
     assert result["why"].startswith("The offline voice cannot make voices") and "\n" not in result["why"]
     assert result["code"] == ["campplus.onnx", "speech_tokenizer_v1.onnx"]
     assert result["groups"] == 0  # no saved voices in the speaker list
+
+
+
+# ---- voices of your own: a tiny CosyVoice model with the two ONNX stand-ins, which can make voices --------------
+
+KEY = "page-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def golden_modes() -> Path:
+    """The zero-shot reference set (ONNX stand-ins, prompts): in the repository once it keeps it, else ../shared."""
+    for folder in (ROOT / "tests" / "golden-modes", ROOT.parent / "shared" / "golden-modes"):
+        if (folder / "model" / "campplus.onnx").is_file():
+            return folder
+    pytest.fail("no golden-modes set with the ONNX stand-ins (tests/golden-modes or ../shared/golden-modes)")
+
+
+@pytest.fixture(scope="module")
+def cloning_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with the two stand-in ONNX networks beside it: a model directory that can make voices."""
+    out = tmp_path_factory.mktemp("models") / "tiny-cloning"
+    shutil.copytree(tiny_model_dir, out)
+    for name in ("campplus.onnx", "speech_tokenizer_v1.onnx"):
+        shutil.copy(golden_modes() / "model" / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mic_browser(tmp_path_factory):
+    """Chromium with a fake microphone (a beep). Headless, it has no permission prompt: the microphone is denied
+    until the test grants it (Browser.grantPermissions), as a user would in the prompt."""
+    tmp = tmp_path_factory.mktemp("chromium-mic")
+    chrome = Chromium(tmp / "profile", tmp / "chromium.log", flags=("--use-fake-device-for-media-stream",))
+    yield chrome
+    chrome.close()
+
+
+@pytest.fixture(scope="module")
+def voice_page(mic_browser, cloning_model_dir, tmp_path_factory):
+    """A gunicorn on the model that can make voices, with API_KEY set, and the page open in the fake-mic browser."""
+    tmp = tmp_path_factory.mktemp("voices")
+    env = {"MODEL_DIR": str(cloning_model_dir), "API_KEY": KEY, "MAX_TEXT_CHARS": "300"}
+    with gunicorn(tmp, env) as server:
+        mic_browser.open_page(f"http://127.0.0.1:{server.port}/")
+        server.browser, server.session = mic_browser, mic_browser.session
+        server.origin = f"http://127.0.0.1:{server.port}"
+        yield server
+
+
+def choose_file(server, selector: str, path: Path) -> None:
+    """Pick ``path`` in the page's file input as a user would (DevTools: DOM.setFileInputFiles fires 'change')."""
+    browser = server.browser
+    browser.session = server.session
+    root = browser.send("DOM.getDocument")["root"]["nodeId"]
+    node = browser.send("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+    browser.send("DOM.setFileInputFiles", {"files": [str(path)], "nodeId": node})
+
+
+def saved_voices(server) -> list[dict]:
+    status, _, body = server.request("GET", "/v1/audio/voices", headers=AUTH)
+    assert status == 200
+    return [v for v in json.loads(body)["voices"] if v.get("object") == "voice"]
+
+
+def test_with_an_api_key_the_page_asks_for_it_then_offers_to_make_voices(voice_page):
+    result = run_in_page(voice_page, r"""
+      await until(() => $("auth").open, "the key prompt");
+      const before = {engine: $("engine").textContent, voices: !$("voices").hidden};
+      $("apikey").value = "%s";
+      $("apikey").dispatchEvent(new Event("change"));
+      await until(() => !$("voices").hidden, "the offers from /speakers");
+      const shown = (id) => $(id).offsetParent !== null;
+      return {before, tools: shown("voice-tools"), why: shown("voices-why"), record: shown("record"),
+              upload: shown("clip-file"), list: [...$("voice-list").children].map((li) => li.textContent),
+              instructions: shown("instruct-box")};
+    """ % KEY)
+    status, _, body = voice_page.request("GET", "/speakers", headers=AUTH)
+    offers = json.loads(body)["offers"]
+    assert status == 200 and offers["cloning"]
+    assert result["before"] == {"engine": "This server needs an API key / 需要密钥", "voices": False}
+    assert result["tools"] and result["upload"] and result["record"] and not result["why"]
+    assert result["list"] == ["None yet. / 暂无"]
+    assert result["instructions"] == offers["instructions"]  # the box follows what the model takes
+
+
+def test_a_voice_made_from_an_uploaded_clip_is_listed_speaks_and_is_deleted(voice_page):
+    prompt = golden_modes() / "prompts" / "en_22050_mono.wav"
+    transcript = json.loads((prompt.parent / "prompts.json").read_text())[prompt.name]["text"]
+    choose_file(voice_page, "#clip-file", prompt)
+    made = run_in_page(voice_page, r"""
+      await until(() => state.clip, "the chosen file");
+      $("clip-text").value = %s;
+      $("voice-name").value = "Fox reader";
+      $("make-voice").click();
+      await until(() => $("voice-status").textContent.startsWith("Made") || $("voice-status").className === "error",
+                  "the new voice", 120000);
+      const item = $("voice-list").querySelector("li[data-id]");
+      return {status: $("voice-status").textContent, info: $("clip-info").textContent,
+              preview: !$("clip-preview").hidden, id: item && item.dataset.id, item: item && item.textContent,
+              selected: $("speaker").value, group: [...$("speaker").querySelectorAll("optgroup option")].map((o) => o.value)};
+    """ % json.dumps(transcript))
+    assert made["status"].startswith("Made Fox reader (zero-shot, 4.459 s of audio)"), made["status"]
+    assert made["info"].startswith("en_22050_mono.wav") and made["preview"]
+    voice_id = made["id"]
+    assert voice_id.startswith("voice_") and "Fox reader" in made["item"] and "zero-shot" in made["item"]
+    assert made["selected"] == voice_id and made["group"] == [voice_id]  # the new voice is the speaker now
+    [saved] = saved_voices(voice_page)
+    assert saved["id"] == voice_id and saved["mode"] == "zero_shot" and saved["transcript"] == transcript
+
+    spoken = run_in_page(voice_page, r"""
+      $("text").value = "Hello from a voice of my own.";
+      $("text").dispatchEvent(new Event("input"));
+      $("speak").click();
+      await until(() => $("status").textContent.startsWith("Done") || $("status").className === "error",
+                  "the synthesis", 120000);
+      return {status: $("status").textContent, clip: state.clips[0] && state.clips[0].speaker,
+              samples: state.clips[0] ? state.clips[0].samples.length : 0, inked: inkedColumns()};
+    """)
+    assert spoken["status"].startswith("Done") and spoken["clip"] == voice_id
+    assert spoken["samples"] > 0 and spoken["inked"] > 0
+    assert any(f"POST /tts status=200 speaker={voice_id}" in line for line in voice_page.log().splitlines())
+    voice_page.browser.screenshot(voice_page.log_path.parent / "voices.png")
+
+    deleted = run_in_page(voice_page, r"""
+      $("voice-list").querySelector(`li[data-id="%s"] button.delete`).click();
+      await until(() => !$("voice-list").querySelector("li[data-id]"), "the deletion");
+      return {status: $("voice-status").textContent, options: [...$("speaker").options].map((o) => o.value),
+              selected: $("speaker").value};
+    """ % voice_id)
+    assert deleted["status"] == "Deleted Fox reader / 已删除"
+    assert voice_id not in deleted["options"] and deleted["selected"] == deleted["options"][0]
+    assert saved_voices(voice_page) == []
+    assert voice_page.request("GET", f"/v1/audio/voices/{voice_id}", headers=AUTH)[0] == 404
+
+
+def test_the_servers_refusals_are_shown_and_making_a_voice_needs_the_key(voice_page):
+    choose_file(voice_page, "#clip-file", golden_modes() / "prompts" / "prompts.json")  # not audio
+    result = run_in_page(voice_page, r"""
+      const errorOf = async () => {
+        $("voice-status").textContent = "";
+        $("make-voice").click();
+        await until(() => $("voice-status").className === "error", "the error", 60000);
+        return $("voice-status").textContent;
+      };
+      await until(() => state.clip && state.clip.name === "prompts.json", "the chosen file");
+      const notAudio = await errorOf();
+      $("apikey").value = "wrong";  // read at every request, like a user's edit before a click
+      const wrongKey = await errorOf();
+      const askedForKey = $("auth").open;
+      $("apikey").value = "%s";
+      return {notAudio, wrongKey, askedForKey, makeEnabled: !$("make-voice").disabled};
+    """ % KEY)
+    assert "could not be decoded" in result["notAudio"] and "send WAV, FLAC or OGG" in result["notAudio"]
+    assert result["wrongKey"].startswith("missing or wrong API key") and result["askedForKey"]
+    assert result["makeEnabled"] and saved_voices(voice_page) == []
+
+
+def test_a_recorded_clip_makes_a_cross_lingual_voice_once_the_microphone_is_allowed(voice_page):
+    browser = voice_page.browser
+    browser.session = voice_page.session
+    browser.send("Browser.resetPermissions")
+    denied = run_in_page(voice_page, r"""
+      $("record").click();
+      await until(() => $("voice-status").className === "error", "the recording's error");
+      return $("voice-status").textContent;
+    """)
+    assert denied.startswith("Microphone permission was denied: allow the microphone for this site")
+    browser.send("Browser.grantPermissions", {"permissions": ["audioCapture"], "origin": voice_page.origin})
+    made = run_in_page(voice_page, r"""
+      $("record").click();
+      await until(() => !$("record-stop").hidden, "the recording to start");
+      const recording = $("voice-status").textContent;
+      await new Promise((r) => setTimeout(r, 2000));
+      $("record-stop").click();
+      await until(() => state.clip && state.clip.name === "recording.wav", "the recorded clip");
+      const wav = new Uint8Array(await state.clip.blob.arrayBuffer()), view = new DataView(wav.buffer);
+      $("clip-text").value = "";  // no transcript: a cross-lingual voice
+      $("voice-name").value = "Beeper";
+      $("make-voice").click();
+      await until(() => $("voice-status").textContent.startsWith("Made") || $("voice-status").className === "error",
+                  "the new voice", 120000);
+      return {recording, info: $("clip-info").textContent, head: String.fromCharCode(...wav.slice(0, 4)),
+              rate: view.getUint32(24, true), channels: view.getUint16(22, true), status: $("voice-status").textContent,
+              id: ($("voice-list").querySelector("li[data-id]") || {dataset: {}}).dataset.id};
+    """)
+    assert made["recording"].startswith("Recording…")
+    assert made["info"].startswith("Recorded ") and made["head"] == "RIFF"
+    assert made["rate"] == 24000 and made["channels"] == 1  # decoded in the page: the server does not read webm
+    assert made["status"].startswith("Made Beeper (cross-lingual, "), made["status"]
+    [saved] = saved_voices(voice_page)
+    assert saved["id"] == made["id"] and saved["mode"] == "cross_lingual" and 1.5 < saved["prompt_seconds"] < 3
+    assert voice_page.request("DELETE", f"/v1/audio/voices/{made['id']}", headers=AUTH)[0] == 200

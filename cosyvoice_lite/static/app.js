@@ -456,7 +456,6 @@ async function startRecording() {
     for (const track of stream.getTracks()) track.stop();
     clearInterval(state.recording.timer);
     state.recording = null;
-    $("record").disabled = false;
     $("record-stop").hidden = true;
     try {
       const { wav, seconds } = await recordingToWav(new Blob(parts, { type: recorder.mimeType }));
@@ -464,6 +463,8 @@ async function startRecording() {
       voiceStatus("", false);
     } catch (e) {
       voiceStatus("The recording could not be read: " + (e.message || e), true);
+    } finally {
+      $("record").disabled = false;  // only now: the clip (or the error) is on the page
     }
   };
   const timer = setInterval(() => {
