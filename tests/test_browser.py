@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, Gate, gunicorn
+from conftest import Gate, gunicorn
+from golden_data import GOLDEN_MODES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -137,12 +137,13 @@ const bytesOf = async (url) => new Uint8Array(await (await fetch(url)).arrayBuff
 """
 
 
-def run_in_page(browser, body: str):
-    """``browser``: a Chromium (its current page), or a server fixture whose page is then the one evaluated."""
+def run_in_page(browser, body: str, **args):
+    """``browser``: a Chromium (its current page), or a server fixture whose page is then the one evaluated;
+    ``args``: values the script reads as ``args.name``."""
     if not isinstance(browser, Chromium):
         browser.browser.session = browser.session
         browser = browser.browser
-    return browser.evaluate("(async () => {" + PAGE_HELPERS + body + "})()")
+    return browser.evaluate("(async () => {const args = " + json.dumps(args) + ";" + PAGE_HELPERS + body + "})()")
 
 
 @pytest.fixture(scope="module")
@@ -330,12 +331,11 @@ KEY = "page-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def golden_modes() -> Path:
-    """The zero-shot reference set (ONNX stand-ins, prompts): in the repository once it keeps it, else ../shared."""
-    for folder in (ROOT / "tests" / "golden-modes", ROOT.parent / "shared" / "golden-modes"):
-        if (folder / "model" / "campplus.onnx").is_file():
-            return folder
-    pytest.fail("no golden-modes set with the ONNX stand-ins (tests/golden-modes or ../shared/golden-modes)")
+def reference_clip() -> tuple[Path, str, float]:
+    """A reference clip of the golden-modes set, its transcript and its length in seconds."""
+    prompts = GOLDEN_MODES / "prompts"
+    name, info = next(iter(json.loads((prompts / "prompts.json").read_text()).items()))
+    return prompts / name, info["text"], round(info["frames"] / info["sample_rate"], 3)
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +344,7 @@ def cloning_model_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "tiny-cloning"
     shutil.copytree(tiny_model_dir, out)
     for name in ("campplus.onnx", "speech_tokenizer_v1.onnx"):
-        shutil.copy(golden_modes() / "model" / name, out / name)
+        shutil.copy(GOLDEN_MODES / "model" / name, out / name)
     return out
 
 
@@ -389,14 +389,14 @@ def test_with_an_api_key_the_page_asks_for_it_then_offers_to_make_voices(voice_p
     result = run_in_page(voice_page, r"""
       await until(() => $("auth").open, "the key prompt");
       const before = {engine: $("engine").textContent, voices: !$("voices").hidden};
-      $("apikey").value = "%s";
+      $("apikey").value = args.key;
       $("apikey").dispatchEvent(new Event("change"));
       await until(() => !$("voices").hidden, "the offers from /speakers");
       const shown = (id) => $(id).offsetParent !== null;
       return {before, tools: shown("voice-tools"), why: shown("voices-why"), record: shown("record"),
               upload: shown("clip-file"), list: [...$("voice-list").children].map((li) => li.textContent),
               instructions: shown("instruct-box")};
-    """ % KEY)
+    """, key=KEY)
     status, _, body = voice_page.request("GET", "/speakers", headers=AUTH)
     offers = json.loads(body)["offers"]
     assert status == 200 and offers["cloning"]
@@ -407,12 +407,11 @@ def test_with_an_api_key_the_page_asks_for_it_then_offers_to_make_voices(voice_p
 
 
 def test_a_voice_made_from_an_uploaded_clip_is_listed_speaks_and_is_deleted(voice_page):
-    prompt = golden_modes() / "prompts" / "en_22050_mono.wav"
-    transcript = json.loads((prompt.parent / "prompts.json").read_text())[prompt.name]["text"]
+    prompt, transcript, seconds = reference_clip()
     choose_file(voice_page, "#clip-file", prompt)
     made = run_in_page(voice_page, r"""
       await until(() => state.clip, "the chosen file");
-      $("clip-text").value = %s;
+      $("clip-text").value = args.transcript;
       $("voice-name").value = "Fox reader";
       $("make-voice").click();
       await until(() => $("voice-status").textContent.startsWith("Made") || $("voice-status").className === "error",
@@ -421,9 +420,9 @@ def test_a_voice_made_from_an_uploaded_clip_is_listed_speaks_and_is_deleted(voic
       return {status: $("voice-status").textContent, info: $("clip-info").textContent,
               preview: !$("clip-preview").hidden, id: item && item.dataset.id, item: item && item.textContent,
               selected: $("speaker").value, group: [...$("speaker").querySelectorAll("optgroup option")].map((o) => o.value)};
-    """ % json.dumps(transcript))
-    assert made["status"].startswith("Made Fox reader (zero-shot, 4.459 s of audio)"), made["status"]
-    assert made["info"].startswith("en_22050_mono.wav") and made["preview"]
+    """, transcript=transcript)
+    assert made["status"].startswith(f"Made Fox reader (zero-shot, {seconds:g} s of audio)"), made["status"]
+    assert made["info"].startswith(prompt.name) and made["preview"]
     voice_id = made["id"]
     assert voice_id.startswith("voice_") and "Fox reader" in made["item"] and "zero-shot" in made["item"]
     assert made["selected"] == voice_id and made["group"] == [voice_id]  # the new voice is the speaker now
@@ -445,11 +444,11 @@ def test_a_voice_made_from_an_uploaded_clip_is_listed_speaks_and_is_deleted(voic
     voice_page.browser.screenshot(voice_page.log_path.parent / "voices.png")
 
     deleted = run_in_page(voice_page, r"""
-      $("voice-list").querySelector(`li[data-id="%s"] button.delete`).click();
+      $("voice-list").querySelector(`li[data-id="${args.id}"] button.delete`).click();
       await until(() => !$("voice-list").querySelector("li[data-id]"), "the deletion");
       return {status: $("voice-status").textContent, options: [...$("speaker").options].map((o) => o.value),
               selected: $("speaker").value};
-    """ % voice_id)
+    """, id=voice_id)
     assert deleted["status"] == "Deleted Fox reader / 已删除"
     assert voice_id not in deleted["options"] and deleted["selected"] == deleted["options"][0]
     assert saved_voices(voice_page) == []
@@ -457,7 +456,7 @@ def test_a_voice_made_from_an_uploaded_clip_is_listed_speaks_and_is_deleted(voic
 
 
 def test_the_servers_refusals_are_shown_and_making_a_voice_needs_the_key(voice_page):
-    choose_file(voice_page, "#clip-file", golden_modes() / "prompts" / "prompts.json")  # not audio
+    choose_file(voice_page, "#clip-file", GOLDEN_MODES / "prompts" / "prompts.json")  # not audio
     result = run_in_page(voice_page, r"""
       const errorOf = async () => {
         $("voice-status").textContent = "";
@@ -470,9 +469,9 @@ def test_the_servers_refusals_are_shown_and_making_a_voice_needs_the_key(voice_p
       $("apikey").value = "wrong";  // read at every request, like a user's edit before a click
       const wrongKey = await errorOf();
       const askedForKey = $("auth").open;
-      $("apikey").value = "%s";
+      $("apikey").value = args.key;
       return {notAudio, wrongKey, askedForKey, makeEnabled: !$("make-voice").disabled};
-    """ % KEY)
+    """, key=KEY)
     assert "could not be decoded" in result["notAudio"] and "send WAV, FLAC or OGG" in result["notAudio"]
     assert result["wrongKey"].startswith("missing or wrong API key") and result["askedForKey"]
     assert result["makeEnabled"] and saved_voices(voice_page) == []
