@@ -301,8 +301,8 @@ def test_recording_without_a_microphone_says_so(page):
     result = run_in_page(page.browser, r"""
       await until(() => !$("voices").hidden, "the offers from /speakers");
       $("record").click();
-      await until(() => $("voice-status").className === "error", "the recording's error");
-      return {status: $("voice-status").textContent, recordEnabled: !$("record").disabled,
+      await until(() => $("clip-info").classList.contains("error"), "the recording's error");
+      return {status: $("clip-info").textContent, recordEnabled: !$("record").disabled,
               stopHidden: $("record-stop").hidden, clip: state.clip};
     """)
     assert result["status"].startswith("No microphone was found: connect one, or upload a clip instead")
@@ -483,15 +483,15 @@ def test_a_recorded_clip_makes_a_cross_lingual_voice_once_the_microphone_is_allo
     browser.send("Browser.resetPermissions")
     denied = run_in_page(voice_page, r"""
       $("record").click();
-      await until(() => $("voice-status").className === "error", "the recording's error");
-      return $("voice-status").textContent;
+      await until(() => $("clip-info").classList.contains("error"), "the recording's error");
+      return $("clip-info").textContent;
     """)
     assert denied.startswith("Microphone permission was denied: allow the microphone for this site")
     browser.send("Browser.grantPermissions", {"permissions": ["audioCapture"], "origin": voice_page.origin})
     made = run_in_page(voice_page, r"""
       $("record").click();
       await until(() => !$("record-stop").hidden, "the recording to start");
-      const recording = $("voice-status").textContent;
+      const recording = $("clip-info").textContent;
       await new Promise((r) => setTimeout(r, 2000));
       $("record-stop").click();
       await until(() => state.clip && state.clip.name === "recording.wav", "the recorded clip");

@@ -390,13 +390,18 @@ function voiceStatus(text, isError) {
   $("voice-status").className = isError ? "error" : "";
 }
 
+function clipStatus(text, isError) {
+  $("clip-info").textContent = text;
+  $("clip-info").className = isError ? "note error" : "note";
+}
+
 function setClip(blob, name, info) {
   state.clip = { blob, name };
   const preview = $("clip-preview");
   if (preview.src) URL.revokeObjectURL(preview.src);
   preview.src = URL.createObjectURL(blob);
   preview.hidden = false;
-  $("clip-info").textContent = info;
+  clipStatus(info, false);
 }
 
 function chooseFile() {
@@ -434,18 +439,18 @@ async function recordingToWav(blob) {
 
 async function startRecording() {
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia || typeof MediaRecorder === "undefined") {
-    voiceStatus("This browser cannot record here (recording needs https or localhost, and MediaRecorder): " +
+    clipStatus("This browser cannot record here (recording needs https or localhost, and MediaRecorder): " +
       "upload a clip instead. / 此浏览器无法录音", true);
     return;
   }
   $("record").disabled = true;
-  voiceStatus("Asking for the microphone… / 请求麦克风…", false);
+  clipStatus("Asking for the microphone… / 请求麦克风…", false);
   let stream;
   try {
     stream = await navigator.mediaDevices.getUserMedia({ audio: true });
   } catch (e) {
     $("record").disabled = false;
-    voiceStatus(microphoneProblem(e), true);
+    clipStatus(microphoneProblem(e), true);
     return;
   }
   const recorder = new MediaRecorder(stream);
@@ -460,22 +465,21 @@ async function startRecording() {
     try {
       const { wav, seconds } = await recordingToWav(new Blob(parts, { type: recorder.mimeType }));
       setClip(wav, "recording.wav", `Recorded ${seconds.toFixed(1)} s / 已录音`);
-      voiceStatus("", false);
     } catch (e) {
-      voiceStatus("The recording could not be read: " + (e.message || e), true);
+      clipStatus("The recording could not be read: " + (e.message || e), true);
     } finally {
       $("record").disabled = false;  // only now: the clip (or the error) is on the page
     }
   };
   const timer = setInterval(() => {
     const seconds = (performance.now() - started) / 1000;
-    voiceStatus(`Recording… ${seconds.toFixed(0)} s (up to ${MAX_CLIP_SECONDS} s) / 录音中…`, false);
+    clipStatus(`Recording… ${seconds.toFixed(0)} s (up to ${MAX_CLIP_SECONDS} s) / 录音中…`, false);
     if (seconds >= MAX_CLIP_SECONDS - 0.5) stopRecording();  // the server refuses longer clips
   }, 250);
   state.recording = { recorder, stream, timer };
   recorder.start(250);
   $("record-stop").hidden = false;
-  voiceStatus("Recording… / 录音中…", false);
+  clipStatus("Recording… / 录音中…", false);
 }
 
 function stopRecording() {
