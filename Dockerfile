@@ -2,6 +2,10 @@
 #   docker build -t cosyvoice-lite .                                   # model mounted at run time
 #   docker build --build-arg DOWNLOAD_MODEL=1 -t cosyvoice-lite:model .  # model baked into the image
 #   docker run -p 8080:8080 -v "$PWD/models:/app/models" cosyvoice-lite
+#   docker run -p 8080:8080 -p 10200:10200 -e WYOMING_URI=on ... cosyvoice-lite   # HTTP and Home Assistant's Wyoming
+#   docker run -p 10200:10200 -v "$PWD/models:/app/models" --health-cmd \
+#     "python -c \"import socket; socket.create_connection(('127.0.0.1', 10200), 4)\"" \
+#     cosyvoice-lite python -m cosyvoice_lite wyoming                           # Wyoming alone (no HTTP)
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
@@ -42,7 +46,7 @@ RUN mkdir -p /app/models /app/cache/audio \
  && chown -R app:app /app/models /app/cache
 
 USER app
-EXPOSE 8080
+EXPOSE 8080 10200
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=4)"
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:app"]

@@ -16,7 +16,11 @@ import struct
 import numpy as np
 import soxr
 
-SAMPLE_RATE = 24000
+SAMPLE_RATE = 24000  # the one output rate: every engine yields it, every format and the audio cache carry it
+# Full scale of 16-bit PCM: +-1.0 -> +-32767 (symmetric; -32768 never occurs). The one 16-bit rounding is quantize
+# below: the encoders and the audio cache both use it, so a cached segment encodes to the bytes a fresh synthesis
+# would.
+PCM16_SCALE = 32767.0
 
 # format -> (Content-Type, file extension)
 FORMATS = {
@@ -56,10 +60,20 @@ def resample(audio: np.ndarray, in_rate: int, out_rate: int = SAMPLE_RATE) -> np
     return soxr.resample(np.asarray(audio, dtype=np.float32), in_rate, out_rate, quality="HQ")
 
 
+def quantize(audio: np.ndarray) -> np.ndarray:
+    """float [-1, 1] -> int16 samples: clipped, scaled by PCM16_SCALE in float32, rounded half to even."""
+    scaled = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * np.float32(PCM16_SCALE)
+    return np.rint(scaled).astype(np.int16)
+
+
+def dequantize(pcm: np.ndarray) -> np.ndarray:
+    """int16 samples -> float32 that quantize turns back into the same int16."""
+    return np.asarray(pcm).astype(np.float32) / np.float32(PCM16_SCALE)
+
+
 def to_pcm16(audio: np.ndarray) -> bytes:
-    """float [-1, 1] -> little-endian signed 16-bit bytes (clipped, rounded)."""
-    scaled = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767.0
-    return np.rint(scaled).astype("<i2").tobytes()
+    """float [-1, 1] -> little-endian signed 16-bit bytes (quantize)."""
+    return quantize(audio).astype("<i2", copy=False).tobytes()
 
 
 def wav_header(num_samples: int | None, rate: int = SAMPLE_RATE, channels: int = 1, bits: int = 16) -> bytes:

@@ -1,7 +1,8 @@
-"""``cosyvoice-lite`` command: serve, say, download.
+"""``cosyvoice-lite`` command: serve, say, wyoming, download.
 
     cosyvoice-lite serve                      # gunicorn with the settings from environment variables
     cosyvoice-lite say "你好，世界。" -o hello.wav [--speaker 中文女] [--speed 1.0] [--format wav]
+    cosyvoice-lite wyoming [--uri tcp://0.0.0.0:10200] [--zeroconf NAME]   # Home Assistant's protocol
     cosyvoice-lite download [--dir models/CosyVoice-300M-SFT]
 """
 from __future__ import annotations
@@ -60,6 +61,12 @@ def say(args: argparse.Namespace) -> int:
     return 0
 
 
+def wyoming(args: argparse.Namespace) -> int:
+    from .wyoming import run
+
+    return run(args.uri, args.zeroconf)
+
+
 def download(args: argparse.Namespace) -> int:
     from .download import main as download_main
 
@@ -80,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="wav", help="wav, pcm, mp3, opus or flac")
     p.add_argument("--no-normalize", action="store_true", help="skip text normalisation")
     p.set_defaults(run=say)
+    p = commands.add_parser("wyoming", help="serve the Wyoming protocol (Home Assistant) on its own")
+    p.add_argument("--uri", help="tcp://HOST:PORT (default: WYOMING_URI, else tcp://0.0.0.0:10200, "
+                   "tcp://127.0.0.1:10200 when API_KEY is set)")
+    p.add_argument("--zeroconf", metavar="NAME", help="announce for Home Assistant's discovery under NAME "
+                   "(default: WYOMING_ZEROCONF; needs the zeroconf package)")
+    p.set_defaults(run=wyoming)
     p = commands.add_parser("download", help="download CosyVoice-300M-SFT (see --help)", add_help=False)
     p.add_argument("download_args", nargs=argparse.REMAINDER)
     p.set_defaults(run=download)

@@ -1,9 +1,26 @@
 """Every environment variable the service reads, read here once (documented defaults below; README has the same
-table). The rest of the package takes these values as arguments."""
+table). The rest of the package takes these values as arguments.
+
+The one exception is PASS_THROUGH: variables that belong to the libraries the service runs on (or to the
+platform). They are read, or given a default, where they take effect, and are documented here and in the README."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+
+# name -> what it does and where the package reads or sets it
+PASS_THROUGH = {
+    "ONEDNN_MAX_CPU_ISA": "oneDNN's cap on its kernels' instructions (in PyTorch and OpenVINO), e.g. AVX2; "
+                          "backends/cpu.py reads it so that the precision plan follows the cap",
+    "OV_CPU_MAX_ISA": "OpenVINO's own kernels' cap; backends/ov_runtime.py sets it from ONEDNN_MAX_CPU_ISA when only "
+                      "that is set (the two must agree), backends/cpu.py reads it like ONEDNN_MAX_CPU_ISA",
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "oneDNN's compiled-kernel cache; memory.py sets 64 unless it is set",
+    "XDG_CACHE_HOME": "the base of the default CACHE_DIR (default_cache_dir below)",
+    "PROMETHEUS_MULTIPROC_DIR": "prometheus_client's directory of per-process /metrics files; serve/gunicorn_conf.py "
+                                "makes a fresh one when unset (an operator's own is emptied at start)",
+    "COSYVOICE_METRICS_DIR_OF": "not a setting: the master's pid, set by serve/gunicorn_conf.py beside the "
+                                "PROMETHEUS_MULTIPROC_DIR it made, so that a configuration read again (HUP) keeps it",
+}
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -76,12 +93,29 @@ class Settings:
     # BACKEND: auto | openvino | torch - runtime of the flow estimator and HiFT (auto: OpenVINO where it is
     # installed and pays on this CPU, see backends/); torch = plain PyTorch everywhere
     backend: str = "auto"
+    # WYOMING_URI: the Wyoming (Home Assistant) server's address, tcp://HOST:PORT, or 'on' for the default
+    # address: tcp://0.0.0.0:10200, or tcp://127.0.0.1:10200 when API_KEY is set (Wyoming has no authentication).
+    # Empty: gunicorn serves no Wyoming (`cosyvoice-lite wyoming` uses the default address). Set: every gunicorn
+    # worker also serves it, over the same model (SO_REUSEPORT spreads the connections).
+    wyoming_uri: str = ""
+    # WYOMING_ZEROCONF: announce the Wyoming server for Home Assistant's discovery (_wyoming._tcp.local.) under
+    # this name; empty = no announcement (needs `pip install zeroconf`)
+    wyoming_zeroconf: str = ""
+    # WYOMING_IDLE_TIMEOUT: seconds a Wyoming connection may stay silent while it waits for nothing -> closed
+    wyoming_idle_timeout: float = 60.0
+    # COSYVOICE_LITE_TIKTOKEN: Whisper's multilingual.tiktoken vocabulary file; empty = the copy the openai-whisper
+    # package ships (frontend/tokenizer.py)
+    tiktoken_file: str = ""
+    # COSYVOICE_LITE_WETEXT_FSTS: a directory of WeText FSTs, <lang>/tn/{tagger,verbalizer}.fst; empty = the ones the
+    # wetext package ships (frontend/wetext_tn.py)
+    wetext_fsts: str = ""
 
     ENV = {
         "model_dir": "MODEL_DIR", "engine": "ENGINE", "mode": "COSYVOICE_MODE", "host": "HOST",
         "model_kind": "MODEL_KIND", "max_voices": "MAX_VOICES", "max_upload_bytes": "MAX_UPLOAD_BYTES",
         "keep_voice_models": "KEEP_VOICE_MODELS",
-        "graceful_timeout": "GRACEFUL_TIMEOUT", "max_requests": "MAX_REQUESTS", "workers": "WORKERS", "torch_threads": "TORCH_THREADS",
+        "graceful_timeout": "GRACEFUL_TIMEOUT", "max_requests": "MAX_REQUESTS", "workers": "WORKERS",
+        "torch_threads": "TORCH_THREADS",
         "max_text_chars": "MAX_TEXT_CHARS", "max_body_bytes": "MAX_BODY_BYTES", "queue_size": "QUEUE_SIZE",
         "max_batch": "MAX_BATCH",
         "request_timeout": "REQUEST_TIMEOUT", "body_timeout": "BODY_TIMEOUT", "port": "PORT",
@@ -89,7 +123,9 @@ class Settings:
         "write_timeout": "WRITE_TIMEOUT",
         "cors_origins": "CORS_ORIGINS", "api_key": "API_KEY", "log_level": "LOG_LEVEL",
         "cache_dir": "CACHE_DIR", "voice_map": "VOICE_MAP", "cache": "CACHE", "cache_max_mb": "CACHE_MAX_MB",
-        "cache_ttl": "CACHE_TTL", "backend": "BACKEND",
+        "cache_ttl": "CACHE_TTL", "backend": "BACKEND", "wyoming_uri": "WYOMING_URI",
+        "wyoming_zeroconf": "WYOMING_ZEROCONF", "wyoming_idle_timeout": "WYOMING_IDLE_TIMEOUT",
+        "tiktoken_file": "COSYVOICE_LITE_TIKTOKEN", "wetext_fsts": "COSYVOICE_LITE_WETEXT_FSTS",
     }
 
     @classmethod
@@ -133,7 +169,8 @@ class Settings:
                 raise ValueError(f"{self.ENV[name]} must be at least 1")
         if self.queue_size < 0 or self.torch_threads < 0:
             raise ValueError("QUEUE_SIZE and TORCH_THREADS must not be negative")
-        for name in ("request_timeout", "body_timeout", "header_timeout", "write_timeout", "max_audio_seconds"):
+        for name in ("request_timeout", "body_timeout", "header_timeout", "write_timeout", "max_audio_seconds",
+                     "wyoming_idle_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{self.ENV[name]} must be positive")
         if self.port > 65535:
@@ -145,9 +182,16 @@ class Settings:
         if self.log_level.lower() not in LOG_LEVELS:
             # else gunicorn stops with only "Unable to configure logger 'gunicorn.error'"
             raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.wyoming_uri:
+            self.wyoming_address()  # raises on a malformed WYOMING_URI
         from .voices.book import parse_voice_map
 
         parse_voice_map(self.voice_map)  # raises on a malformed VOICE_MAP
+        # an override that names nothing would otherwise fail only when the CosyVoice engine loads
+        if self.tiktoken_file and not os.path.isfile(self.tiktoken_file):
+            raise ValueError(f"COSYVOICE_LITE_TIKTOKEN={self.tiktoken_file} is not a file")
+        if self.wetext_fsts and not os.path.isdir(self.wetext_fsts):
+            raise ValueError(f"COSYVOICE_LITE_WETEXT_FSTS={self.wetext_fsts} is not a directory")
 
     @property
     def threads(self) -> int:
@@ -155,6 +199,19 @@ class Settings:
         if self.torch_threads:
             return self.torch_threads
         return max(1, (os.cpu_count() or 1) // self.workers)
+
+    def wyoming_address(self, uri: str | None = None) -> tuple[str, int]:
+        """(host, port) of ``uri`` (else WYOMING_URI, else the default: all interfaces, or localhost alone when
+        API_KEY is set, since Wyoming cannot ask for the key)."""
+        uri = (uri or self.wyoming_uri).strip()
+        uri = "" if uri.lower() == "on" else uri
+        uri = uri or \
+            ("tcp://127.0.0.1:10200" if self.api_key else "tcp://0.0.0.0:10200")
+        scheme, sep, rest = uri.partition("://")
+        host, _, port = rest.rpartition(":")
+        if scheme != "tcp" or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"WYOMING_URI must be tcp://HOST:PORT, got {uri!r}")
+        return host.strip("[]"), int(port)
 
     @property
     def cache_root(self) -> str:

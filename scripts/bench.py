@@ -161,6 +161,8 @@ def median_of(runs) -> dict:
 
 def bench_first_audio(engine) -> dict:
     """Seconds from the engine call to the first chunk (and to the second) for a two-sentence text."""
+    from cosyvoice_lite.audio import SAMPLE_RATE
+
     cancel = threading.Event()
     started = time.perf_counter()
     times, samples = [], 0
@@ -172,7 +174,7 @@ def bench_first_audio(engine) -> dict:
             break
     engine.scheduler.wait_idle()  # the cancelled request finishes its current chunk
     return {"first_audio_s": times[0], "second_chunk_s": times[1] if len(times) > 1 else None,
-            "first_chunks_audio_s": samples / 24000}
+            "first_chunks_audio_s": samples / SAMPLE_RATE}
 
 
 def bench_stream_rtf(engine, n_tokens: int) -> dict:
@@ -232,7 +234,7 @@ def bench_cache(engine, n_tokens: int) -> dict:
     synthesised without the cache; each whole and timed."""
     import numpy as np
 
-    from cosyvoice_lite.audio import to_pcm16
+    from cosyvoice_lite.audio import SAMPLE_RATE, to_pcm16
     from cosyvoice_lite.service import SynthesisRequest, SynthesisService
     from cosyvoice_lite.settings import Settings
 
@@ -264,7 +266,7 @@ def bench_cache(engine, n_tokens: int) -> dict:
     assert (uncached[0], cold[0], warm[0], partial[0]) == ("off", "miss", "hit", "partial")
     return {"cache_cold_s": cold[1], "cache_warm_s": warm[1], "cache_warm_first_chunk_s": warm[2],
             "cache_partial_s": partial[1], "cache_partial_first_chunk_s": partial[2],
-            "cache_audio_s": len(cold[3]) / 2 / 24000, "cache_speedup": cold[1] / warm[1],
+            "cache_audio_s": len(cold[3]) / 2 / SAMPLE_RATE, "cache_speedup": cold[1] / warm[1],
             "cache_uncached_2_sentences_s": uncached[1], "cache_partial_vs_uncached": partial[1] / uncached[1],
             "cache_partial_vs_cold": partial[1] / cold[1], "cache_identical": cold[3] == warm[3],
             "cache_partial_starts_with_cached": partial[3].startswith(warm[3])}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the Docker image with podman on a machine without a Docker engine, run it, wait for /ready,
-# synthesise with /tts and check the WAV. Prints the image size.
+# synthesise with /tts and check the WAV, then Wyoming (Home Assistant): from the same container (WYOMING_URI=on)
+# and from the image's alternative command (python -m cosyvoice_lite wyoming). Prints the image size.
 #
 #   scripts/container_test.sh                 # offline voice (no model mounted)
 #   MODEL=models/tiny scripts/container_test.sh   # with a model directory mounted at /app/models/CosyVoice-300M-SFT
@@ -22,7 +23,7 @@ if [ -n "${MODEL:-}" ]; then mount=(-v "$(readlink -f "$MODEL")":/app/models/Cos
 cleanup() { podman logs "$NAME" 2>&1 | tail -n 20; podman rm -f "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 echo "== run"
-podman run -d --name "$NAME" -p 127.0.0.1:$PORT:8080 "${mount[@]}" "$TAG" >/dev/null
+podman run -d --name "$NAME" -e WYOMING_URI=on -p 127.0.0.1:$PORT:8080 "${mount[@]}" "$TAG" >/dev/null
 
 echo "== wait for /ready"
 for i in $(seq 1 120); do
@@ -44,4 +45,46 @@ with wave.open("/tmp/container_test.wav") as w:
 print(f"wav: {rate} Hz, {channels} channel(s), {8 * width}-bit, {frames / rate:.2f} s")
 assert (rate, channels, width) == (24000, 1, 2) and frames > 0, "unexpected WAV format"
 PY
+# A Wyoming client inside the container (the image has the wyoming library): synthesize -> audio-start/chunks/stop.
+wyoming_check() {
+  podman exec -i "$1" python - <<'PY'
+import asyncio, time
+from wyoming.client import AsyncTcpClient
+from wyoming.tts import Synthesize
+
+async def main():
+    for _ in range(120):  # the standalone server listens once its model is loaded
+        try:
+            client = AsyncTcpClient("127.0.0.1", 10200)
+            await client.connect()
+            break
+        except OSError:
+            await asyncio.sleep(1)
+    else:
+        raise SystemExit("nothing listens on 10200 after 120 s")
+    await client.write_event(Synthesize(text="Hello from Home Assistant.").event())
+    pcm, start = 0, None
+    while True:
+        event = await asyncio.wait_for(client.read_event(), 120)
+        assert event is not None and event.type != "error", event
+        if event.type == "audio-start":
+            start = (event.data["rate"], event.data["width"], event.data["channels"])
+        elif event.type == "audio-chunk":
+            pcm += len(event.payload)
+        elif event.type == "audio-stop":
+            break
+    await client.disconnect()
+    assert start == (24000, 2, 1) and pcm > 0, (start, pcm)
+    print(f"wyoming: {pcm / 48000:.2f} s of 24 kHz 16-bit mono")
+
+asyncio.run(main())
+PY
+}
+echo "== Wyoming beside HTTP (WYOMING_URI=on)"
+wyoming_check "$NAME"
+
+echo "== Wyoming alone (python -m cosyvoice_lite wyoming)"
+podman rm -f "$NAME" >/dev/null
+podman run -d --name "$NAME" "${mount[@]}" "$TAG" python -m cosyvoice_lite wyoming >/dev/null
+wyoming_check "$NAME"
 echo "== container test passed"

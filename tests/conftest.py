@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,22 @@ from gated_engine import GatedEngine  # noqa: E402,F401  (re-exported to the tes
 # their own; nothing is ever written to ~/.cache (gunicorn servers inherit this environment).
 os.environ["CACHE"] = "off"
 os.environ["CACHE_DIR"] = tempfile.mkdtemp(prefix="cosyvoice-lite-tests-")
+
+
+# ---- programs of the system -----------------------------------------------------------------------------
+
+def require_program(name: str, install: str) -> str:
+    """The path of the system program ``name`` (looked up on PATH) for a test that needs it; ``install`` is the
+    command that installs it. Missing, the test is skipped with that command as the reason, so that ``./run test``
+    passes on a machine with Python alone. Under CI=true it is a failure instead: .ci/run installs every such
+    program, and a skip there would hide a broken install step."""
+    path = shutil.which(name)
+    if path:
+        return path
+    reason = f"needs {name}: {install}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (required under CI=true; .ci/run installs it)", pytrace=False)
+    pytest.skip(reason)
 
 
 # ---- engines ------------------------------------------------------------------------------------------------

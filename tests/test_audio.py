@@ -53,6 +53,35 @@ def test_to_pcm16_clips_and_rounds():
     assert pcm.tolist() == [0, 32767, -32767, 32767, -32767, 16384]
 
 
+def test_the_audio_cache_rounds_to_16_bits_exactly_as_the_encoders_do():
+    from cosyvoice_lite import cache
+
+    x = np.random.default_rng(0).uniform(-1.2, 1.2, 48000).astype(np.float32)
+    x[:4] = [0.5 / 32767, 1.5 / 32767, -2.5 / 32767, 1.0]  # halfway cases
+    assert cache.quantize(x).astype("<i2").tobytes() == audio.to_pcm16(x)
+    assert audio.to_pcm16(cache.dequantize(cache.quantize(x))) == audio.to_pcm16(x)
+
+
+def test_the_output_rate_and_the_16_bit_scale_are_written_once():
+    """audio.py defines them; every other module imports them (a second copy would drift)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(audio.__file__).parent
+    copies = [f"{path.relative_to(package)}:{node.lineno}" for path in sorted(package.rglob("*.py"))
+              if path != package / "audio.py" for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Constant) and type(node.value) in (int, float)
+              and node.value in (24000, 32767, 32768)]
+    assert copies == []
+
+
+def test_the_web_page_plays_raw_pcm_at_the_service_rate():
+    from pathlib import Path
+
+    page = (Path(audio.__file__).parent / "static" / "app.js").read_text()
+    assert f"const RATE = {audio.SAMPLE_RATE};" in page
+
+
 def test_wav_header_known_and_unknown_length():
     x = sine(300, 24000, 0.5)
     whole = audio.encode(x, "wav")

@@ -1,4 +1,4 @@
-"""The web page in a real headless browser (Debian's chromium, /usr/bin/chromium) against a real gunicorn (the
+"""The web page in a real headless browser (Debian's chromium; skipped where it is not installed, required under CI) against a real gunicorn (the
 offline voice behind the test gate, so that a stream can be held after its first chunk): playback starts with the
 first chunk, progress and a waveform show, Stop cancels the request, clips are kept to replay and download, and an
 error clears the last clip instead of leaving it on the page.
@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Gate, gunicorn
+
+from conftest import Gate, gunicorn, require_program
 from golden_data import GOLDEN_MODES
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--autoplay-policy=no-user-gesture-required", "--remote-debugging-pipe", "about:blank"]
@@ -29,7 +29,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 class Chromium:
     """Minimal DevTools client over chromium's debugging pipe."""
 
-    def __init__(self, profile: Path, log_path: Path, flags: tuple[str, ...] = ()):
+    def __init__(self, executable: str, profile: Path, log_path: Path, flags: tuple[str, ...] = ()):
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
@@ -39,7 +39,7 @@ class Chromium:
             os.dup2(b, 4)
 
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen([CHROMIUM, f"--user-data-dir={profile}", *flags, *FLAGS], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([executable, f"--user-data-dir={profile}", *flags, *FLAGS], stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, close_fds=False,
                                          preexec_fn=wire_fds, start_new_session=True)
         os.close(to_browser_r)
@@ -148,10 +148,9 @@ def run_in_page(browser, body: str, **args):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("chromium is not installed: apt-get install -y chromium")
+    executable = require_program("chromium", "apt-get install chromium")
     tmp = tmp_path_factory.mktemp("chromium")
-    chrome = Chromium(tmp / "profile", tmp / "chromium.log")
+    chrome = Chromium(executable, tmp / "profile", tmp / "chromium.log")
     yield chrome
     chrome.close()
 
@@ -352,8 +351,9 @@ def cloning_model_dir(tiny_model_dir, tmp_path_factory):
 def mic_browser(tmp_path_factory):
     """Chromium with a fake microphone (a beep). Headless, it has no permission prompt: the microphone is denied
     until the test grants it (Browser.grantPermissions), as a user would in the prompt."""
+    executable = require_program("chromium", "apt-get install chromium")
     tmp = tmp_path_factory.mktemp("chromium-mic")
-    chrome = Chromium(tmp / "profile", tmp / "chromium.log", flags=("--use-fake-device-for-media-stream",))
+    chrome = Chromium(executable, tmp / "profile", tmp / "chromium.log", flags=("--use-fake-device-for-media-stream",))
     yield chrome
     chrome.close()
 

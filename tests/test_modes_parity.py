@@ -28,7 +28,8 @@ from cosyvoice_lite.frontend.prompt_audio import (PromptAudioError, clip_of, loa
 from cosyvoice_lite.model import load_model
 from cosyvoice_lite.voices import BUILTIN, CLONED, INSTRUCTED, Voice
 from cosyvoice_lite.voices import clone
-from cosyvoice_lite.voices.clone import END_OF_INSTRUCTION, clone_voice, instruct_voice, with_end_marker
+from cosyvoice_lite.voices.clone import (END_OF_INSTRUCTION, VoiceMaker, clone_voice, instruct_voice,
+                                         with_end_marker)
 
 FEATURE_TOL = 1e-4     # log-mel, fbank, prompt mel (log domain), resampled audio
 EMBEDDING_TOL = 1e-5
@@ -289,6 +290,27 @@ def test_cloned_voice_from_the_prompt_wav_has_the_official_mel_and_embedding(cas
     assert max_abs(torch.from_numpy(voice.flow_embedding), array(case, "flow_embedding")) <= EMBEDDING_TOL
     assert voice.llm_embedding is voice.flow_embedding or np.array_equal(voice.llm_embedding, voice.flow_embedding)
     assert len(voice.prompt_speech) == array(case, "flow_prompt_speech_token").shape[1]
+
+
+def test_voice_maker_makes_the_voice_of_decoded_samples_and_releases_the_networks():
+    case = CLIP_CASES[0]
+    clip = load_clip(wav_bytes(CASES[case]["prompt_wav"]))
+    maker = VoiceMaker(GOLDEN_MODES / "model", sample_rate=RATE)
+    voice = maker.make_voice(clip.samples[0].numpy(), clip.sample_rate, [1, 2, 3], name="mine", voice_id="voice_x")
+    assert (voice.id, voice.name, voice.kind, voice.prompt_text.tolist()) == ("voice_x", "mine", CLONED, [1, 2, 3])
+    assert max_abs(torch.from_numpy(voice.prompt_mel[None]), array(case, "prompt_speech_feat")) <= FEATURE_TOL
+    assert not maker.frontend.tokenizer.loaded and not maker.frontend.speaker_encoder.loaded
+    tokens = maker.source_tokens(clip.samples[0].numpy(), clip.sample_rate)
+    assert tokens.tolist() == voice.prompt_speech.tolist() and not maker.frontend.tokenizer.loaded
+
+
+def test_voice_maker_keeps_the_networks_when_asked():
+    clip = load_clip(wav_bytes(CASES[CLIP_CASES[0]]["prompt_wav"]))
+    maker = VoiceMaker(GOLDEN_MODES / "model", keep_loaded=True)
+    maker.source_tokens(clip.samples[0].numpy(), clip.sample_rate)
+    assert maker.frontend.tokenizer.loaded
+    maker.close()
+    assert not maker.frontend.tokenizer.loaded
 
 
 @pytest.mark.parametrize("case", CLIP_CASES)

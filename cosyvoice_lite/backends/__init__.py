@@ -134,7 +134,7 @@ def _offload(model, mode, model_dir, stages: dict, wanted: list, root: Path, thr
         try:
             weights = "f32" if mode.name == "exact" else "f16"  # exact keeps float32 weights
             directory = stage_dir(root, stage, model_fingerprint(model_dir, files=STAGE_FILES[stage]), weights)
-            ensure_converted(stage, directory, model_dir, weights)
+            ensure_converted(stage, directory, model_dir, weights, threads)
             module = model.flow.decoder.estimator if stage == "estimator" else model.hift
             embed_time = TimeEmbedding(module) if stage == "estimator" else None
             example = example_inputs(stage, module)[0]

@@ -278,9 +278,11 @@ def stage_dir(cache_root: Path, stage: str, fingerprint: str, weights: str = "f1
     return Path(cache_root) / "compiled" / f"openvino-{available()}" / name
 
 
-def ensure_converted(stage: str, directory: Path, model_dir, weights: str = "f16") -> bool:
+def ensure_converted(stage: str, directory: Path, model_dir, weights: str = "f16", threads: int = 0) -> bool:
     """directory/model.xml exists afterwards; returns True when this call converted it. The conversion runs in a
-    child process: tracing needs the float32 network and much scratch memory, which a serving worker would keep."""
+    child process: tracing needs the float32 network and much scratch memory, which a serving worker would keep.
+    ``threads``: the child's torch threads (0 = torch's default), given on its command line like the rest of its
+    input, so that it reads no environment variable."""
     if (directory / "model.xml").is_file():
         return False
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +293,8 @@ def ensure_converted(stage: str, directory: Path, model_dir, weights: str = "f16
         started = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            proc = subprocess.run([sys.executable, "-m", __name__, stage, str(model_dir), str(work), weights],
+            proc = subprocess.run([sys.executable, "-m", __name__, stage, str(model_dir), str(work), weights,
+                                   str(int(threads))],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -355,6 +358,6 @@ def _convert_main(stage: str, model_dir: str, out_dir: str, weights: str) -> Non
     convert(stage, network.decoder.estimator if stage == "estimator" else network, Path(out_dir), weights)
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(int(os.environ.get("TORCH_THREADS") or 0) or torch.get_num_threads())
+if __name__ == "__main__":  # the converter child of ensure_converted: stage model_dir out_dir weights threads
+    torch.set_num_threads(int(sys.argv[5]) or torch.get_num_threads())
     _convert_main(*sys.argv[1:5])

@@ -3,6 +3,7 @@ and HiFT chunks) -> 24 kHz audio."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -16,8 +17,11 @@ from ..memory import configure_process, release_compute_threads, release_free_me
 from ..model import load_model
 from ..model.fingerprint import model_fingerprint
 from ..model.modes import mode_settings
+from ..frontend.onnx_models import VoiceFrontend
+from ..frontend.prompt_audio import PromptAudioError, clip_of
 from ..voices import builtin_voices
-from .base import OUTPUT_RATE, SEGMENT_END, Engine, Plan, Segment, SynthesisError
+from ..voices.clone import clone_voice, instruct_voice, speech_tokens, with_end_marker
+from .base import OUTPUT_RATE, SEGMENT_END, Engine, Offers, Plan, Segment, SynthesisError
 
 # Speech tokens in the first streamed chunk of a request besides its overlap (then 100, growing to 200). TokenStream
 # raises it to the smallest hop that leaves HiFT enough frames.
@@ -48,11 +52,11 @@ class CosyVoiceEngine(Engine):
     """
 
     name = "cosyvoice"
-    model_id = "cosyvoice-300m-sft"
 
     def __init__(self, model_dir, n_timesteps: int | None = None, mode: str | None = None, max_batch: int = 4,
                  first_hop: int | None = FIRST_HOP, threads: int | None = None, backend: str = "auto",
-                 cache_root: str | None = None, defer_backend: bool = False):
+                 cache_root: str | None = None, defer_backend: bool = False, kind: str = "auto",
+                 keep_voice_models: bool = False, tiktoken_file: str | None = None, wetext_fsts: str | None = None):
         """``defer_backend``: compile the OpenVINO stages at the first synthesis or warm-up, in the process that
         serves, not here (the service: gunicorn loads the model in its master and forks the workers, and
         OpenVINO's thread pool does not survive a fork: a worker would run the compiled stages on one core)."""
@@ -70,19 +74,26 @@ class CosyVoiceEngine(Engine):
         self._backend_lock = threading.Lock()
         self._backend_ready = False
         self.runtime = describe(self._stages)  # the plan, until the stages are compiled
-        self.frontend = TextFrontend()
+        # tiktoken_file / wetext_fsts: the frontend's data in place of what its packages ship (settings.py)
+        self.frontend = TextFrontend(fst_dir=wetext_fsts or None, vocab_path=tiktoken_file or None)
         self.n_timesteps = n_timesteps or self.mode.n_timesteps
         self.max_batch = max(1, max_batch)
         self.scheduler = Scheduler(self.model, max_batch=self.max_batch, first_hop=first_hop,
                                    n_timesteps=self.n_timesteps)
         self._voices = builtin_voices(self.model.speakers, COSYVOICE_SPEAKERS)
+        # the speech tokenizer and speaker encoder: opened to make a voice, closed after unless kept
+        self._voice_frontend = VoiceFrontend(model_dir)
+        self._keep_voice_models = keep_voice_models
+        self.offers = recognise(model_dir, kind, bool(self._voices), self._voice_frontend.available)
+        self.model_id = {"base": "cosyvoice-300m", "sft": "cosyvoice-300m-sft",
+                         "instruct": "cosyvoice-300m-instruct"}[self.offers.kind]
         if not defer_backend:
             self.prepare()
         release_compute_threads()  # synthesis runs on the scheduler's thread, not on this one
 
     @property
     def description(self) -> str:
-        return f"CosyVoice-300M-SFT from {self.model_dir} ({self.mode.name} mode, {self.runtime['backend']})"
+        return f"{self.model_id} from {self.model_dir} ({self.mode.name} mode, {self.runtime['backend']})"
 
     def prepare(self) -> None:
         """Compile the stages the plan gives to the execution backend (once; callers wait for it)."""
@@ -143,7 +154,11 @@ class CosyVoiceEngine(Engine):
         self.prepare()  # a request that comes before the warm-up waits for the compiled stages
         chunks = self.scheduler.submit([list(s.tokens) for s in segments], voice, speed=speed, cancel=cancel,
                                        seed=seed, segment_ends=True)
-        resampler = Resampler(self.model.sample_rate, OUTPUT_RATE)  # one continuous stream per segment
+        yield from self._resampled(chunks)
+
+    def _resampled(self, chunks) -> Iterator:
+        """The scheduler's chunks at OUTPUT_RATE, one continuous resampler per segment (no seams)."""
+        resampler = Resampler(self.model.sample_rate, OUTPUT_RATE)
         try:
             for wav in chunks:
                 if wav is SCHEDULER_SEGMENT_END:
@@ -158,3 +173,51 @@ class CosyVoiceEngine(Engine):
                     yield chunk
         finally:
             chunks.close()
+
+    # ---- voices of one's own ------------------------------------------------------------------------------
+    def _with_voice_models(self, work):
+        """Run ``work(frontend)`` on the scheduler's thread (one pool of compute threads) with the two ONNX
+        networks open; they are closed after unless KEEP_VOICE_MODELS."""
+        def run():
+            try:
+                return work(self._voice_frontend)
+            finally:
+                if not self._keep_voice_models:
+                    self._voice_frontend.close()
+        return self.scheduler.call(run)
+
+    def make_voice(self, samples, rate, transcript, name, voice_id):
+        self.prepare()
+        tokens = self.frontend.tokenize(self.frontend.normalize(transcript)) if transcript else []
+        try:
+            clip = clip_of(samples, rate)
+            return self._with_voice_models(lambda frontend: clone_voice(
+                clip, frontend, tokens, voice_id=voice_id, name=name or voice_id,
+                sample_rate=self.model.sample_rate))
+        except PromptAudioError as e:
+            raise ValueError(str(e)) from None
+
+    def instructed(self, voice, instructions):
+        tokens = self.frontend.tokenize(with_end_marker(self.frontend.normalize(instructions)))
+        return instruct_voice(voice, tokens)
+
+    def convert(self, samples, rate, voice, cancel=None, seed=None):
+        self.prepare()
+        try:
+            clip = clip_of(samples, rate)
+        except PromptAudioError as e:
+            raise ValueError(str(e)) from None
+        tokens = self._with_voice_models(lambda frontend: speech_tokens(clip, frontend))
+        chunks = self.scheduler.submit_conversion(tokens, voice, cancel=cancel, seed=seed, segment_ends=True)
+        yield from self._resampled(chunks)
+
+
+def recognise(model_dir, kind: str, has_speakers: bool, has_voice_models: bool) -> Offers:
+    """What a CosyVoice-300M directory offers. Its kind (MODEL_KIND, else: no speakers -> the base model;
+    'instruct' in the directory's name -> -Instruct; else -SFT) and the two ONNX networks decide: cloning and
+    conversion need the speech tokenizer and the speaker encoder; instructions, the Instruct model."""
+    if kind == "auto":
+        name = Path(model_dir).resolve().name.lower()
+        kind = "base" if not has_speakers else "instruct" if "instruct" in name else "sft"
+    return Offers(kind=kind, speakers=has_speakers, cloning=has_voice_models and kind != "instruct",
+                  instructions=kind == "instruct", conversion=has_voice_models)

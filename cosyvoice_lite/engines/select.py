@@ -34,8 +34,11 @@ def load_engine(settings) -> Engine:
         except ImportError as e:
             raise StartupError(f"this build has no CosyVoice engine ({e})") from e
         try:
-            engine = CosyVoiceEngine(model_dir, mode=settings.mode, threads=settings.threads, max_batch=settings.max_batch,
-                                     backend=settings.backend, cache_root=settings.cache_root,
+            engine = CosyVoiceEngine(model_dir, mode=settings.mode, kind=settings.model_kind,
+                                     keep_voice_models=settings.keep_voice_models, threads=settings.threads,
+                                     max_batch=settings.max_batch, backend=settings.backend,
+                                     cache_root=settings.cache_root, tiktoken_file=settings.tiktoken_file,
+                                     wetext_fsts=settings.wetext_fsts,
                                      defer_backend=True)  # compiled in the worker, after gunicorn's fork
         except Exception as e:
             raise StartupError(f"cannot load the CosyVoice model in {model_dir}: {type(e).__name__}: {e}") from e

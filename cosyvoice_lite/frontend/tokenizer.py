@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import os
 from pathlib import Path
 
 import tiktoken
@@ -23,7 +22,6 @@ LANGUAGE_CODES = (
 # Pre-tokenisation pattern of Whisper's (GPT-2 style) encodings.
 PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-VOCAB_ENV = "COSYVOICE_LITE_TIKTOKEN"  # optional override: path to a multilingual.tiktoken file
 VOCAB_SHA256 = "b34b360dbb493e781e479794586d661700670d65564001f23024971d1f2fa126"
 
 
@@ -44,15 +42,13 @@ def special_tokens(num_languages: int = 100) -> list[str]:
 
 
 def find_vocab_file() -> Path:
-    """Path of multilingual.tiktoken: $COSYVOICE_LITE_TIKTOKEN, else the copy inside the openai-whisper package."""
-    override = os.environ.get(VOCAB_ENV)
-    if override:
-        return Path(override)
+    """Path of the multilingual.tiktoken inside the openai-whisper package (another file may be given to
+    Tokenizer: the service's COSYVOICE_LITE_TIKTOKEN setting)."""
     spec = importlib.util.find_spec("whisper")  # finds the package without running its __init__
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "multilingual.tiktoken not found: install it with `pip install --no-deps openai-whisper==20250625` "
-            f"or point ${VOCAB_ENV} at the file")
+            "or point COSYVOICE_LITE_TIKTOKEN at the file")
     path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "multilingual.tiktoken"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed openai-whisper package")
@@ -70,7 +66,7 @@ def load_ranks(path: Path) -> dict[bytes, int]:
 
 def build_encoding(num_languages: int = 100, path: Path | None = None) -> tiktoken.Encoding:
     """The 51,866-id encoding (50,257 BPE ranks + 1,609 specials for 100 languages)."""
-    ranks = load_ranks(path or find_vocab_file())
+    ranks = load_ranks(Path(path) if path else find_vocab_file())
     specials = {token: len(ranks) + i for i, token in enumerate(special_tokens(num_languages))}
     return tiktoken.Encoding(
         name="multilingual",

@@ -10,13 +10,10 @@ Where the old runtime would crash or hang (empty tagger output, malformed tags, 
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from pathlib import Path
 
 import kaldifst
-
-FST_ENV = "COSYVOICE_LITE_WETEXT_FSTS"  # optional override: a directory holding <lang>/tn/{tagger,verbalizer}.fst
 
 FST_SHA256 = {
     "zh/tn/tagger.fst": "cf341314c51f7ce59049f3b2c42f0ce8fd71e6d08d4d6969613aad384a5e2ae8",
@@ -48,14 +45,12 @@ class TagParseError(ValueError):
 
 
 def find_fst_dir() -> Path:
-    """$COSYVOICE_LITE_WETEXT_FSTS, else wetext/fsts inside the installed wetext package (not imported)."""
-    override = os.environ.get(FST_ENV)
-    if override:
-        return Path(override)
+    """wetext/fsts inside the installed wetext package, which is not imported (another directory may be given to
+    WeTextNormalizer: the service's COSYVOICE_LITE_WETEXT_FSTS setting)."""
     spec = importlib.util.find_spec("wetext")  # locating the package does not run its __init__
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"wetext FSTs not found: `pip install --no-deps wetext==0.1.8` or set ${FST_ENV}")
+            "wetext FSTs not found: `pip install --no-deps wetext==0.1.8` or set COSYVOICE_LITE_WETEXT_FSTS")
     return Path(list(spec.submodule_search_locations)[0]) / "fsts"
 
 

@@ -87,10 +87,16 @@ logconfig_dict = {
 
 def post_worker_init(worker):
     """Start this worker's synthesis thread and warm-up now, not at its first request (threads do not survive
-    the fork from the preloaded master)."""
+    the fork from the preloaded master). With WYOMING_URI set, the worker also serves Wyoming on a thread over the
+    same service (the model once per worker; SO_REUSEPORT spreads connections over the workers); the first
+    worker alone announces it (WYOMING_ZEROCONF)."""
     service = getattr(worker.wsgi, "extensions", {}).get("cosyvoice_lite")
     if service is not None:
         service.admission.ensure_started()
+        if service.settings.wyoming_uri:
+            from cosyvoice_lite.wyoming import start_in_thread
+
+            start_in_thread(service, announce=worker.age == 1)
 
 
 def child_exit(server, worker):

@@ -1,5 +1,5 @@
-"""What the OpenAI-compatible routes add: the model list of /v1/models, OpenAI's own request fields, and the
-server-sent events of ``stream_format: "sse"``. (OpenAI's voice names are in voices/book.py.)"""
+"""What the OpenAI-compatible routes add: the model list of /v1/models and the server-sent events of
+``stream_format: "sse"``. (OpenAI's voice names are in voices/book.py, its request fields in schema.py.)"""
 from __future__ import annotations
 
 import base64
@@ -7,8 +7,6 @@ import json
 
 from .. import audio
 from ..engines import Engine
-from .errors import ApiError
-from .schema import optional
 
 # The `model` values this service answers to: its own id first, then OpenAI's speech models (all served by the
 # one engine, so that clients configured for OpenAI work unchanged).
@@ -22,28 +20,6 @@ def model_ids(engine: Engine) -> list[str]:
 def model_object(model_id: str, created: int) -> dict:
     """An OpenAI Model object; ``created`` is when this service loaded its engine (Unix seconds)."""
     return {"id": model_id, "object": "model", "created": created, "owned_by": "cosyvoice-lite"}
-
-
-def openai_fields(body: dict, engine: Engine) -> tuple[dict, bool]:
-    """The fields only OpenAI's request has (model, stream_format, a voice object), checked; ->
-    (the body for parse_speech_request, whether the answer is server-sent events)."""
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ApiError(400, "'model' must be a string", code="invalid_model", param="model")
-    stream_format = optional(body, "stream_format", "audio")
-    if stream_format not in ("audio", "sse"):
-        raise ApiError(400, "'stream_format' must be 'audio' or 'sse'", code="invalid_stream_format",
-                       param="stream_format")
-    voice = body.get("voice")
-    if isinstance(voice, dict) and set(voice) == {"id"}:  # OpenAI's custom voice reference {"id": ...}
-        body = {**body, "voice": voice["id"]}
-    sse = stream_format == "sse"
-    if sse and body.get("stream") is False:
-        raise ApiError(400, "stream_format 'sse' streams events; leave out 'stream': false, or use "
-                       "stream_format 'audio'", code="invalid_stream", param="stream")
-    if sse and body.get("stream") is True:  # events stream whatever the format: no "cannot be streamed"
-        body = {**body, "stream": None}
-    return body, sse
 
 
 class SseEncoder(audio.Encoder):

@@ -15,8 +15,8 @@ from ..voices import Voice
 from .body import client_gone_check, read_json_object, read_upload
 from .context import RequestRecord, finish_request
 from .errors import ApiError, error_response
-from .openai import SseEncoder, model_ids, model_object, openai_fields
-from .schema import parse_speech_request
+from .openai import SseEncoder, model_ids, model_object
+from .schema import parse_openai_speech, parse_tts
 
 log = logging.getLogger("cosyvoice_lite")
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -134,21 +134,23 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
             info["hint"] = engine.hint
         return info
 
+    def upload(what: str) -> tuple[dict, bytes]:
+        fields, clip = read_upload(service.settings.body_timeout, service.settings.max_upload_bytes)
+        if clip is None:
+            raise ApiError(400, f"send the {what} audio as 'file' (multipart) or base64 in a JSON body",
+                           code="missing_audio", param="file")
+        return fields, clip
+
     @api.post("/tts")
     def tts():
         body = read_json_object(service.settings.body_timeout, service.settings.max_body_bytes)
-        req = parse_speech_request(body, service, text_key="text", speaker_key="speaker", format_key="format",
-                                   default_format="wav", mapped_names=False)
+        req = parse_tts(body, service)
         return speak(service, req)
 
     @api.post("/v1/audio/speech")
     def openai_speech():
         body = read_json_object(service.settings.body_timeout, service.settings.max_body_bytes)
-        body, sse = openai_fields(body, engine)
-        req = parse_speech_request(body, service, text_key="input", speaker_key="voice",
-                                   format_key="response_format", default_format="mp3", default_stream=True)
-        if sse:
-            req.stream = req.sse = True
+        req = parse_openai_speech(body, service)
         return speak(service, req)
 
     @api.get("/v1/audio/voices")
@@ -157,10 +159,7 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
 
     @api.post("/v1/audio/voices")
     def create_voice():
-        fields, clip = read_upload(service.settings.body_timeout, service.settings.max_upload_bytes)
-        if clip is None:
-            raise ApiError(400, "send the reference audio as 'file' (multipart) or base64 in a JSON body",
-                           code="missing_audio", param="file")
+        fields, clip = upload("reference")
         try:
             made = service.create_voice(clip, fields.get("text"), fields.get("name"), request_id=g.rec.id)
         except ServiceError as e:
@@ -185,10 +184,7 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
 
     @api.post("/vc")
     def convert():
-        fields, clip = read_upload(service.settings.body_timeout, service.settings.max_upload_bytes)
-        if clip is None:
-            raise ApiError(400, "send the source audio as 'file' (multipart) or base64 in a JSON body",
-                           code="missing_audio", param="file")
+        fields, clip = upload("source")
         name = fields.get("voice")
         voice = voices.default if name is None else service.find_voice(name)
         if voice is None:

@@ -10,6 +10,10 @@
   every other connection of the worker.
 - gunicorn's own refusals (a request it cannot parse: bad request line, headers too large, an unsupported
   Transfer-Encoding, ...) are JSON in the service's error shape, not HTML; a stopping worker closes its listeners.
+
+This reaches into gthread's private names; gunicorn is pinned (requirements.txt) and serve/gunicorn_check.py checks
+every one of them when the server starts (in the master, before it listens or loads the model) and again in each
+worker, so a gunicorn that changed one refuses to start instead of failing at the first slow client.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import re
 import selectors
 import socket
+import sys
 import time
 from functools import partial
 
@@ -27,6 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 from .hooks import endpoint_label
 from ..settings import Settings
+from .gunicorn_check import GunicornIncompatible, check_gunicorn
 
 _CODES = {400: "bad_request", 403: "forbidden", 408: "body_timeout", 414: "uri_too_long",
           417: "expectation_failed", 431: "headers_too_large", 500: "internal_error", 501: "not_implemented"}
@@ -69,10 +75,26 @@ def request_complete(data: bytes, max_body: int) -> bool:
     return True  # no body
 
 
+def install_json_refusals(worker=None) -> None:
+    """gunicorn's Worker.handle_error writes its refusals through util.write_error: replace it, once the check has
+    seen that handle_error still calls it (and with the arguments write_json_error takes)."""
+    check_gunicorn(worker)
+    util.write_error = write_json_error
+
+
 class JsonErrorWorker(ThreadWorker):
+    @classmethod
+    def setup(cls):
+        """Called by gunicorn's master when it loads the worker class, before it binds or loads the app: an
+        incompatible gunicorn stops the server here, with one line saying what is missing."""
+        try:
+            check_gunicorn()
+        except GunicornIncompatible as error:
+            sys.stderr.write(f"cosyvoice-lite: cannot start: {error}\n")
+            raise SystemExit(3) from None
+
     def init_process(self):
-        # gunicorn's Worker.handle_error writes its refusals through this one function of gunicorn.util
-        util.write_error = write_json_error
+        install_json_refusals(self)  # checks this worker's attributes too (a failure ends its boot; the master halts)
         settings = Settings.from_env()
         self.read_timeout = settings.header_timeout + settings.body_timeout
         self.body_timeout = settings.body_timeout

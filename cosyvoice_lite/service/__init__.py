@@ -174,6 +174,10 @@ class SynthesisService:
             if not offers.conversion:
                 raise Unsupported(f"this model ({self.engine.model_id}) cannot convert voices; it offers: "
                                   f"{', '.join(offers.listing()) or 'its own voices'}", code="unsupported_mode")
+            if voice.prompt_mel is None:
+                raise InvalidInput(f"voice conversion speaks in a voice made from a reference clip; {voice.name!r} is "
+                                   "not one (make one with POST /v1/audio/voices)", code="unsupported_voice",
+                                   param="voice")
             try:
                 clip = read_clip(request.source, "source audio")
             except BadClip as e:

@@ -26,6 +26,10 @@ def read_clip(data: bytes, what: str = "audio") -> tuple[np.ndarray, int]:
 
     if not data:
         raise BadClip(f"the {what} file is empty")
+    claimed = _wav_data_bytes(data)
+    if claimed is not None and claimed > len(data):
+        # libsndfile would read what is there; a header that lies about the length is a broken or hostile file
+        raise BadClip(f"the {what} file's header claims {claimed} bytes of samples but the file has {len(data)}")
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as f:
             rate, channels, frames = f.samplerate, f.channels, f.frames
@@ -50,3 +54,16 @@ def read_clip(data: bytes, what: str = "audio") -> tuple[np.ndarray, int]:
     if float(np.abs(mono).max()) < SILENCE:
         raise BadClip(f"the {what} is silent")
     return np.ascontiguousarray(mono), rate
+
+
+def _wav_data_bytes(data: bytes) -> int | None:
+    """The size a RIFF/WAVE file's 'data' chunk claims, or None (not WAV, no data chunk in the first 64 KiB)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    at = 12
+    while at + 8 <= min(len(data), 65536):
+        size = int.from_bytes(data[at + 4:at + 8], "little")
+        if data[at:at + 4] == b"data":
+            return at + 8 + size
+        at += 8 + size + (size & 1)
+    return None
