@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import select
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -338,12 +337,13 @@ def reference_clip() -> tuple[Path, str, float]:
 
 
 @pytest.fixture(scope="module")
-def cloning_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with the two stand-in ONNX networks beside it: a model directory that can make voices."""
-    out = tmp_path_factory.mktemp("models") / "tiny-cloning"
-    shutil.copytree(tiny_model_dir, out)
-    for name in ("campplus.onnx", "speech_tokenizer_v1.onnx"):
-        shutil.copy(GOLDEN_MODES / "model" / name, out / name)
+def cloning_model_dir(tmp_path_factory):
+    """The golden-modes model (the tiny model with the two stand-in ONNX networks): one that can make voices. Linked
+    file by file, as tests/test_voices.py does, into a directory whose name says SFT."""
+    out = tmp_path_factory.mktemp("models") / "tiny-sft"
+    out.mkdir()
+    for path in (GOLDEN_MODES / "model").iterdir():
+        (out / path.name).symlink_to(path.resolve())
     return out
 
 
@@ -440,7 +440,7 @@ def test_a_voice_made_from_an_uploaded_clip_is_listed_speaks_and_is_deleted(voic
     """)
     assert spoken["status"].startswith("Done") and spoken["clip"] == voice_id
     assert spoken["samples"] > 0 and spoken["inked"] > 0
-    assert any(f"POST /tts status=200 speaker={voice_id}" in line for line in voice_page.log().splitlines())
+    assert "POST /tts status=200 speaker=Fox reader " in voice_page.log()  # the server spoke with the saved voice
     voice_page.browser.screenshot(voice_page.log_path.parent / "voices.png")
 
     deleted = run_in_page(voice_page, r"""
@@ -512,3 +512,34 @@ def test_a_recorded_clip_makes_a_cross_lingual_voice_once_the_microphone_is_allo
     [saved] = saved_voices(voice_page)
     assert saved["id"] == made["id"] and saved["mode"] == "cross_lingual" and 1.5 < saved["prompt_seconds"] < 3
     assert voice_page.request("DELETE", f"/v1/audio/voices/{made['id']}", headers=AUTH)[0] == 200
+
+
+@pytest.fixture(scope="module")
+def instruct_page(mic_browser, tiny_model_dir, tmp_path_factory):
+    """A gunicorn on the tiny model taken as CosyVoice-300M-Instruct (MODEL_KIND), the page open beside the others."""
+    tmp = tmp_path_factory.mktemp("instruct")
+    with gunicorn(tmp, {"MODEL_DIR": str(tiny_model_dir), "MODEL_KIND": "instruct"}) as server:
+        mic_browser.open_page(f"http://127.0.0.1:{server.port}/")
+        server.browser, server.session = mic_browser, mic_browser.session
+        yield server
+
+
+def test_the_instruction_box_shows_when_the_model_takes_instructions_and_its_words_are_sent(instruct_page):
+    result = run_in_page(instruct_page, r"""
+      await until(() => !$("voices").hidden, "the offers from /speakers");
+      const sent = [], realFetch = window.fetch;
+      window.fetch = (url, init) => { if (url === "/tts") sent.push(JSON.parse(init.body)); return realFetch(url, init); };
+      const shown = $("instruct-box").offsetParent !== null, label = document.querySelector("label[for=instructions]");
+      $("instructions").value = "Speak slowly and calmly.";
+      $("text").value = "An instructed sentence.";
+      $("speak").click();
+      await until(() => $("status").textContent.startsWith("Done") || $("status").className === "error",
+                  "the synthesis", 120000);
+      window.fetch = realFetch;
+      return {shown, label: label && label.textContent, status: $("status").textContent, sent};
+    """)
+    _, _, body = instruct_page.request("GET", "/speakers")
+    assert json.loads(body)["offers"]["instructions"]
+    assert result["shown"] and result["label"].startswith("Instructions")
+    assert result["status"].startswith("Done"), result["status"]
+    assert [b.get("instructions") for b in result["sent"]] == ["Speak slowly and calmly."]
