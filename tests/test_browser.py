@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Gate, gunicorn, require_program
+from golden_data import GOLDEN_MODES
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -27,7 +28,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 class Chromium:
     """Minimal DevTools client over chromium's debugging pipe."""
 
-    def __init__(self, executable: str, profile: Path, log_path: Path):
+    def __init__(self, executable: str, profile: Path, log_path: Path, flags: tuple[str, ...] = ()):
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
@@ -37,7 +38,7 @@ class Chromium:
             os.dup2(b, 4)
 
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen([executable, f"--user-data-dir={profile}", *FLAGS], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([executable, f"--user-data-dir={profile}", *flags, *FLAGS], stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, close_fds=False,
                                          preexec_fn=wire_fds, start_new_session=True)
         os.close(to_browser_r)
@@ -135,8 +136,13 @@ const bytesOf = async (url) => new Uint8Array(await (await fetch(url)).arrayBuff
 """
 
 
-def run_in_page(browser, body: str):
-    return browser.evaluate("(async () => {" + PAGE_HELPERS + body + "})()")
+def run_in_page(browser, body: str, **args):
+    """``browser``: a Chromium (its current page), or a server fixture whose page is then the one evaluated;
+    ``args``: values the script reads as ``args.name``."""
+    if not isinstance(browser, Chromium):
+        browser.browser.session = browser.session
+        browser = browser.browser
+    return browser.evaluate("(async () => {const args = " + json.dumps(args) + ";" + PAGE_HELPERS + body + "})()")
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +292,254 @@ def test_an_error_is_shown_and_clears_the_last_clip(page):
     assert result["shownBefore"] and result["inkedBefore"] > 0
     assert "300" in result["status"]  # the server's message names the limit
     assert result["downloadHidden"] and result["inked"] == 0 and result["progress"] == "" and result["speakEnabled"]
+
+
+def test_recording_without_a_microphone_says_so(page):
+    # headless chromium has no audio input device at all: the page says what to do instead of failing silently
+    result = run_in_page(page.browser, r"""
+      await until(() => !$("voices").hidden, "the offers from /speakers");
+      $("record").click();
+      await until(() => $("clip-info").classList.contains("error"), "the recording's error");
+      return {status: $("clip-info").textContent, recordEnabled: !$("record").disabled,
+              stopHidden: $("record-stop").hidden, clip: state.clip};
+    """)
+    assert result["status"].startswith("No microphone was found: connect one, or upload a clip instead")
+    assert result["recordEnabled"] and result["stopHidden"] and result["clip"] is None
+
+
+def test_without_cloning_the_voice_part_says_why_in_one_line_and_the_instruction_box_is_hidden(page):
+    result = run_in_page(page.browser, r"""
+      await until(() => !$("voices").hidden, "the offers from /speakers");
+      const shown = (id) => $(id).offsetParent !== null;
+      return {why: $("voices-why").textContent, code: [...$("voices-why").querySelectorAll("code")].map((c) => c.textContent),
+              whyShown: shown("voices-why"), tools: shown("voice-tools"), record: shown("record"),
+              instructions: shown("instruct-box"), groups: $("speaker").querySelectorAll("optgroup").length};
+    """)
+    # the offline voice offers its speaker and nothing else: no upload, no recording, no list, no instructions
+    assert result["whyShown"] and not result["tools"] and not result["record"] and not result["instructions"]
+    assert result["why"].startswith("The offline voice cannot make voices") and "\n" not in result["why"]
+    assert result["code"] == ["campplus.onnx", "speech_tokenizer_v1.onnx"]
+    assert result["groups"] == 0  # no saved voices in the speaker list
+
+
+
+# ---- voices of your own: a tiny CosyVoice model with the two ONNX stand-ins, which can make voices --------------
+
+KEY = "page-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def reference_clip() -> tuple[Path, str, float]:
+    """A reference clip of the golden-modes set, its transcript and its length in seconds."""
+    prompts = GOLDEN_MODES / "prompts"
+    name, info = next(iter(json.loads((prompts / "prompts.json").read_text()).items()))
+    return prompts / name, info["text"], round(info["frames"] / info["sample_rate"], 3)
+
+
+@pytest.fixture(scope="module")
+def cloning_model_dir(tmp_path_factory):
+    """The golden-modes model (the tiny model with the two stand-in ONNX networks): one that can make voices. Linked
+    file by file, as tests/test_voices.py does, into a directory whose name says SFT."""
+    out = tmp_path_factory.mktemp("models") / "tiny-sft"
+    out.mkdir()
+    for path in (GOLDEN_MODES / "model").iterdir():
+        (out / path.name).symlink_to(path.resolve())
+    return out
+
+
+@pytest.fixture(scope="module")
+def mic_browser(tmp_path_factory):
+    """Chromium with a fake microphone (a beep). Headless, it has no permission prompt: the microphone is denied
+    until the test grants it (Browser.grantPermissions), as a user would in the prompt."""
+    executable = require_program("chromium", "apt-get install chromium")
+    tmp = tmp_path_factory.mktemp("chromium-mic")
+    chrome = Chromium(executable, tmp / "profile", tmp / "chromium.log", flags=("--use-fake-device-for-media-stream",))
+    yield chrome
+    chrome.close()
+
+
+@pytest.fixture(scope="module")
+def voice_page(mic_browser, cloning_model_dir, tmp_path_factory):
+    """A gunicorn on the model that can make voices, with API_KEY set, and the page open in the fake-mic browser."""
+    tmp = tmp_path_factory.mktemp("voices")
+    env = {"MODEL_DIR": str(cloning_model_dir), "API_KEY": KEY, "MAX_TEXT_CHARS": "300"}
+    with gunicorn(tmp, env) as server:
+        mic_browser.open_page(f"http://127.0.0.1:{server.port}/")
+        server.browser, server.session = mic_browser, mic_browser.session
+        server.origin = f"http://127.0.0.1:{server.port}"
+        yield server
+
+
+def choose_file(server, selector: str, path: Path) -> None:
+    """Pick ``path`` in the page's file input as a user would (DevTools: DOM.setFileInputFiles fires 'change')."""
+    browser = server.browser
+    browser.session = server.session
+    root = browser.send("DOM.getDocument")["root"]["nodeId"]
+    node = browser.send("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+    browser.send("DOM.setFileInputFiles", {"files": [str(path)], "nodeId": node})
+
+
+def saved_voices(server) -> list[dict]:
+    status, _, body = server.request("GET", "/v1/audio/voices", headers=AUTH)
+    assert status == 200
+    return [v for v in json.loads(body)["voices"] if v.get("object") == "voice"]
+
+
+def test_with_an_api_key_the_page_asks_for_it_then_offers_to_make_voices(voice_page):
+    result = run_in_page(voice_page, r"""
+      await until(() => $("auth").open, "the key prompt");
+      const before = {engine: $("engine").textContent, voices: !$("voices").hidden};
+      $("apikey").value = args.key;
+      $("apikey").dispatchEvent(new Event("change"));
+      await until(() => !$("voices").hidden, "the offers from /speakers");
+      const shown = (id) => $(id).offsetParent !== null;
+      return {before, tools: shown("voice-tools"), why: shown("voices-why"), record: shown("record"),
+              upload: shown("clip-file"), list: [...$("voice-list").children].map((li) => li.textContent),
+              instructions: shown("instruct-box")};
+    """, key=KEY)
+    status, _, body = voice_page.request("GET", "/speakers", headers=AUTH)
+    offers = json.loads(body)["offers"]
+    assert status == 200 and offers["cloning"]
+    assert result["before"] == {"engine": "This server needs an API key / 需要密钥", "voices": False}
+    assert result["tools"] and result["upload"] and result["record"] and not result["why"]
+    assert result["list"] == ["None yet. / 暂无"]
+    assert result["instructions"] == offers["instructions"]  # the box follows what the model takes
+
+
+def test_a_voice_made_from_an_uploaded_clip_is_listed_speaks_and_is_deleted(voice_page):
+    prompt, transcript, seconds = reference_clip()
+    choose_file(voice_page, "#clip-file", prompt)
+    made = run_in_page(voice_page, r"""
+      await until(() => state.clip, "the chosen file");
+      $("clip-text").value = args.transcript;
+      $("voice-name").value = "Fox reader";
+      $("make-voice").click();
+      await until(() => $("voice-status").textContent.startsWith("Made") || $("voice-status").className === "error",
+                  "the new voice", 120000);
+      const item = $("voice-list").querySelector("li[data-id]");
+      return {status: $("voice-status").textContent, info: $("clip-info").textContent,
+              preview: !$("clip-preview").hidden, id: item && item.dataset.id, item: item && item.textContent,
+              selected: $("speaker").value, group: [...$("speaker").querySelectorAll("optgroup option")].map((o) => o.value)};
+    """, transcript=transcript)
+    assert made["status"].startswith(f"Made Fox reader (zero-shot, {seconds:g} s of audio)"), made["status"]
+    assert made["info"].startswith(prompt.name) and made["preview"]
+    voice_id = made["id"]
+    assert voice_id.startswith("voice_") and "Fox reader" in made["item"] and "zero-shot" in made["item"]
+    assert made["selected"] == voice_id and made["group"] == [voice_id]  # the new voice is the speaker now
+    [saved] = saved_voices(voice_page)
+    assert saved["id"] == voice_id and saved["mode"] == "zero_shot" and saved["transcript"] == transcript
+
+    spoken = run_in_page(voice_page, r"""
+      $("text").value = "Hello from a voice of my own.";
+      $("text").dispatchEvent(new Event("input"));
+      $("speak").click();
+      await until(() => $("status").textContent.startsWith("Done") || $("status").className === "error",
+                  "the synthesis", 120000);
+      return {status: $("status").textContent, clip: state.clips[0] && state.clips[0].speaker,
+              samples: state.clips[0] ? state.clips[0].samples.length : 0, inked: inkedColumns()};
+    """)
+    assert spoken["status"].startswith("Done") and spoken["clip"] == voice_id
+    assert spoken["samples"] > 0 and spoken["inked"] > 0
+    assert "POST /tts status=200 speaker=Fox reader " in voice_page.log()  # the server spoke with the saved voice
+    voice_page.browser.screenshot(voice_page.log_path.parent / "voices.png")
+
+    deleted = run_in_page(voice_page, r"""
+      $("voice-list").querySelector(`li[data-id="${args.id}"] button.delete`).click();
+      await until(() => !$("voice-list").querySelector("li[data-id]"), "the deletion");
+      return {status: $("voice-status").textContent, options: [...$("speaker").options].map((o) => o.value),
+              selected: $("speaker").value};
+    """, id=voice_id)
+    assert deleted["status"] == "Deleted Fox reader / 已删除"
+    assert voice_id not in deleted["options"] and deleted["selected"] == deleted["options"][0]
+    assert saved_voices(voice_page) == []
+    assert voice_page.request("GET", f"/v1/audio/voices/{voice_id}", headers=AUTH)[0] == 404
+
+
+def test_the_servers_refusals_are_shown_and_making_a_voice_needs_the_key(voice_page):
+    choose_file(voice_page, "#clip-file", GOLDEN_MODES / "prompts" / "prompts.json")  # not audio
+    result = run_in_page(voice_page, r"""
+      const errorOf = async () => {
+        $("voice-status").textContent = "";
+        $("make-voice").click();
+        await until(() => $("voice-status").className === "error", "the error", 60000);
+        return $("voice-status").textContent;
+      };
+      await until(() => state.clip && state.clip.name === "prompts.json", "the chosen file");
+      const notAudio = await errorOf();
+      $("apikey").value = "wrong";  // read at every request, like a user's edit before a click
+      const wrongKey = await errorOf();
+      const askedForKey = $("auth").open;
+      $("apikey").value = args.key;
+      return {notAudio, wrongKey, askedForKey, makeEnabled: !$("make-voice").disabled};
+    """, key=KEY)
+    assert "could not be decoded" in result["notAudio"] and "send WAV, FLAC or OGG" in result["notAudio"]
+    assert result["wrongKey"].startswith("missing or wrong API key") and result["askedForKey"]
+    assert result["makeEnabled"] and saved_voices(voice_page) == []
+
+
+def test_a_recorded_clip_makes_a_cross_lingual_voice_once_the_microphone_is_allowed(voice_page):
+    browser = voice_page.browser
+    browser.session = voice_page.session
+    browser.send("Browser.resetPermissions")
+    denied = run_in_page(voice_page, r"""
+      $("record").click();
+      await until(() => $("clip-info").classList.contains("error"), "the recording's error");
+      return $("clip-info").textContent;
+    """)
+    assert denied.startswith("Microphone permission was denied: allow the microphone for this site")
+    browser.send("Browser.grantPermissions", {"permissions": ["audioCapture"], "origin": voice_page.origin})
+    made = run_in_page(voice_page, r"""
+      $("record").click();
+      await until(() => !$("record-stop").hidden, "the recording to start");
+      const recording = $("clip-info").textContent;
+      await new Promise((r) => setTimeout(r, 2000));
+      $("record-stop").click();
+      await until(() => state.clip && state.clip.name === "recording.wav", "the recorded clip");
+      const wav = new Uint8Array(await state.clip.blob.arrayBuffer()), view = new DataView(wav.buffer);
+      $("clip-text").value = "";  // no transcript: a cross-lingual voice
+      $("voice-name").value = "Beeper";
+      $("make-voice").click();
+      await until(() => $("voice-status").textContent.startsWith("Made") || $("voice-status").className === "error",
+                  "the new voice", 120000);
+      return {recording, info: $("clip-info").textContent, head: String.fromCharCode(...wav.slice(0, 4)),
+              rate: view.getUint32(24, true), channels: view.getUint16(22, true), status: $("voice-status").textContent,
+              id: ($("voice-list").querySelector("li[data-id]") || {dataset: {}}).dataset.id};
+    """)
+    assert made["recording"].startswith("Recording…")
+    assert made["info"].startswith("Recorded ") and made["head"] == "RIFF"
+    assert made["rate"] == 24000 and made["channels"] == 1  # decoded in the page: the server does not read webm
+    assert made["status"].startswith("Made Beeper (cross-lingual, "), made["status"]
+    [saved] = saved_voices(voice_page)
+    assert saved["id"] == made["id"] and saved["mode"] == "cross_lingual" and 1.5 < saved["prompt_seconds"] < 3
+    assert voice_page.request("DELETE", f"/v1/audio/voices/{made['id']}", headers=AUTH)[0] == 200
+
+
+@pytest.fixture(scope="module")
+def instruct_page(mic_browser, tiny_model_dir, tmp_path_factory):
+    """A gunicorn on the tiny model taken as CosyVoice-300M-Instruct (MODEL_KIND), the page open beside the others."""
+    tmp = tmp_path_factory.mktemp("instruct")
+    with gunicorn(tmp, {"MODEL_DIR": str(tiny_model_dir), "MODEL_KIND": "instruct"}) as server:
+        mic_browser.open_page(f"http://127.0.0.1:{server.port}/")
+        server.browser, server.session = mic_browser, mic_browser.session
+        yield server
+
+
+def test_the_instruction_box_shows_when_the_model_takes_instructions_and_its_words_are_sent(instruct_page):
+    result = run_in_page(instruct_page, r"""
+      await until(() => !$("voices").hidden, "the offers from /speakers");
+      const sent = [], realFetch = window.fetch;
+      window.fetch = (url, init) => { if (url === "/tts") sent.push(JSON.parse(init.body)); return realFetch(url, init); };
+      const shown = $("instruct-box").offsetParent !== null, label = document.querySelector("label[for=instructions]");
+      $("instructions").value = "Speak slowly and calmly.";
+      $("text").value = "An instructed sentence.";
+      $("speak").click();
+      await until(() => $("status").textContent.startsWith("Done") || $("status").className === "error",
+                  "the synthesis", 120000);
+      window.fetch = realFetch;
+      return {shown, label: label && label.textContent, status: $("status").textContent, sent};
+    """)
+    _, _, body = instruct_page.request("GET", "/speakers")
+    assert json.loads(body)["offers"]["instructions"]
+    assert result["shown"] and result["label"].startswith("Instructions")
+    assert result["status"].startswith("Done"), result["status"]
+    assert [b.get("instructions") for b in result["sent"]] == ["Speak slowly and calmly."]
