@@ -64,23 +64,16 @@ def load_clip(data, max_seconds: float | None = MAX_SECONDS) -> Clip:
         raise PromptAudioError(f"the reference audio could not be decoded ({error}); send WAV, FLAC or OGG") from None
     if samples.shape[1] == 0:
         raise PromptAudioError("the reference audio has no channels")
-    if samples.shape[0] == 0:
-        raise PromptAudioError("the reference audio is empty")
-    if sample_rate < MIN_SAMPLE_RATE:
-        raise PromptAudioError(f"the reference audio is sampled at {sample_rate} Hz; at least "
-                               f"{MIN_SAMPLE_RATE} Hz is needed")
-    if not np.isfinite(samples).all():
-        raise PromptAudioError("the reference audio contains NaN or infinite samples")
     seconds = samples.shape[0] / sample_rate
     if max_seconds is not None and seconds > max_seconds:
         raise PromptAudioError(f"the reference audio is {seconds:.1f} s long; at most {max_seconds:g} s is supported")
     mono = torch.from_numpy(np.ascontiguousarray(samples.T)).mean(dim=0, keepdim=True)  # (1, n)
-    return Clip(mono, int(sample_rate))
+    return clip_of(mono.numpy(), sample_rate)  # the checks every clip gets (empty, rate, NaN)
 
 
 def clip_of(samples, sample_rate: int) -> Clip:
-    """A Clip from mono samples already decoded (float32 (n,) or (1, n), e.g. voices.clip.read_clip's), with the
-    same checks as load_clip except the length."""
+    """A Clip from mono samples already decoded (float32 (n,) or (1, n), e.g. voices.clip.read_clip's): refused
+    when empty, below 16 kHz, or with NaN / infinite samples."""
     samples = np.asarray(samples, dtype=np.float32).reshape(-1)
     if samples.size == 0:
         raise PromptAudioError("the reference audio is empty")
