@@ -6,7 +6,6 @@ reproduces the official one because the random draws come in the official order.
 any set in this layout (other prompts, rates, seeds, lengths) is checked the same way.
 """
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from golden_data import GOLDEN_MODES
+from golden_data import GOLDEN_MODES, assert_matches_checksums
 
 from cosyvoice_lite.decode.lm_decoder import LMDecoder
 from cosyvoice_lite.decode.reference import convert, synthesize, text_to_tokens
@@ -613,10 +612,4 @@ def test_the_golden_modes_copy_in_the_repository_matches_its_checksums():
     """tests/golden-modes copies the public set; its model weights are links to the identical tests/golden/model."""
     from pathlib import Path
     root = Path(__file__).resolve().parent / "golden-modes"
-    listed = {}
-    for line in (root / "SHA256SUMS").read_text().splitlines():
-        digest, name = line.split(maxsplit=1)
-        listed[name.removeprefix("./")] = digest
-    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
-    assert present == set(listed)
-    assert {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in present} == listed
+    assert_matches_checksums(root)

@@ -1,5 +1,4 @@
 """The acceptance test of the model and frontend: scripts/check_parity.py on the official golden outputs."""
-import hashlib
 import json
 import shutil
 import subprocess
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from golden_data import GOLDEN
+from golden_data import GOLDEN, assert_matches_checksums
 
 from parity import Golden, model_checks
 
@@ -79,10 +78,4 @@ def test_check_parity_exits_1_when_a_case_cannot_run(tmp_path):
 def test_the_golden_copy_in_the_repository_matches_its_checksums():
     """tests/golden is a plain-file copy of the official reference outputs; SHA256SUMS lists every file in it."""
     root = Path(__file__).resolve().parent / "golden"
-    listed = {}
-    for line in (root / "SHA256SUMS").read_text().splitlines():
-        digest, name = line.split(maxsplit=1)
-        listed[name.removeprefix("./")] = digest
-    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
-    assert present == set(listed)
-    assert {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in present} == listed
+    assert_matches_checksums(root)
