@@ -109,6 +109,15 @@ class Gate:
         self.open()
 
 
+def linked_model(root: Path, name: str, model_dir: Path) -> Path:
+    """``model_dir`` linked file by file into ``root/name`` (a model's kind shows in its directory's name)."""
+    out = root / name
+    out.mkdir()
+    for path in model_dir.iterdir():
+        (out / path.name).symlink_to(path.resolve())
+    return out
+
+
 def edit_checkpoint(path: Path, change) -> None:
     """Rewrite a checkpoint file with ``change(state)`` applied to what it holds (a dict)."""
     import torch

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Gate, gunicorn, require_program
+from conftest import Gate, gunicorn, linked_model, require_program
 from golden_data import GOLDEN_MODES
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -340,11 +340,7 @@ def reference_clip() -> tuple[Path, str, float]:
 def cloning_model_dir(tmp_path_factory):
     """The golden-modes model (the tiny model with the two stand-in ONNX networks): one that can make voices. Linked
     file by file, as tests/test_voices.py does, into a directory whose name says SFT."""
-    out = tmp_path_factory.mktemp("models") / "tiny-sft"
-    out.mkdir()
-    for path in (GOLDEN_MODES / "model").iterdir():
-        (out / path.name).symlink_to(path.resolve())
-    return out
+    return linked_model(tmp_path_factory.mktemp("models"), "tiny-sft", GOLDEN_MODES / "model")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from conftest import gunicorn
+from conftest import gunicorn, linked_model
 
 HERE = Path(__file__).resolve().parent
 MODES = HERE / "golden-modes"
@@ -27,11 +27,7 @@ SOURCE_CLIP = (PROMPTS / "en_24000_mono.wav").read_bytes()
 
 def model_copy(root: Path, name: str) -> Path:
     """The golden model with both ONNX networks, in a directory called ``name`` (its kind shows in the name)."""
-    out = root / name
-    out.mkdir()
-    for path in (MODES / "model").iterdir():
-        (out / path.name).symlink_to(path.resolve())
-    return out
+    return linked_model(root, name, MODES / "model")
 
 
 @pytest.fixture(scope="module")
