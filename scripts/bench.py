@@ -21,7 +21,11 @@ service runs it); first audio = seconds from the engine call to its first stream
 concurrent speedup = audio per second with 4 concurrent requests over audio per second with the same 4 requests
 one after another (scripts/workload.py: seeded, so both runs decode the same tokens; scripts/bench_http.py sends the
 same requests over HTTP). The whole-utterance figures are the median of ``--repeat`` runs (3), with their range.
-Peak RSS (serving) is taken after the engine tests (load, streaming, 4 concurrent requests), before the one-shot
+Zero-shot rows (the streamed modes): the same texts and lengths with a voice cloned from a ``--prompt-seconds`` clip
+(5 s) instead of a built-in speaker: its transcript and speech tokens prefix the LLM, its mel is the flow's prompt
+in every chunk. "make a voice" times POST /v1/audio/voices' work for a 10 s clip (speech tokenizer and speaker
+encoder loaded, run, released) where the model directory has the two ONNX files (``--voice-models DIR`` links them
+into the random model). Peak RSS (serving) is taken after the engine tests (load, streaming, 4 concurrent requests), before the one-shot
 whole-utterance test, which holds the whole utterance's activations at once.
 """
 from __future__ import annotations
@@ -45,6 +49,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 TEXT = "希望你以后能够做得比我还好哟。今天天气很好，我们一起去公园散步吧。"
 STREAM_TEXT = "Hello, and welcome to the show. Today we talk about speech synthesis on small computers."
 RTF_TEXT = "今天天气很好，我们一起去公园散步吧。"  # the streamed-RTF utterance (its length is forced)
+PROMPT_TEXT = "希望你以后能够做得比我还好哟，今天我们一起来聊一聊。"  # the cloned voice's transcript (~5 s of speech)
 GOLDEN = ROOT / "tests" / "golden"
 # --isa: every library that picks its kernels by CPU feature, capped as on a CPU that has only that ISA: oneDNN (in
 # PyTorch and in OpenVINO), OpenVINO's own kernels (capping oneDNN alone makes them disagree, and crash), ATen's
@@ -159,14 +164,14 @@ def median_of(runs) -> dict:
     return out
 
 
-def bench_first_audio(engine) -> dict:
+def bench_first_audio(engine, voice=None) -> dict:
     """Seconds from the engine call to the first chunk (and to the second) for a two-sentence text."""
     from cosyvoice_lite.audio import SAMPLE_RATE
 
     cancel = threading.Event()
     started = time.perf_counter()
     times, samples = [], 0
-    for chunk in engine.speak(STREAM_TEXT, cancel=cancel):
+    for chunk in engine.speak(STREAM_TEXT, voice, cancel=cancel):
         times.append(time.perf_counter() - started)
         samples += chunk.size
         if len(times) == 2:
@@ -177,14 +182,46 @@ def bench_first_audio(engine) -> dict:
             "first_chunks_audio_s": samples / SAMPLE_RATE}
 
 
-def bench_stream_rtf(engine, n_tokens: int) -> dict:
+def bench_stream_rtf(engine, n_tokens: int, voice=None) -> dict:
     """One utterance of n_tokens through the engine's streaming path: synthesis seconds / audio seconds."""
     text = engine.frontend.tokenize(RTF_TEXT)
-    voice = engine.voices()[0]
+    voice = voice or engine.voices()[0]
     started = time.perf_counter()
     samples = sum(wav.size for wav in engine.scheduler.submit([text], voice, seed=0, **forced(n_tokens, len(text))))
     took = time.perf_counter() - started
     return {"stream_s": took, "stream_rtf": took / (samples / engine.model.sample_rate)}
+
+
+def prompt_voice(engine, seconds: float):
+    """A zero-shot voice as made from a ``seconds`` reference clip: its transcript's tokens, random speech tokens
+    and mel of the clip's length (random weights make any values as costly as real ones), a speaker's embedding."""
+    import numpy as np
+
+    from cosyvoice_lite.voices.voice import CLONED, Voice
+
+    model = engine.model
+    rng = np.random.default_rng(0)
+    n_tokens = int(seconds * model.token_rate)
+    embedding = next(iter(model.speakers.values())).numpy()
+    return Voice("voice_bench", "bench", "zh", kind=CLONED, llm_embedding=embedding, flow_embedding=embedding,
+                 prompt_text=engine.frontend.tokenize(PROMPT_TEXT),
+                 prompt_speech=rng.integers(0, model.flow.vocab_size, n_tokens),
+                 prompt_mel=rng.normal(-6.0, 2.0, (model.flow.n_frames(n_tokens), 80)))
+
+
+def bench_make_voice(engine, seconds: float = 10.0) -> dict:
+    """Seconds to make a voice from a ``seconds`` clip with its transcript (ONNX networks loaded, run and released,
+    as the service does unless KEEP_VOICE_MODELS): needs campplus.onnx and speech_tokenizer_v1.onnx."""
+    import numpy as np
+
+    if not engine.offers.cloning:
+        return {}
+    rate = 16000
+    t = np.arange(int(seconds * rate)) / rate
+    clip = (0.3 * np.sin(2 * np.pi * 180 * t * (1 + 0.3 * np.sin(2 * np.pi * 0.5 * t)))).astype(np.float32)
+    started = time.perf_counter()
+    engine.make_voice(clip, rate, PROMPT_TEXT, "bench", "voice_bench10")
+    return {"make_voice_s": time.perf_counter() - started, "make_voice_clip_s": seconds}
 
 
 def bench_concurrency(engine, n_requests: int, text: str | None = None) -> dict:
@@ -299,12 +336,21 @@ def worker(args) -> dict:
         result.update(bench_stream_rtf(engine, n_tokens))
     if args.concurrency:
         result.update(bench_concurrency(engine, args.concurrency))
+    if args.stream and args.prompt_seconds:
+        voice = prompt_voice(engine, args.prompt_seconds)
+        bench_first_audio(engine, voice)  # warm-up: the prompt makes every flow pass longer
+        result.update({f"zs_{k}": v for k, v in bench_first_audio(engine, voice).items()})
+        result.update({f"zs_{k}": v for k, v in bench_stream_rtf(engine, n_tokens, voice).items()})
+        result.update(bench_make_voice(engine))
     if args.cache:
         result.update(bench_cache(engine, n_tokens))
     result["serving_peak_rss_mb"] = peak_rss_mb()
     bench_stages(model, text_token, speaker, 25)  # warm-up
     result.update(median_of(bench_stages(model, text_token, speaker, n_tokens) for _ in range(args.repeat)))
     result["peak_rss_mb"] = peak_rss_mb()
+    if args.stream and args.prompt_seconds:
+        zs = median_of(bench_stages(model, text_token, voice, n_tokens) for _ in range(args.repeat))
+        result.update({f"zs_{k}": v for k, v in zs.items()})
     result["other_load"] = load.share()
     engine.scheduler.close()  # torch must be idle when the interpreter exits
     return result
@@ -489,13 +535,20 @@ def stage_efficiency(results: dict, macs: dict, peaks: dict, n_steps: dict) -> d
 
 # --- parent ---------------------------------------------------------------------------------------------------
 
-def random_model_dir() -> Path:
+VOICE_MODELS = ("campplus.onnx", "speech_tokenizer_v1.onnx")
+
+
+def random_model_dir(voice_models: str | None = None) -> Path:
     from random_model import write_random_model
 
     path = Path(tempfile.gettempdir()) / "cosyvoice_lite_bench_full"
     if not (path / "spk2info.pt").is_file():  # written last: its presence means the directory is complete
         print(f"writing a full-size random model to {path} (once) ...", file=sys.stderr)
         write_random_model(path, "full", seed=0)
+    for name in VOICE_MODELS:
+        (path / name).unlink(missing_ok=True)
+        if voice_models:
+            (path / name).symlink_to(Path(voice_models, name).resolve())
     return path
 
 
@@ -524,6 +577,13 @@ def table(results: dict, args) -> None:
         (f"{args.concurrency} sequential audio s/s", "sequential_audio_per_s", "{:.3f}"),
         (f"{args.concurrency} concurrent audio s/s", "concurrent_audio_per_s", "{:.3f}"),
         ("concurrent speedup", "concurrent_speedup", "{:.2f}x"),
+        ("zero-shot: LLM ms/token", "zs_llm_ms_per_token", "{:.1f}"),
+        ("zero-shot: flow s/audio s", "zs_flow_s_per_audio_s", "{:.3f}"),
+        ("zero-shot: RTF (whole)", "zs_rtf", "{:.3f}"),
+        ("zero-shot: RTF (streamed)", "zs_stream_rtf", "{:.3f}"),
+        ("zero-shot: first audio s", "zs_first_audio_s", "{:.2f}"),
+        ("zero-shot: 2nd chunk at s", "zs_second_chunk_s", "{:.2f}"),
+        ("make a voice (10 s clip) s", "make_voice_s", "{:.2f}"),
         ("cache: cold s", "cache_cold_s", "{:.2f}"),
         ("cache: warm s", "cache_warm_s", "{:.4f}"),
         ("cache: warm speedup", "cache_speedup", "{:.0f}x"),
@@ -605,6 +665,10 @@ def main() -> int:
     parser.add_argument("--no-stream", dest="stream", action="store_false", help="skip the first-audio test")
     parser.add_argument("--stream-modes", default="default,fast",
                         help="modes that run the streaming and concurrency tests")
+    parser.add_argument("--prompt-seconds", type=float, default=5.0,
+                        help="zero-shot rows (streamed modes): a cloned voice with a clip of this length (0: skip)")
+    parser.add_argument("--voice-models", help="a directory with campplus.onnx and speech_tokenizer_v1.onnx for the "
+                        "random model (times making a voice)")
     parser.add_argument("--quality", action="store_true", help="also measure errors against float32")
     parser.add_argument("--quality-tokens", type=int, default=100, help="tokens per case on the full-size model")
     parser.add_argument("--cache", action="store_true", help="also time the audio cache: cold, warm, partial")
@@ -630,7 +694,7 @@ def main() -> int:
         print(json.dumps(quality(args)))
         return 0
 
-    model_dir = str(args.model_dir or random_model_dir())
+    model_dir = str(args.model_dir or random_model_dir(args.voice_models))
     from cosyvoice_lite.backends.cpu import cpu_info
     from cosyvoice_lite.model.modes import mode_settings
 
@@ -644,7 +708,7 @@ def main() -> int:
     for mode in args.modes.split(","):
         argv = ["--worker", mode, "--model-dir", model_dir, "--seconds", str(args.seconds),
                 "--threads", str(args.threads), "--repeat", str(args.repeat),
-                "--backend", args.backend,
+                "--backend", args.backend, "--prompt-seconds", str(args.prompt_seconds),
                 "--concurrency", str(args.concurrency if mode in stream_modes else 0)]
         if not args.stream or mode not in stream_modes:
             argv.append("--no-stream")
@@ -680,6 +744,12 @@ def main() -> int:
             "llm_ms_per_token_fp32": get("exact", "llm_ms_per_token"),
             "llm_ms_per_token_default": get("default", "llm_ms_per_token"),
             "llm_ms_per_token_fast": get("fast", "llm_ms_per_token"),
+            "prompt_s": args.prompt_seconds,
+            "zero_shot": {m: {k: get(m, f"zs_{k}") for k in ("rtf", "stream_rtf", "first_audio_s", "llm_ms_per_token",
+                                                              "flow_s_per_audio_s")} for m in results},
+            "zero_shot_vs_sft_rtf": {m: round(results[m]["zs_rtf"] / results[m]["rtf"], 3)
+                                     for m in results if "zs_rtf" in results[m]},
+            "make_voice_s_10s_clip": get("default", "make_voice_s"),
             "cpu": cpu.model, "cpu_generation": generation, "cpu_features": list(cpu.features),
             "gemm_peak_gmacs": peaks,
             "isa_limit": cpu.isa_limit, "repeat": args.repeat,
