@@ -137,7 +137,15 @@ def run(uri: str | None = None, zeroconf: str | None = None) -> int:
     except (StartupError, VoiceMapError, ValueError, ZeroconfMissing, OSError) as error:
         print(f"cosyvoice-lite: cannot start: {error}", file=sys.stderr)
         return 3
-    service.admission.ensure_started()  # warm up now, not at the first request
+    # serve once warm (connections made meanwhile wait in the bound socket's backlog): a request served during the
+    # warm-up would wait for the backend's conversion and skew the speed the warm-up measures for the time budgets
+    service.admission.ensure_started()
+    log.info("warming up the engine before serving tcp://%s:%d", host, port)
+    service.admission.wait_ready(None)
+    if service.admission.failure:
+        print(f"cosyvoice-lite: cannot start: {service.admission.failure}", file=sys.stderr)
+        service.close()
+        return 3
     # SIGTERM (docker stop; PID 1 ignores it without a handler) ends the loop like Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
