@@ -51,6 +51,7 @@ STREAM_TEXT = "Hello, and welcome to the show. Today we talk about speech synthe
 RTF_TEXT = "今天天气很好，我们一起去公园散步吧。"  # the streamed-RTF utterance (its length is forced)
 PROMPT_TEXT = "希望你以后能够做得比我还好哟，今天我们一起来聊一聊。"  # the cloned voice's transcript (~5 s of speech)
 GOLDEN = ROOT / "tests" / "golden"
+GOLDEN_MODES = ROOT / "tests" / "golden-modes"
 # --isa: every library that picks its kernels by CPU feature, capped as on a CPU that has only that ISA: oneDNN (in
 # PyTorch and in OpenVINO), OpenVINO's own kernels (capping oneDNN alone makes them disagree, and crash), ATen's
 # vectorised ops, fbgemm's int8, MKL's GEMM
@@ -442,6 +443,75 @@ def quality(args) -> dict:
                 })
             out[f"{name}_{mode}"] = rows
             del model
+    out.update(prompt_quality(rel, spectral_rel))
+    return out
+
+
+def prompt_quality(rel, spectral_rel) -> dict:
+    """Error of default and fast against exact for the prompt modes (zero-shot, cross-lingual, instruct, voice
+    conversion): the voices of the golden-modes cases on its model, teacher-forced logits and greedy tokens with the
+    prompt, mel and waveform from the same tokens, noise (prompt frames included) and source seed."""
+    import numpy as np
+    import torch
+
+    from cosyvoice_lite.decode.lm_decoder import LMDecoder
+    from cosyvoice_lite.model import load_model
+    from cosyvoice_lite.voices.voice import BUILTIN, CLONED, Voice
+
+    root = GOLDEN_MODES
+    if not (root / "manifest.json").is_file():
+        return {}
+    cases = json.loads((root / "manifest.json").read_text())["cases"]
+
+    def arr(case, name):
+        path = root / case / f"{name}.npy"
+        return np.load(path) if path.is_file() else None
+
+    def voice_of(case):  # the Voice the official model input of a case amounts to
+        if cases[case]["kind"] == "instruct":
+            spk = arr(case, "flow_embedding")
+            return Voice("spk", "spk", kind=BUILTIN, llm_embedding=spk, flow_embedding=spk).instructed(
+                arr(case, "prompt_text"))
+        text = arr(case, "prompt_text")
+        return Voice("clone", "clone", kind=CLONED, llm_embedding=arr(case, "llm_embedding"),
+                     flow_embedding=arr(case, "flow_embedding"), prompt_text=[] if text is None else text,
+                     prompt_speech=arr(case, "flow_prompt_speech_token"), prompt_mel=arr(case, "prompt_speech_feat")[0])
+
+    names = sorted(c for c, meta in cases.items()
+                   if meta["kind"] in ("zero_shot", "cross_lingual", "instruct", "zero_shot_spk", "vc"))
+    exact = load_model(root / "model", mode="exact")
+    ref = {}
+    for case in names:
+        voice, vc = voice_of(case), cases[case]["kind"] == "vc"
+        tokens = (arr(case, "source_speech_token") if vc else arr(case, "speech_token")).reshape(-1).tolist()
+        text = None if vc else torch.from_numpy(arr(case, "text").astype(np.int64)).reshape(1, -1)
+        greedy = logits = None
+        if text is not None:
+            greedy, logits = LMDecoder.for_model(exact).greedy(text, n=len(tokens), **exact.llm_inputs(voice))
+        frames = voice.prompt_mel.shape[0] if voice.prompt_mel is not None else 0
+        noise = torch.randn(1, 80, frames + exact.flow.n_frames(len(tokens)),
+                            generator=torch.Generator().manual_seed(2))
+        mel = exact.tokens_to_mel(tokens, voice, noise=noise)
+        wav, _ = exact.hift(mel, generator=torch.Generator().manual_seed(3))
+        ref[case] = (voice, text, tokens, greedy, logits, noise, mel, wav)
+    del exact
+    out = {}
+    for mode in ("default", "fast"):
+        model = load_model(root / "model", mode=mode)
+        rows = []
+        for case, (voice, text, tokens, greedy, logits, noise, mel, wav) in ref.items():
+            row = {"case": case, "kind": cases[case]["kind"]}
+            if text is not None:
+                decoder = LMDecoder.for_model(model)
+                g2, _ = decoder.greedy(text, n=len(tokens), **model.llm_inputs(voice))
+                _, forced_logits = decoder.greedy(text, n=len(tokens), forced=greedy, **model.llm_inputs(voice))
+                row.update(greedy_same=g2 == greedy, logits_rel=rel(forced_logits, logits))
+            mel2 = model.tokens_to_mel(tokens, voice, noise=noise)
+            wav2, _ = model.hift(mel2, generator=torch.Generator().manual_seed(3))
+            row.update(mel_rel=rel(mel2, mel), wav_spectral_rel=spectral_rel(wav2, wav))
+            rows.append(row)
+        out[f"prompt_modes_{mode}"] = rows
+        del model
     return out
 
 
@@ -636,13 +706,22 @@ def quality_table(q: dict) -> None:
     print(f"{'model/mode':<16}{'case':<12}{'greedy':>8}{'logit abs':>10}{'logit rel':>10}{'sampled chg':>12}"
           f"{'mel abs':>9}{'mel rel':>9}{'wav abs':>9}{'wav rel':>9}{'wav spec':>9}")
     for key, rows in q.items():
-        if key.endswith("other_seed_wav_spectral_rel"):
+        if key.endswith("other_seed_wav_spectral_rel") or key.startswith("prompt_modes"):
             continue
         for r in rows:
             greedy = "same" if r["greedy_same"] else f"@{r['greedy_first_diff']}"
             print(f"{key:<16}{r['case']:<12}{greedy:>8}{r['logits_max_abs']:>10.3g}{r['logits_rel']:>10.2e}"
                   f"{r['sampled_changed']:>12.2f}{r['mel_max_abs']:>9.3f}{r['mel_rel']:>9.3f}"
                   f"{r['wav_max_abs']:>9.3f}{r['wav_rel']:>9.3f}{r['wav_spectral_rel']:>9.3f}")
+    if q.get("prompt_modes_default"):
+        print(f"\nprompt modes on the golden-modes model vs exact\n{'mode/kind':<26}{'case':<16}{'greedy':>8}"
+              f"{'logit rel':>10}{'mel rel':>9}{'wav spec':>9}")
+    for key in ("prompt_modes_default", "prompt_modes_fast"):
+        for r in q.get(key, []):
+            greedy = "-" if "greedy_same" not in r else ("same" if r["greedy_same"] else "differs")
+            logits = f"{r['logits_rel']:.2e}" if "logits_rel" in r else "-"
+            print(f"{key.split('_')[-1] + ' ' + r['kind']:<26}{r['case']:<16}{greedy:>8}{logits:>10}"
+                  f"{r['mel_rel']:>9.1e}{r['wav_spectral_rel']:>9.3f}")
     for key, values in q.items():
         if key.endswith("other_seed_wav_spectral_rel"):
             print(f"scale: {key.split('_exact')[0]} float32, another HiFT source seed: wav spec rel "

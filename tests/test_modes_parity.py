@@ -413,6 +413,20 @@ def test_decoding_leaves_the_rng_where_the_official_flow_noise_starts(case, mode
     assert torch.equal(torch.randn(z.shape), torch.from_numpy(z))
 
 
+@pytest.fixture(scope="module")
+def default_model():
+    return load_model(GOLDEN_MODES / "model", mode="default")
+
+
+@pytest.mark.parametrize("case", TTS_CASES)
+def test_default_mode_keeps_the_greedy_tokens_of_a_prompt(case, model, default_model):
+    n = len(speech_tokens(case))
+    exact, _ = LMDecoder.for_model(model).greedy(text(case), n=n, **model.llm_inputs(stored_voice(case)))
+    lean, _ = LMDecoder.for_model(default_model).greedy(text(case), n=n,
+                                                        **default_model.llm_inputs(stored_voice(case)))
+    assert lean == exact
+
+
 # ---- flow with a prompt, HiFT -----------------------------------------------------------------------------------------
 
 def flow_tokens(case):

@@ -196,10 +196,13 @@ class LMDecoder:
 
     @torch.inference_mode()
     def greedy(self, text_token: Tensor, embedding: Optional[Tensor], n: int,
-               forced: Optional[List[int]] = None) -> tuple:
+               forced: Optional[List[int]] = None, prompt_text: Optional[Tensor] = None,
+               prompt_speech: Optional[Tensor] = None) -> tuple:
         """n argmax tokens (EOS excluded) and the raw logits (n, V+1) before each: the quality guard of the fast
-        modes. With `forced` (n tokens), those tokens are fed instead (teacher forcing) and returned."""
-        s = self.start(text_token, embedding, min_token_text_ratio=0, max_token_text_ratio=10 ** 6)
+        modes. With `forced` (n tokens), those tokens are fed instead (teacher forcing) and returned. A prompt
+        (see start) conditions them as in zero-shot and instruct synthesis."""
+        s = self.start(text_token, embedding, min_token_text_ratio=0, max_token_text_ratio=10 ** 6,
+                       prompt_text=prompt_text, prompt_speech=prompt_speech)
         rows = []
         for i in range(n):
             logits = self.logits([s])
