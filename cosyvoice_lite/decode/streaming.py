@@ -9,7 +9,10 @@ first wait), then is 100 tokens and doubles up to 200, as larger chunks waste le
 
 A voice with a reference clip (cloned, or the target of a voice conversion) is the flow's prompt in every chunk, as
 in the official v1 streaming: its speech tokens are encoded before the chunk's, its mel conditions the first Fp
-frames, and the flow cache carries the prompt frames' noise from chunk to chunk along with the overlap's.
+frames, and the flow cache carries the prompt frames' noise from chunk to chunk along with the overlap's. Only the
+speaker projection is the same in every chunk (computed once per stream): the v1 flow encoder and the estimator
+attend over all frames, so the prompt's encodings and every Euler step over its Fp frames depend on the chunk's
+tokens, and each chunk pays for Fp + F frames (docs/performance.md has the figures).
 
 The join between the first and the second chunk may use shorter overlaps (``first_overlap`` tokens and
 ``first_cache`` HiFT frames): the first chunk then needs fewer tokens and a shorter flow pass, so the first audio
@@ -57,6 +60,8 @@ class TokenStream:
         self.stop = stop  # polled between Euler steps: True = the listener is gone
         conditioning = flow_conditioning(voice)
         self.embedding = conditioning["embedding"]  # (1, D)
+        with torch.inference_mode():  # the same in every chunk: projected once
+            self.spks = model.flow.project_speaker(self.embedding)  # (1, 80)
         self.prompt_token = conditioning["prompt_token"]  # (1, Np) or None
         self.prompt_feat = conditioning["prompt_feat"]  # (1, Fp, 80) or None
         self.prompt_frames = 0 if self.prompt_feat is None else self.prompt_feat.shape[1]
@@ -139,7 +144,7 @@ class TokenStream:
         first = streams[0]
         flow = first.model.flow
         token = torch.tensor(tokens, dtype=torch.int64)  # (B, T)
-        spks = torch.cat([flow.project_speaker(s.embedding) for s in streams])  # (B, 80)
+        spks = torch.cat([s.spks for s in streams])  # (B, 80)
         prompt_frames = first.prompt_frames
         mu = torch.cat([flow.encode(token[i:i + 1], s.prompt_token, prompt_frames)
                         for i, s in enumerate(streams)])  # (B, 80, Fp + F)
