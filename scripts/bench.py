@@ -14,7 +14,9 @@ utterance of that length. Every mode runs in a fresh process (its peak RSS is th
 engine, one utterance, streaming, 4 concurrent requests). Times are wall clock on ``--threads`` threads; on a busy
 machine they vary, so compare runs made back to back.
 
-Figures: LLM ms/token (one sequence), flow and HiFT seconds per audio second (the whole utterance at once),
+Figures: LLM ms/token (one sequence; also on one thread: the LLM with a core of its own), silence in a 20 s stream
+(a listener who starts playing the first chunk as it arrives: the sum of the waits after the audio in hand ran
+out), flow and HiFT seconds per audio second (the whole utterance at once),
 RTF = synthesis seconds / audio seconds for the whole utterance at once (LLM, then flow, then HiFT: how the issue
 measured the official code); streamed RTF = the same utterance through the engine (chunked flow and HiFT, as the
 service runs it); first audio = seconds from the engine call to its first streamed chunk for a two-sentence text;
@@ -225,6 +227,44 @@ def bench_make_voice(engine, seconds: float = 10.0) -> dict:
     return {"make_voice_s": time.perf_counter() - started, "make_voice_clip_s": seconds}
 
 
+def bench_underrun(engine, seconds: float = 20.0) -> dict:
+    """A listener who starts playing the first chunk as it arrives: the seconds of silence they hear in a streamed
+    ``seconds`` utterance (sum of every wait for a chunk after the audio in hand ran out), and the longest one."""
+    text = engine.frontend.tokenize(RTF_TEXT)
+    n_tokens = int(seconds * engine.model.token_rate)
+    rate = engine.model.sample_rate
+    started = time.perf_counter()
+    played_until = None  # wall time at which the audio received so far ends playing
+    gaps = []
+    for wav in engine.scheduler.submit([text], engine.voices()[0], seed=0, **forced(n_tokens, len(text))):
+        now = time.perf_counter()
+        if played_until is None:
+            played_until = now
+        elif now > played_until:
+            gaps.append(now - played_until)
+            played_until = now
+        played_until += wav.size / rate
+    return {"underrun_s": sum(gaps), "underrun_longest_s": max(gaps, default=0.0), "underrun_gaps": len(gaps),
+            "underrun_audio_s": seconds, "underrun_total_s": time.perf_counter() - started}
+
+
+def bench_llm_one_thread(model, text_token, speaker: str, n_tokens: int = 200) -> dict:
+    """LLM ms per token on one thread (the other core free): the step's floor when the LLM has a core of its own."""
+    import torch
+
+    from cosyvoice_lite.decode.reference import text_to_tokens
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        list(text_to_tokens(model, text_token, speaker, **forced(20, len(text_token))))  # warm-up
+        started = time.perf_counter()
+        tokens = list(text_to_tokens(model, text_token, speaker, **forced(n_tokens, len(text_token))))
+        return {"llm_ms_per_token_1t": 1000 * (time.perf_counter() - started) / len(tokens)}
+    finally:
+        torch.set_num_threads(threads)
+
+
 def bench_concurrency(engine, n_requests: int, text: str | None = None) -> dict:
     """Audio seconds per wall second: n_requests of scripts/workload.py (``text`` instead of its own, if given)
     through engine.synthesize (as the service's request threads call it) one after another, then all at once."""
@@ -335,6 +375,7 @@ def worker(args) -> dict:
         bench_first_audio(engine)  # warm-up of the streaming path
         result.update(bench_first_audio(engine))
         result.update(bench_stream_rtf(engine, n_tokens))
+        result.update(bench_underrun(engine))
     if args.concurrency:
         result.update(bench_concurrency(engine, args.concurrency))
     if args.stream and args.prompt_seconds:
@@ -349,6 +390,7 @@ def worker(args) -> dict:
     bench_stages(model, text_token, speaker, 25)  # warm-up
     result.update(median_of(bench_stages(model, text_token, speaker, n_tokens) for _ in range(args.repeat)))
     result["peak_rss_mb"] = peak_rss_mb()
+    result.update(bench_llm_one_thread(model, text_token, speaker))
     if args.stream and args.prompt_seconds:
         zs = median_of(bench_stages(model, text_token, voice, n_tokens) for _ in range(args.repeat))
         result.update({f"zs_{k}": v for k, v in zs.items()})
@@ -642,8 +684,11 @@ def table(results: dict, args) -> None:
         ("HiFT s/audio s", "hift_s_per_audio_s", "{:.3f}"),
         ("RTF (whole utterance)", "rtf", "{:.3f}"),
         ("RTF (engine, streamed)", "stream_rtf", "{:.3f}"),
+        ("LLM ms/token, 1 thread", "llm_ms_per_token_1t", "{:.1f}"),
         ("first audio s (stream)", "first_audio_s", "{:.2f}"),
         ("2nd chunk at s", "second_chunk_s", "{:.2f}"),
+        ("20 s stream: silence s", "underrun_s", "{:.2f}"),
+        ("20 s stream: longest gap s", "underrun_longest_s", "{:.2f}"),
         (f"{args.concurrency} sequential audio s/s", "sequential_audio_per_s", "{:.3f}"),
         (f"{args.concurrency} concurrent audio s/s", "concurrent_audio_per_s", "{:.3f}"),
         ("concurrent speedup", "concurrent_speedup", "{:.2f}x"),
@@ -823,6 +868,9 @@ def main() -> int:
             "llm_ms_per_token_fp32": get("exact", "llm_ms_per_token"),
             "llm_ms_per_token_default": get("default", "llm_ms_per_token"),
             "llm_ms_per_token_fast": get("fast", "llm_ms_per_token"),
+            "llm_ms_per_token_1t": {m: get(m, "llm_ms_per_token_1t") for m in results},
+            "underrun_s": {m: get(m, "underrun_s") for m in results if "underrun_s" in results[m]},
+            "underrun_longest_s": {m: get(m, "underrun_longest_s") for m in results if "underrun_s" in results[m]},
             "prompt_s": args.prompt_seconds,
             "zero_shot": {m: {k: get(m, f"zs_{k}") for k in ("rtf", "stream_rtf", "first_audio_s", "llm_ms_per_token",
                                                               "flow_s_per_audio_s")} for m in results},
