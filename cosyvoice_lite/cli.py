@@ -36,9 +36,14 @@ def say(args: argparse.Namespace) -> int:
     except (StartupError, VoiceMapError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    voice = service.voices.find(args.speaker) if args.speaker else service.voices.default
+    try:  # a saved voice too (from the same store as the server's: CACHE, CACHE_DIR)
+        voice = service.find_voice(args.speaker) if args.speaker else service.default_voice()
+    except ServiceError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
     if voice is None:
-        print(f"error: unknown speaker {args.speaker!r}; known: {service.voices.names_listing()}", file=sys.stderr)
+        known = f"known: {service.voices.names_listing()}" if service.voices.voices else service.without_speakers()
+        print(f"error: unknown speaker {args.speaker!r}; {known}", file=sys.stderr)
         return 2
     if args.format not in audio.FORMATS:
         print(f"error: unknown format {args.format!r}; choose one of {', '.join(audio.FORMATS)}", file=sys.stderr)
