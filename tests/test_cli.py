@@ -51,3 +51,9 @@ def test_say_on_a_base_model_needs_a_saved_voice_and_speaks_with_one(base_model_
     assert main(["say", "Hello there.", "-o", str(out), "--speaker", voice]) == 0
     data, rate = sf.read(out)
     assert rate == 24000 and len(data) > 0
+
+
+def test_download_takes_its_own_options(tmp_path, capsys):
+    (tmp_path / "cosyvoice.yaml").write_text("llm: 1\n")
+    assert main(["download", "--model", "base", "--verify-only", "--dir", str(tmp_path)]) == 1
+    assert "not a usable CosyVoice-300M directory" in capsys.readouterr().err
