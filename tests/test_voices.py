@@ -235,6 +235,15 @@ def test_voices_made_on_a_base_model_speak_and_are_all_it_lists(base_client):
         assert base_client.delete(f"/v1/audio/voices/{voice['id']}").status_code == 200
 
 
+def test_a_voice_book_without_voices_has_no_default_and_maps_no_openai_name():
+    from cosyvoice_lite.voices import VoiceBook, VoiceMapError
+
+    book = VoiceBook([], engine="cosyvoice")
+    assert book.default is None and book.mapped == {} and book.listing() == [] and book.find("alloy") is None
+    with pytest.raises(VoiceMapError, match="no built-in speakers"):
+        VoiceBook([], "alloy=zh-female", engine="cosyvoice")
+
+
 def test_a_base_model_without_the_networks_that_make_voices_is_refused_at_start(tmp_path):
     from cosyvoice_lite.engines import StartupError, load_engine
     from cosyvoice_lite.settings import Settings
