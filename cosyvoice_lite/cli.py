@@ -3,7 +3,7 @@
     cosyvoice-lite serve                      # gunicorn with the settings from environment variables
     cosyvoice-lite say "你好，世界。" -o hello.wav [--speaker 中文女] [--speed 1.0] [--format wav]
     cosyvoice-lite wyoming [--uri tcp://0.0.0.0:10200] [--zeroconf NAME]   # Home Assistant's protocol
-    cosyvoice-lite download [--dir models/CosyVoice-300M-SFT]
+    cosyvoice-lite download [--model sft|base|instruct] [--dir models/CosyVoice-300M-SFT]
 """
 from __future__ import annotations
 
@@ -36,9 +36,14 @@ def say(args: argparse.Namespace) -> int:
     except (StartupError, VoiceMapError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    voice = service.voices.find(args.speaker) if args.speaker else service.voices.default
+    try:  # a saved voice too (from the same store as the server's: CACHE, CACHE_DIR)
+        voice = service.find_voice(args.speaker) if args.speaker else service.default_voice()
+    except ServiceError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
     if voice is None:
-        print(f"error: unknown speaker {args.speaker!r}; known: {service.voices.names_listing()}", file=sys.stderr)
+        known = f"known: {service.voices.names_listing()}" if service.voices.voices else service.without_speakers()
+        print(f"error: unknown speaker {args.speaker!r}; {known}", file=sys.stderr)
         return 2
     if args.format not in audio.FORMATS:
         print(f"error: unknown format {args.format!r}; choose one of {', '.join(audio.FORMATS)}", file=sys.stderr)
@@ -74,6 +79,9 @@ def download(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["download"]:  # its options are download.py's: argparse's REMAINDER refuses a leading --option
+        return download(argparse.Namespace(download_args=argv[1:]))
     parser = argparse.ArgumentParser(prog="cosyvoice-lite", description="CPU text-to-speech with CosyVoice-300M-SFT.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("serve", help="start the HTTP service (gunicorn)")
@@ -82,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("say", help="synthesise TEXT into an audio file")
     p.add_argument("text")
     p.add_argument("-o", "--output", default="out.wav")
-    p.add_argument("--speaker", help="speaker id or alias (default: the first one)")
+    p.add_argument("--speaker", help="speaker id or alias, or a saved voice's id (default: the first speaker; "
+                   "a base model has none)")
     p.add_argument("--speed", type=float, default=1.0)
     p.add_argument("--format", default="wav", help="wav, pcm, mp3, opus or flac")
     p.add_argument("--no-normalize", action="store_true", help="skip text normalisation")
@@ -93,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zeroconf", metavar="NAME", help="announce for Home Assistant's discovery under NAME "
                    "(default: WYOMING_ZEROCONF; needs the zeroconf package)")
     p.set_defaults(run=wyoming)
-    p = commands.add_parser("download", help="download CosyVoice-300M-SFT (see --help)", add_help=False)
+    p = commands.add_parser("download", help="download CosyVoice-300M-SFT, or --model base / instruct (see --help)",
+                            add_help=False)
     p.add_argument("download_args", nargs=argparse.REMAINDER)
     p.set_defaults(run=download)
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Download the official CosyVoice-300M-SFT model into models/CosyVoice-300M-SFT (see --help)."""
+"""Download an official CosyVoice-300M model: -SFT into models/CosyVoice-300M-SFT, or --model base / instruct (see
+--help)."""
 import sys
 from pathlib import Path
 

@@ -109,13 +109,32 @@ class Gate:
         self.open()
 
 
-def linked_model(root: Path, name: str, model_dir: Path) -> Path:
-    """``model_dir`` linked file by file into ``root/name`` (a model's kind shows in its directory's name)."""
+def linked_model(root: Path, name: str, model_dir: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    """``model_dir`` linked file by file into ``root/name`` (a model's kind shows in its directory's name), without
+    the files named in ``leave_out``."""
     out = root / name
     out.mkdir()
     for path in model_dir.iterdir():
-        (out / path.name).symlink_to(path.resolve())
+        if path.name not in leave_out:
+            (out / path.name).symlink_to(path.resolve())
     return out
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory):
+    """A base model (CosyVoice-300M's layout): the golden-modes model with its two ONNX networks and no spk2info.pt,
+    so no speaker of its own."""
+    from golden_data import GOLDEN_MODES
+
+    return linked_model(tmp_path_factory.mktemp("models"), "tiny-base", GOLDEN_MODES / "model",
+                        leave_out=("spk2info.pt",))
+
+
+@pytest.fixture(scope="session")
+def base_engine(base_model_dir):
+    from cosyvoice_lite.engines.cosyvoice import CosyVoiceEngine
+
+    return CosyVoiceEngine(base_model_dir, mode="fast", backend="torch")
 
 
 def edit_checkpoint(path: Path, change) -> None:

@@ -539,3 +539,28 @@ def test_the_instruction_box_shows_when_the_model_takes_instructions_and_its_wor
     assert result["shown"] and result["label"].startswith("Instructions")
     assert result["status"].startswith("Done"), result["status"]
     assert [b.get("instructions") for b in result["sent"]] == ["Speak slowly and calmly."]
+
+
+@pytest.fixture(scope="module")
+def base_page(mic_browser, base_model_dir, tmp_path_factory):
+    """A gunicorn on a base model (no spk2info.pt: no speaker of its own), the page open beside the others."""
+    tmp = tmp_path_factory.mktemp("base")
+    with gunicorn(tmp, {"MODEL_DIR": str(base_model_dir)}) as server:
+        mic_browser.open_page(f"http://127.0.0.1:{server.port}/")
+        server.browser, server.session = mic_browser, mic_browser.session
+        yield server
+
+
+def test_without_built_in_speakers_the_page_says_to_make_a_voice_and_shows_the_servers_refusal(base_page):
+    result = run_in_page(base_page, r"""
+      await until(() => !$("voices").hidden, "the offers from /speakers");
+      const options = [...$("speaker").options].map((o) => [o.value, o.textContent]);
+      $("speak").click();
+      await until(() => $("status").className === "error", "the refusal");
+      return {options, engine: $("engine").textContent, tools: $("voice-tools").offsetParent !== null,
+              status: $("status").textContent, clips: state.clips.length};
+    """)
+    assert result["options"] == [["", "No voice yet: make one below / 请先在下方创建声音"]]
+    assert "no built-in speakers" in result["engine"] and result["tools"]
+    assert result["status"].startswith("no speaker given; this model (cosyvoice-300m) has no built-in speakers")
+    assert result["clips"] == 0

@@ -13,7 +13,8 @@ from cosyvoice_lite.model import ModelLoadError, load_model
 from cosyvoice_lite.model.config import ConfigError, read_config
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_FILES = ["cosyvoice.yaml", "llm.pt", "flow.pt", "hift.pt", "spk2info.pt"]
+REQUIRED_FILES = ["cosyvoice.yaml", "llm.pt", "flow.pt", "hift.pt"]
+MODEL_FILES = [*REQUIRED_FILES, "spk2info.pt"]
 
 
 @pytest.fixture
@@ -46,10 +47,23 @@ def test_sizes_come_from_the_yaml():
     assert model.hift.conv_pre.out_channels == 32            # base_channels
 
 
-@pytest.mark.parametrize("missing", MODEL_FILES)
+@pytest.mark.parametrize("missing", REQUIRED_FILES)
 def test_missing_file_is_named(model_copy, missing):
     (model_copy / missing).unlink()
     with pytest.raises(ModelLoadError, match=f"missing {missing}"):
+        load_model(model_copy)
+
+
+def test_a_directory_without_spk2info_is_the_base_model_with_no_speakers_of_its_own(model_copy):
+    (model_copy / "spk2info.pt").unlink()  # the official CosyVoice-300M directory ships none
+    model = load_model(model_copy, mode="fast")
+    assert model.speakers == {}
+
+
+def test_a_spk2info_that_is_not_a_file_is_still_refused(model_copy):
+    (model_copy / "spk2info.pt").unlink()
+    (model_copy / "spk2info.pt").mkdir()
+    with pytest.raises(ModelLoadError, match="spk2info.pt is a directory"):
         load_model(model_copy)
 
 
@@ -198,6 +212,17 @@ def test_a_model_copy_has_the_fingerprint_of_its_original_and_a_changed_file_doe
         f.write(b"\0")
     assert model_fingerprint(copy) != model_fingerprint(tiny_model_dir)
     assert model_fingerprint(copy, ("flow.pt",)) == model_fingerprint(tiny_model_dir, ("flow.pt",))
+
+
+def test_a_model_without_spk2info_has_a_fingerprint_of_its_own(tmp_path, tiny_model_dir):
+    from cosyvoice_lite.model.fingerprint import model_fingerprint
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "spk2info.pt").unlink()
+    assert model_fingerprint(shutil.copytree(base, tmp_path / "copy")) == model_fingerprint(base)
+    assert model_fingerprint(base) != model_fingerprint(tiny_model_dir)
+    assert model_fingerprint(base, ("flow.pt",)) == model_fingerprint(tiny_model_dir, ("flow.pt",))
 
 
 # ---- the text embedding of the lean modes, read from llm.pt at each lookup -------------------------------------

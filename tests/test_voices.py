@@ -187,6 +187,73 @@ def test_an_instruct_model_takes_instructions_and_makes_no_voices(make_app, tmp_
     assert error(make(client, text=EN_TEXT), 400)["code"] == "unsupported_mode"
 
 
+# ---- the base model (CosyVoice-300M): no spk2info.pt, so no speaker of its own; voices are made from clips ------
+
+@pytest.fixture(scope="module")
+def base_client(base_engine, tmp_path_factory):
+    from cosyvoice_lite.serve import create_app
+
+    app = create_app({"engine": base_engine, "cache_dir": str(tmp_path_factory.mktemp("base-cache"))})
+    assert app.extensions["cosyvoice_lite"].admission.wait_ready(300)
+    yield app.test_client()
+    app.extensions["cosyvoice_lite"].close()
+
+
+def test_a_base_model_warms_up_with_no_speaker_of_its_own_and_offers_voices_from_clips(base_client):
+    assert base_client.get("/ready").status_code == 200  # the warm-up needed no built-in speaker
+    speakers = base_client.get("/speakers").json
+    assert speakers["model"] == "cosyvoice-300m" and speakers["speakers"] == [] and speakers["default"] is None
+    assert speakers["offers"] == {"kind": "base", "speakers": False, "cloning": True, "instructions": False,
+                                  "conversion": True}
+    assert "POST /v1/audio/voices" in speakers["hint"]
+    assert base_client.get("/v1/audio/voices").json == {"voices": []}  # no built-ins, no OpenAI names mapped
+
+
+@pytest.mark.parametrize("route, body, code", [
+    ("/tts", {"text": "Hello."}, "speaker_required"),
+    ("/tts", {"text": "Hello.", "speaker": "zh-female"}, "unknown_speaker"),
+    ("/v1/audio/speech", {"input": "Hello."}, "speaker_required"),
+    ("/v1/audio/speech", {"input": "Hello.", "voice": "alloy"}, "unknown_speaker"),
+], ids=["tts_no_speaker", "tts_builtin_name", "speech_no_voice", "speech_openai_name"])
+def test_on_a_base_model_a_request_without_a_saved_voice_is_a_400_saying_how_to_make_one(base_client, route, body,
+                                                                                         code):
+    refused = error(base_client.post(route, json=body), 400)
+    assert refused["code"] == code
+    assert "cosyvoice-300m" in refused["message"] and "POST /v1/audio/voices" in refused["message"]
+
+
+def test_voices_made_on_a_base_model_speak_and_are_all_it_lists(base_client):
+    zero_shot = make(base_client, text=EN_TEXT, name="fox reader")
+    cross_lingual = make(base_client, name="any tongue")
+    assert (zero_shot.status_code, cross_lingual.status_code) == (201, 201), (zero_shot.data, cross_lingual.data)
+    assert (zero_shot.json["mode"], cross_lingual.json["mode"]) == ("zero_shot", "cross_lingual")
+    listed = base_client.get("/v1/audio/voices").json["voices"]
+    assert sorted(v["id"] for v in listed) == sorted([zero_shot.json["id"], cross_lingual.json["id"]])
+    for voice in (zero_shot.json, cross_lingual.json):
+        spoken = base_client.post("/tts", json={"text": "Hello there.", "speaker": voice["id"], "format": "pcm"})
+        assert spoken.status_code == 200 and spoken.headers["X-Speaker"] == voice["name"] and len(spoken.data) > 0
+        assert base_client.delete(f"/v1/audio/voices/{voice['id']}").status_code == 200
+
+
+def test_a_voice_book_without_voices_has_no_default_and_maps_no_openai_name():
+    from cosyvoice_lite.voices import VoiceBook, VoiceMapError
+
+    book = VoiceBook([], engine="cosyvoice")
+    assert book.default is None and book.mapped == {} and book.listing() == [] and book.find("alloy") is None
+    with pytest.raises(VoiceMapError, match="no built-in speakers"):
+        VoiceBook([], "alloy=zh-female", engine="cosyvoice")
+
+
+def test_a_base_model_without_the_networks_that_make_voices_is_refused_at_start(tmp_path):
+    from cosyvoice_lite.engines import StartupError, load_engine
+    from cosyvoice_lite.settings import Settings
+
+    mute = linked_model(tmp_path, "tiny-base", MODES / "model",
+                        leave_out=("spk2info.pt", "campplus.onnx", "speech_tokenizer_v1.onnx"))
+    with pytest.raises(StartupError, match="no spk2info.pt .* no campplus.onnx and speech_tokenizer_v1.onnx"):
+        load_engine(Settings.from_env({"model_dir": str(mute), "backend": "torch"}))
+
+
 def multipart(fields: dict, clip: bytes) -> tuple[bytes, dict]:
     boundary = uuid.uuid4().hex
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -387,6 +388,73 @@ def test_saved_voices_are_described_by_their_id_with_their_language():
         saved_voices=lambda: [{"id": "voice_0123abcd", "name": "Grandma", "language": "yue"}])
     voices = [(v.name, v.description, v.languages) for v in describe(service).tts[0].voices]
     assert voices == [("zh-female", "中文女", ["zh"]), ("voice_0123abcd", "Grandma (saved voice)", ["yue"])]
+
+
+# ---- the base model: no speaker of its own -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base_server(base_engine, tmp_path_factory):
+    """Wyoming over a base model (CosyVoice-300M's layout: no spk2info.pt), served in this process over one
+    SynthesisService (as `cosyvoice-lite wyoming` does), on a loop the fixture stops."""
+    from cosyvoice_lite.service import SynthesisService
+    from cosyvoice_lite.settings import Settings
+    from cosyvoice_lite.wyoming.server import WyomingServer
+
+    service = SynthesisService(Settings.from_env({"cache_dir": str(tmp_path_factory.mktemp("base"))}), base_engine)
+    service.admission.ensure_started()
+    assert service.admission.wait_ready(300) and not service.admission.failure
+    server = WyomingServer(service, "127.0.0.1", 0)
+    server.wyoming_port = server.port
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="wyoming-test", daemon=True)
+    thread.start()
+    serving = asyncio.run_coroutine_threadsafe(server.serve_forever(), loop)
+    yield server
+    serving.cancel()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def base_voice(base_server) -> str:
+    """A voice saved on the base model's server, made from a golden-modes clip and its transcript."""
+    from golden_data import GOLDEN_MODES
+
+    prompts = GOLDEN_MODES / "prompts"
+    name, info = next(iter(json.loads((prompts / "prompts.json").read_text()).items()))
+    return base_server.service.create_voice((prompts / name).read_bytes(), info["text"], "reader")["id"]
+
+
+def test_on_a_base_model_describe_lists_the_saved_voices_only(base_server, base_voice):
+    async def go():
+        async with client(base_server) as c:
+            await c.write_event(Describe().event())
+            return Info.from_event(await read(c))
+
+    (program,) = run(go()).tts
+    assert [(v.name, v.description) for v in program.voices] == [(base_voice, "reader (saved voice)")]
+
+
+def test_on_a_base_model_a_synthesis_without_a_voice_is_an_error_event_and_a_saved_voice_speaks(base_server,
+                                                                                                base_voice):
+    async def go():
+        async with client(base_server) as c:
+            await c.write_event(Synthesize(text="Hello.").event())
+            refused = Error.from_event(await read(c))
+            await c.write_event(SynthesizeStart().event())
+            stream_refused = Error.from_event(await read(c))
+            await c.write_event(SynthesizeChunk(text="Not spoken. ").event())
+            await c.write_event(SynthesizeStop().event())
+            stopped = await answer(c, "synthesize-stopped")
+            await c.write_event(Synthesize(text="Hello there.", voice=SynthesizeVoice(name=base_voice)).event())
+            return refused, stream_refused, stopped, await answer(c, "audio-stop")
+
+    refused, stream_refused, stopped, spoken = run(go())
+    assert refused.code == stream_refused.code == "speaker_required"
+    assert "cosyvoice-300m" in refused.text and "POST /v1/audio/voices" in refused.text
+    assert types(stopped) == ["synthesize-stopped"]  # the stream without a voice spoke nothing
+    assert types(spoken) == ["audio-start", "audio-chunk*", "audio-stop"]
 
 
 # ---- sentences out of deltas -----------------------------------------------------------------------------------

@@ -187,12 +187,17 @@ class Engine:
         chunks = self.synthesize(self.plan(text, normalize).segments, voice or self.voices()[0], speed, cancel, seed)
         return (chunk for chunk in chunks if chunk is not SEGMENT_END)
 
+    def warmup_voice(self) -> Voice:
+        """The voice the warm-up speaks with: the default one."""
+        return self.voices()[0]
+
     def warmup(self) -> tuple[int, float, float]:
         """Run one short synthesis so that the first real request is not slow, then time one more: -> (text units,
         audio seconds, synthesis seconds) of that one, a first figure for the engine's speed."""
-        for _ in self.speak("Hello."):
+        voice = self.warmup_voice()
+        for _ in self.speak("Hello.", voice):
             pass
         text = "Hello, this is a test."
         started = time.perf_counter()
-        samples = sum(chunk.size for chunk in self.speak(text))
+        samples = sum(chunk.size for chunk in self.speak(text, voice))
         return self.plan(text).units, samples / OUTPUT_RATE, time.perf_counter() - started

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ..audio import Resampler
@@ -14,12 +15,12 @@ from ..decode.scheduler import SEGMENT_END as SCHEDULER_SEGMENT_END
 from ..decode.scheduler import Scheduler
 from ..frontend import NothingToSpeak, TextFrontend
 from ..memory import configure_process, release_compute_threads, release_free_memory
-from ..model import load_model
+from ..model import ModelLoadError, load_model
 from ..model.fingerprint import model_fingerprint
 from ..model.modes import mode_settings
-from ..frontend.onnx_models import VoiceFrontend
+from ..frontend.onnx_models import SPEAKER_ENCODER_FILE, TOKENIZER_FILE, VoiceFrontend
 from ..frontend.prompt_audio import PromptAudioError, clip_of
-from ..voices import builtin_voices
+from ..voices import Voice, builtin_voices
 from ..voices.clone import clone_voice, instruct_voice, speech_tokens, with_end_marker
 from .base import OUTPUT_RATE, SEGMENT_END, Engine, Offers, Plan, Segment, SynthesisError
 
@@ -85,6 +86,13 @@ class CosyVoiceEngine(Engine):
         self._voice_frontend = VoiceFrontend(model_dir)
         self._keep_voice_models = keep_voice_models
         self.offers = recognise(model_dir, kind, bool(self._voices), self._voice_frontend.available)
+        if not self.offers.speakers and not self.offers.cloning:
+            raise ModelLoadError(f"{model_dir} has no spk2info.pt (built-in speakers) and no {SPEAKER_ENCODER_FILE} "
+                                 f"and {TOKENIZER_FILE} to make a voice with: no voice could speak with it; fetch "
+                                 "the missing files (scripts/download_model.py --model base)")
+        if not self.offers.speakers:
+            self.hint = ("this model has no built-in speakers: make a voice from a reference clip (POST "
+                         "/v1/audio/voices, or on the web page) and speak with it")
         self.model_id = {"base": "cosyvoice-300m", "sft": "cosyvoice-300m-sft",
                          "instruct": "cosyvoice-300m-instruct"}[self.offers.kind]
         if not defer_backend:
@@ -110,6 +118,13 @@ class CosyVoiceEngine(Engine):
 
     def voices(self):
         return self._voices
+
+    def warmup_voice(self) -> Voice:
+        if self._voices:
+            return self._voices[0]
+        # no speaker of its own (the base model): a neutral voice (zero embedding) runs the same networks as any
+        zeros = np.zeros((1, self.model.flow.spk_embed_affine_layer.in_features), dtype=np.float32)
+        return Voice("warm-up", "warm-up", llm_embedding=zeros, flow_embedding=zeros)
 
     @property
     def precision(self) -> str:

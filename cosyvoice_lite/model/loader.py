@@ -1,7 +1,8 @@
 """Build the three networks from an official model directory and load its weights strictly.
 
-A CosyVoice-300M(-SFT) directory holds ``cosyvoice.yaml`` (sizes and class names), ``llm.pt``, ``flow.pt``,
-``hift.pt`` (state dicts) and ``spk2info.pt`` (speaker embeddings). Every size comes from the yaml, so the
+A CosyVoice-300M directory holds ``cosyvoice.yaml`` (sizes and class names), ``llm.pt``, ``flow.pt``, ``hift.pt``
+(state dicts) and, in -SFT and -Instruct, ``spk2info.pt`` (speaker embeddings; the base model has none: it speaks
+with voices made from a clip). Every size comes from the yaml, so the
 full-size model and the tiny test models go through the same code. The speed mode's precision policy
 (``precision.py``) is handed to the builders, so the networks are built in the mode's form and the float32
 checkpoints are converted while they are loaded.
@@ -27,7 +28,9 @@ from .transformer import fuse_qkv_keys
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = ("cosyvoice.yaml", "llm.pt", "flow.pt", "hift.pt", "spk2info.pt")
+SPEAKERS_FILE = "spk2info.pt"  # the built-in speakers of -SFT and -Instruct; the base model (CosyVoice-300M) has none
+REQUIRED_FILES = ("cosyvoice.yaml", "llm.pt", "flow.pt", "hift.pt")
+MODEL_FILES = (*REQUIRED_FILES, SPEAKERS_FILE)  # every checkpoint file the loader reads, where present
 
 # Official class path -> our implementation (module in this package, class name).
 CLASSES = {
@@ -200,7 +203,7 @@ def check_model_dir(model_dir: Path) -> None:
     odd = [f"{name} is {why}" for name, why in problems.items() if why not in (None, "missing")]
     if odd:
         raise ModelLoadError(f"model directory {model_dir}: {'; '.join(odd)}")
-    missing = [name for name, why in problems.items() if why == "missing"]
+    missing = [name for name, why in problems.items() if why == "missing" and name in REQUIRED_FILES]
     if "cosyvoice.yaml" in missing:
         for other, generation in (("cosyvoice2.yaml", "CosyVoice2"), ("cosyvoice3.yaml", "CosyVoice3")):
             if (model_dir / other).is_file():
@@ -241,7 +244,8 @@ def checked_config(model_dir: Path):
 
 
 def load_model(model_dir: str | Path, mode: str = "exact", external: tuple = ()):
-    """Load an official CosyVoice-300M-SFT directory into our networks; see ``CosyVoiceSFT``.
+    """Load an official CosyVoice-300M(-SFT, -Instruct) directory into our networks; see ``CosyVoiceSFT``. Without
+    spk2info.pt (the base model) the model has no speakers of its own.
 
     ``mode`` is a speed mode of ``speed.py``: 'exact' (float32, the default here), 'default' or 'fast'. The
     networks are built in the mode's form (``precision.Precision``). The non-exact modes build them without
@@ -277,7 +281,8 @@ def load_model(model_dir: str | Path, mode: str = "exact", external: tuple = ())
             release_pages(tensor)
     del raw_hift
     load_state(hift, hift_state, "hift.pt", assign=lean)
-    speakers = read_speakers(model_dir / "spk2info.pt", flow.spk_embed_affine_layer.in_features)
+    speakers = read_speakers(model_dir / SPEAKERS_FILE, flow.spk_embed_affine_layer.in_features) \
+        if file_problem(model_dir / SPEAKERS_FILE) is None else {}  # missing (checked_config refused the rest)
     for module, filename in ((flow, "flow.pt"), (hift, "hift.pt")):
         check_finite(module, filename)
     for module in (llm, flow, hift):

@@ -186,10 +186,14 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
     def convert():
         fields, clip = upload("source")
         name = fields.get("voice")
-        voice = voices.default if name is None else service.find_voice(name)
+        try:
+            voice = service.default_voice("voice") if name is None else service.find_voice(name)
+        except ServiceError as e:
+            raise api_error(e) from None
         if voice is None:
-            raise ApiError(400, f"unknown voice {name[:80]!r}; choose one of: {voices.names_listing()} or a saved "
-                           "voice's id", code="unknown_speaker", param="voice")
+            choose = f"choose one of: {voices.names_listing()} or a saved voice's id" if voices.voices \
+                else service.without_speakers()
+            raise ApiError(400, f"unknown voice {name[:80]!r}; {choose}", code="unknown_speaker", param="voice")
         fmt = fields.get("format") or fields.get("response_format") or "wav"
         if fmt not in audio.FORMATS:
             raise ApiError(400, f"'format' must be one of {', '.join(audio.FORMATS)}", code="invalid_format",
@@ -213,7 +217,7 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
 
     @api.get("/speakers")
     def speakers():
-        return jsonify({**engine_json(), "default": voices.default.id,
+        return jsonify({**engine_json(), "default": voices.default.id if voices.default else None,
                         "speakers": [voice_json(v) for v in voices.voices]})
 
     @api.get("/health")

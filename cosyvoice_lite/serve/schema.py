@@ -15,7 +15,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from pydantic_core import PydanticCustomError
 
 from .. import audio
-from ..service import SynthesisRequest, SynthesisService, clean_text
+from ..service import ServiceError, SynthesisRequest, SynthesisService, clean_text
 from ..voices.store import ID_PATTERN
 from .errors import ApiError
 
@@ -78,8 +78,9 @@ class TtsRequest(Body):
     TEXT_FIELDS: ClassVar[tuple[str, ...]] = ("text",)
 
     text: Annotated[str, Field(min_length=1, pattern=SPEAKABLE)]  # maxLength: MAX_TEXT_CHARS (tts_model)
-    speaker: str | None = Field(None, description="speaker id or alias (GET /speakers; aliases in any case); "
-                                                  "default: the first speaker")
+    speaker: str | None = Field(None, description="speaker id or alias (GET /speakers; aliases in any case), or a "
+                                                  "saved voice's id; default: the first speaker (a model without "
+                                                  "built-in speakers has none: 400 speaker_required)")
     speed: Speed | None = 1.0
     format: Format | None = "wav"
     stream: bool | None = Field(False, description="chunked streaming; formats "
@@ -140,8 +141,11 @@ class SpeechRequest(Body):
 def _named(names: tuple[str, ...], saved: bool) -> Any:
     """A voice field's schema: the names the service knows, and (where the model makes voices) the form of a saved
     voice's id. The lookup itself is the service's (``_voice``), in which names match case-insensitively."""
+    saved_id = {"type": "string", "pattern": ID_PATTERN.pattern}
+    if not names:  # a model without built-in speakers (the base model): saved voices only
+        return WithJsonSchema(saved_id if saved else {"type": "string"})
     listed = {"type": "string", "enum": list(names)}
-    return WithJsonSchema({"anyOf": [listed, {"type": "string", "pattern": ID_PATTERN.pattern}]} if saved else listed)
+    return WithJsonSchema({"anyOf": [listed, saved_id]} if saved else listed)
 
 
 def _instructions(offered: bool) -> Any:
@@ -225,7 +229,10 @@ def _validate(model: type[Body], body: dict, service, roles: dict) -> Body:
 def _voice(name: str | None, key: str, service, mapped: bool):
     """The voice by name: the speaker lookup is the service's (names match case-insensitively), not the schema's."""
     if name is None:
-        return service.voices.default
+        try:
+            return service.default_voice(key)
+        except ServiceError as e:  # a model without built-in speakers: a voice must be named
+            raise ApiError(e.status, e.message, code=e.code, param=e.param) from None
     voice = service.find_voice(name, mapped=mapped)
     if voice is None:
         raise _unknown_speaker(key, f"unknown {key} {repr(name)[:80]}", service, mapped)
@@ -235,7 +242,8 @@ def _voice(name: str | None, key: str, service, mapped: bool):
 def _unknown_speaker(key: str, problem: str, service, mapped: bool) -> ApiError:
     voices = service.voices
     listing = ", ".join([voices.names_listing()] + (list(voices.mapped) if mapped else []))
-    return ApiError(400, f"{problem}; choose one of: {listing}", code="unknown_speaker", param=key,
+    choose = f"choose one of: {listing}" if voices.voices else service.without_speakers()
+    return ApiError(400, f"{problem}; {choose}", code="unknown_speaker", param=key,
                     valid_speakers=[{"id": v.id, "alias": v.name} for v in voices.voices])
 
 
@@ -337,8 +345,10 @@ class Speakers(BaseModel):
     description: str
     model: str
     offers: Offers
-    hint: str | None = Field(None, description="the offline voice: how to get CosyVoice")
-    default: str
+    hint: str | None = Field(None, description="what to do first: the offline voice: how to get CosyVoice; a "
+                                               "model without built-in speakers: how to make a voice")
+    default: str | None = Field(description="the speaker of a request that names none; null on a model without "
+                                            "built-in speakers (the base model)")
     speakers: list[SpeakerInfo]
 
 

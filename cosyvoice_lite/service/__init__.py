@@ -52,6 +52,19 @@ class SynthesisService:
             if engine.offers.cloning else None
 
     # ---- voices -----------------------------------------------------------------------------------------
+    def default_voice(self, param: str = "speaker") -> Voice:
+        """The voice of a request that names none: the engine's first. A model without speakers of its own (the
+        base model) has none: Unsupported, saying how to make a voice (``param``: the field the front door reads
+        a voice from)."""
+        if self.voices.default is None:
+            raise Unsupported(f"no {param} given; {self.without_speakers()}", code="speaker_required", param=param)
+        return self.voices.default
+
+    def without_speakers(self) -> str:
+        """What a request must name on a model without built-in speakers (the base model), for refusals."""
+        return (f"this model ({self.engine.model_id}) has no built-in speakers: make a voice from a reference clip "
+                "with POST /v1/audio/voices and name its id")
+
     def find_voice(self, name: str, mapped: bool = True) -> Voice | None:
         """A voice by id or name: the engine's own, an OpenAI name (``mapped``), or a saved voice."""
         voice = self.voices.find(name, mapped=mapped)

@@ -100,6 +100,9 @@ function renderSpeakers(defaultId) {
     const label = s.alias && s.alias !== s.id ? `${s.id} (${s.alias}, ${s.language})` : `${s.id} (${s.language})`;
     select.appendChild(speakerOption(s.id, label, s.id === wanted));
   }
+  if (!state.speakers.length) {  // a model without built-in speakers (the base model), before a voice is made
+    select.appendChild(speakerOption("", "No voice yet: make one below / 请先在下方创建声音", true));
+  }
   const saved = state.speakers.filter((s) => s.saved);
   if (saved.length) {
     const group = document.createElement("optgroup");

@@ -35,7 +35,8 @@ def parse_voice_map(text: str) -> dict[str, str]:
 
 
 class VoiceBook:
-    """Finds a Voice by name. ``voices``: the engine's own, the first being the default.
+    """Finds a Voice by name. ``voices``: the engine's own, the first being the default. A model without speakers
+    of its own (CosyVoice-300M, the base model) has none: no default, and the OpenAI names map to nothing.
 
     A VOICE_MAP target the engine does not have is an error, except on an engine with a single voice (the offline
     voice): there every name maps to it (logged), so that a VOICE_MAP written for CosyVoice does not stop the
@@ -43,13 +44,18 @@ class VoiceBook:
 
     def __init__(self, voices: list[Voice], voice_map: str = "", engine: str = ""):
         self.voices = list(voices)
-        self.default = self.voices[0]
+        self.default: Voice | None = self.voices[0] if self.voices else None
         user = parse_voice_map(voice_map)
         for name in user:
             if self.own(name) is not None:
                 raise VoiceMapError(f"VOICE_MAP name {name!r} is already a speaker of the {engine} engine; "
                                     "choose another name")
         self.mapped: dict[str, Voice] = {}
+        if self.default is None:
+            if user:
+                raise VoiceMapError(f"VOICE_MAP maps {', '.join(sorted(user))} to speakers, but the {engine} engine's "
+                                    "model has no built-in speakers (a base model); leave VOICE_MAP empty")
+            return
         single = len(self.voices) == 1
         for name, target in {**DEFAULT_VOICE_MAP, **user}.items():
             voice = self.own(target)

@@ -240,7 +240,7 @@ class Connection:
         """HA sends voice {name, speaker}; other clients may send a language alone. No voice: the default."""
         voices = self.service.voices
         if not isinstance(wanted, dict) or not any(wanted.get(k) for k in ("name", "speaker", "language")):
-            return voices.default
+            return self.service.default_voice("voice")  # none on a base model: an error event
         names = [n for n in (wanted.get("name"), wanted.get("speaker")) if isinstance(n, str) and n]
         for name in names:
             voice = voices.find(name)  # the engine's own, in memory
@@ -251,9 +251,9 @@ class Connection:
         language = wanted.get("language")
         if not names and isinstance(language, str):
             base = language.replace("_", "-").split("-")[0].lower()
-            return next((v for v in voices.voices if v.language == base), voices.default)
-        raise Refused("unknown_voice", f"unknown voice {str(names[0] if names else wanted)[:80]!r}; choose one of: "
-                      f"{voices.names_listing()}")
+            return next((v for v in voices.voices if v.language == base), None) or self.service.default_voice("voice")
+        choose = f"choose one of: {voices.names_listing()}" if voices.voices else self.service.without_speakers()
+        raise Refused("unknown_voice", f"unknown voice {str(names[0] if names else wanted)[:80]!r}; {choose}")
 
     def _text(self, text) -> str:
         """The checks HTTP makes of a text (serve/schema.py), in Wyoming's words."""
