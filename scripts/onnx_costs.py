@@ -475,7 +475,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length (at most 30)")
     parser.add_argument("--threads", type=int, default=1,
                         help="onnxruntime intra-op threads (1: as the engine opens them, VoiceFrontend's default)")
-    parser.add_argument("--torch-threads", type=int, default=2, help="torch threads for the features (THREADS)")
+    parser.add_argument("--torch-threads", type=int, default=2,
+                        help="torch threads for the features (THREADS; 0: leave as they are)")
     parser.add_argument("--repeat", type=int, default=3, help="runs after the first (their median is reported)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--child", help=argparse.SUPPRESS)
