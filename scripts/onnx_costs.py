@@ -464,8 +464,9 @@ def table(results: dict) -> None:
           f"(loads both), next with KEEP_VOICE_MODELS {v['voice_kept_s']:.2f} s; held while kept "
           f"{v['rss_kept_mb']:+.0f} MB, after close {v['rss_closed_mb']:+.0f} MB, trimmed "
           f"{v['rss_closed_trimmed_mb']:+.0f} MB; others' CPU {v['other_load']:.0%}")
-    print("RSS columns are increases over the process before the load; 'closed' = after close() and gc, "
-          "'trimmed' = then malloc_trim (memory.release_free_memory)")
+    print("RSS columns: increases over the process before the load; 'closed' = after the network's own close() "
+          "and gc, 'trimmed' = then malloc_trim (memory.release_free_memory); the voice path closes with "
+          "VoiceFrontend.close(), which trims")
 
 
 def main() -> int:
