@@ -52,8 +52,8 @@ class Settings:
     max_voices: int = 100           # MAX_VOICES: saved voices a server keeps; more -> 409
     # MAX_UPLOAD_BYTES: largest reference or source clip (multipart or base64 JSON body); larger -> 413
     max_upload_bytes: int = 8388608
-    # KEEP_VOICE_MODELS: keep the speech tokenizer and speaker encoder loaded between voices (faster to make the
-    # next one, ~hundreds of MB held); default: loaded for each voice and released after
+    # KEEP_VOICE_MODELS: keep the speech tokenizer and speaker encoder loaded between voices (the next one ~1.2 s
+    # sooner, ~650-1100 MB held: docs/performance.md#making-voices); default: loaded for each voice, released after
     keep_voice_models: bool = False
     workers: int = 1                # WORKERS: gunicorn worker processes (each holds the model once)
     torch_threads: int = 0          # TORCH_THREADS: CPU threads per worker; 0 = cores / WORKERS

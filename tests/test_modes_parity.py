@@ -21,6 +21,7 @@ from cosyvoice_lite.decode.reference import convert, synthesize, text_to_tokens
 from cosyvoice_lite.decode.scheduler import Scheduler
 from cosyvoice_lite.decode.streaming import TokenStream, stream_tokens
 from cosyvoice_lite.frontend import TextFrontend
+from cosyvoice_lite.frontend import onnx_models
 from cosyvoice_lite.frontend.onnx_models import VoiceFrontend
 from cosyvoice_lite.frontend.prompt_audio import (PromptAudioError, clip_of, load_clip, prompt_mel, speaker_fbank,
                                                   whisper_log_mel)
@@ -220,6 +221,17 @@ def test_onnx_sessions_open_on_demand_and_close():
     frontend.close()
     assert not frontend.speaker_encoder.loaded
     assert frontend.speaker_encoder(np.zeros((50, 80), np.float32)).shape == (1, 192)  # opens again
+
+
+def test_closing_the_networks_trims_the_heap_once_something_was_open(monkeypatch):
+    trims = []
+    monkeypatch.setattr(onnx_models, "release_free_memory", lambda: trims.append(1))
+    frontend = VoiceFrontend(GOLDEN_MODES / "model")
+    frontend.close()
+    assert trims == []  # nothing was open: no trim (each voice closes, most find nothing to close with KEEP)
+    frontend.tokenizer(np.zeros((1, 128, 20), np.float32))
+    frontend.close()
+    assert trims == [1] and not frontend.tokenizer.loaded
 
 
 def test_a_model_directory_without_the_onnx_files_says_so(tmp_path):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..memory import release_free_memory
+
 TOKENIZER_FILE = "speech_tokenizer_v1.onnx"
 SPEAKER_ENCODER_FILE = "campplus.onnx"
 
@@ -96,8 +98,13 @@ class VoiceFrontend:
         return self.tokenizer.path.is_file() and self.speaker_encoder.path.is_file()
 
     def close(self) -> None:
+        """Drop both sessions and hand their memory back to the OS."""
+        opened = self.tokenizer.loaded or self.speaker_encoder.loaded
         self.tokenizer.close()
         self.speaker_encoder.close()
+        if opened:
+            # onnxruntime frees into the heap: without this ~165 MB of the tokenizer's stay resident (issue 29)
+            release_free_memory()
 
     def __enter__(self):
         return self
