@@ -18,10 +18,10 @@ from ..memory import configure_process, release_compute_threads, release_free_me
 from ..model import ModelLoadError, load_model
 from ..model.fingerprint import model_fingerprint
 from ..model.modes import mode_settings
-from ..frontend.onnx_models import SPEAKER_ENCODER_FILE, TOKENIZER_FILE, VoiceFrontend
+from ..frontend.onnx_models import SPEAKER_ENCODER_FILE, TOKENIZER_FILE
 from ..frontend.prompt_audio import PromptAudioError, clip_of
 from ..voices import Voice, builtin_voices
-from ..voices.clone import clone_voice, instruct_voice, speech_tokens, with_end_marker
+from ..voices.clone import VoiceMaker, instruct_voice, with_end_marker
 from .base import OUTPUT_RATE, SEGMENT_END, Engine, Offers, Plan, Segment, SynthesisError
 
 # Speech tokens in the first streamed chunk of a request besides its overlap (then 100, growing to 200). TokenStream
@@ -83,9 +83,8 @@ class CosyVoiceEngine(Engine):
                                    n_timesteps=self.n_timesteps)
         self._voices = builtin_voices(self.model.speakers, COSYVOICE_SPEAKERS)
         # the speech tokenizer and speaker encoder: opened to make a voice, closed after unless kept
-        self._voice_frontend = VoiceFrontend(model_dir)
-        self._keep_voice_models = keep_voice_models
-        self.offers = recognise(model_dir, kind, bool(self._voices), self._voice_frontend.available)
+        self._voice_maker = VoiceMaker(model_dir, self.model.sample_rate, keep_loaded=keep_voice_models)
+        self.offers = recognise(model_dir, kind, bool(self._voices), self._voice_maker.available)
         if not self.offers.speakers and not self.offers.cloning:
             raise ModelLoadError(f"{model_dir} has no spk2info.pt (built-in speakers) and no {SPEAKER_ENCODER_FILE} "
                                  f"and {TOKENIZER_FILE} to make a voice with: no voice could speak with it; fetch "
@@ -190,27 +189,14 @@ class CosyVoiceEngine(Engine):
             chunks.close()
 
     # ---- voices of one's own ------------------------------------------------------------------------------
-    def _with_voice_models(self, work):
-        """Run ``work(frontend)`` on the scheduler's thread (one pool of compute threads) with the two ONNX
-        networks open; they are closed after unless KEEP_VOICE_MODELS."""
-        def run():
-            try:
-                return work(self._voice_frontend)
-            finally:
-                if not self._keep_voice_models:
-                    self._voice_frontend.close()
-        return self.scheduler.call(run)
-
+    # The clip is checked here, so that unusable audio is refused at once; the two ONNX networks run on the
+    # scheduler's thread (one pool of compute threads), between units of synthesis.
     def make_voice(self, samples, rate, transcript, name, voice_id):
         self.prepare()
         tokens = self.frontend.tokenize(self.frontend.normalize(transcript)) if transcript else []
-        try:
-            clip = clip_of(samples, rate)
-            return self._with_voice_models(lambda frontend: clone_voice(
-                clip, frontend, tokens, voice_id=voice_id, name=name or voice_id,
-                sample_rate=self.model.sample_rate))
-        except PromptAudioError as e:
-            raise ValueError(str(e)) from None
+        self._checked(samples, rate)
+        return self.scheduler.call(lambda: self._voice_maker.make_voice(samples, rate, tokens, name=name or voice_id,
+                                                                       voice_id=voice_id))
 
     def instructed(self, voice, instructions):
         tokens = self.frontend.tokenize(with_end_marker(self.frontend.normalize(instructions)))
@@ -218,13 +204,17 @@ class CosyVoiceEngine(Engine):
 
     def convert(self, samples, rate, voice, cancel=None, seed=None):
         self.prepare()
-        try:
-            clip = clip_of(samples, rate)
-        except PromptAudioError as e:
-            raise ValueError(str(e)) from None
-        tokens = self._with_voice_models(lambda frontend: speech_tokens(clip, frontend))
+        self._checked(samples, rate)
+        tokens = self.scheduler.call(lambda: self._voice_maker.source_tokens(samples, rate))
         chunks = self.scheduler.submit_conversion(tokens, voice, cancel=cancel, seed=seed, segment_ends=True)
         yield from self._resampled(chunks)
+
+    @staticmethod
+    def _checked(samples, rate) -> None:
+        try:
+            clip_of(samples, rate)
+        except PromptAudioError as e:
+            raise ValueError(str(e)) from None
 
 
 def recognise(model_dir, kind: str, has_speakers: bool, has_voice_models: bool) -> Offers:

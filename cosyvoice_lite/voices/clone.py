@@ -6,7 +6,7 @@
     voice = clone_voice(clip_of(samples, rate), frontend, ...)    # from samples already decoded
     voice = instruct_voice(builtin, instruction_tokens)       # CosyVoice-300M-Instruct
     tokens = speech_tokens(source_bytes, frontend)            # a VC source clip's speech tokens
-    maker = VoiceMaker(model_dir)                             # the same on decoded samples, for an engine
+    maker = VoiceMaker(model_dir)                             # the same on decoded samples: what the engine runs
 
 A clone holds what the official frontend_zero_shot extracts from the clip: its 50 Hz speech tokens (tokenizer on
 the 16 kHz whisper log-mel), its speaker embedding (speaker encoder on the 16 kHz Kaldi fbank) for both the LLM and
