@@ -8,6 +8,7 @@ ending in NUL), so the test needs no driver and no Python package beyond the sta
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import select
@@ -354,14 +355,21 @@ def mic_browser(tmp_path_factory):
     chrome.close()
 
 
+@contextlib.contextmanager
+def served_page(browser, tmp, env):
+    """A gunicorn with ``env``, its page open in ``browser`` (the server knows the browser and its session)."""
+    with gunicorn(tmp, env) as server:
+        browser.open_page(f"http://127.0.0.1:{server.port}/")
+        server.browser, server.session = browser, browser.session
+        yield server
+
+
 @pytest.fixture(scope="module")
 def voice_page(mic_browser, cloning_model_dir, tmp_path_factory):
     """A gunicorn on the model that can make voices, with API_KEY set, and the page open in the fake-mic browser."""
     tmp = tmp_path_factory.mktemp("voices")
     env = {"MODEL_DIR": str(cloning_model_dir), "API_KEY": KEY, "MAX_TEXT_CHARS": "300"}
-    with gunicorn(tmp, env) as server:
-        mic_browser.open_page(f"http://127.0.0.1:{server.port}/")
-        server.browser, server.session = mic_browser, mic_browser.session
+    with served_page(mic_browser, tmp, env) as server:
         server.origin = f"http://127.0.0.1:{server.port}"
         yield server
 
@@ -514,9 +522,7 @@ def test_a_recorded_clip_makes_a_cross_lingual_voice_once_the_microphone_is_allo
 def instruct_page(mic_browser, tiny_model_dir, tmp_path_factory):
     """A gunicorn on the tiny model taken as CosyVoice-300M-Instruct (MODEL_KIND), the page open beside the others."""
     tmp = tmp_path_factory.mktemp("instruct")
-    with gunicorn(tmp, {"MODEL_DIR": str(tiny_model_dir), "MODEL_KIND": "instruct"}) as server:
-        mic_browser.open_page(f"http://127.0.0.1:{server.port}/")
-        server.browser, server.session = mic_browser, mic_browser.session
+    with served_page(mic_browser, tmp, {"MODEL_DIR": str(tiny_model_dir), "MODEL_KIND": "instruct"}) as server:
         yield server
 
 
@@ -545,9 +551,7 @@ def test_the_instruction_box_shows_when_the_model_takes_instructions_and_its_wor
 def base_page(mic_browser, base_model_dir, tmp_path_factory):
     """A gunicorn on a base model (no spk2info.pt: no speaker of its own), the page open beside the others."""
     tmp = tmp_path_factory.mktemp("base")
-    with gunicorn(tmp, {"MODEL_DIR": str(base_model_dir)}) as server:
-        mic_browser.open_page(f"http://127.0.0.1:{server.port}/")
-        server.browser, server.session = mic_browser, mic_browser.session
+    with served_page(mic_browser, tmp, {"MODEL_DIR": str(base_model_dir)}) as server:
         yield server
 
 
