@@ -348,17 +348,12 @@ def measure_network(args) -> dict:
     result["rss_after_runs_mb"] = _status_mb("VmRSS") - base
     result["rss_run_peak_mb"] = _status_mb("VmHWM") - base
     model.close()
-    gc.collect()
-    result["rss_closed_mb"] = _status_mb("VmRSS") - base
-    release_free_memory()
-    result["rss_closed_trimmed_mb"] = _status_mb("VmRSS") - base
-    result["other_load"] = load.share()
     del torch
-    return result
+    return closed(result, base, load)
 
 
 def measure_voice(args) -> dict:
-    """The engine's path (CosyVoiceEngine._with_voice_models): both networks opened for one voice from the clip,
+    """The engine's path (voices.clone.VoiceMaker): both networks opened for one voice from the clip,
     closed after unless kept (KEEP_VOICE_MODELS)."""
     from cosyvoice_lite.memory import configure_process, release_free_memory
 
@@ -390,6 +385,14 @@ def measure_voice(args) -> dict:
         times.append(time.perf_counter() - started)
     result["voice_kept_s"] = statistics.median(times)
     frontend.close()
+    return closed(result, base, load)
+
+
+def closed(result: dict, base: float, load) -> dict:
+    """``result`` with the RSS over ``base`` once the networks are closed (then with the heap trimmed) and the
+    others' CPU share during the measurement."""
+    from cosyvoice_lite.memory import release_free_memory
+
     gc.collect()
     result["rss_closed_mb"] = _status_mb("VmRSS") - base
     release_free_memory()
