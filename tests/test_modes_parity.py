@@ -307,18 +307,19 @@ def test_voice_maker_makes_the_voice_of_decoded_samples_and_releases_the_network
     case = CLIP_CASES[0]
     clip = load_clip(wav_bytes(CASES[case]["prompt_wav"]))
     maker = VoiceMaker(GOLDEN_MODES / "model", sample_rate=RATE)
-    voice = maker.make_voice(clip.samples[0].numpy(), clip.sample_rate, [1, 2, 3], name="mine", voice_id="voice_x")
+    decoded = clip_of(clip.samples[0].numpy(), clip.sample_rate)
+    voice = maker.make_voice(decoded, [1, 2, 3], name="mine", voice_id="voice_x")
     assert (voice.id, voice.name, voice.kind, voice.prompt_text.tolist()) == ("voice_x", "mine", CLONED, [1, 2, 3])
     assert max_abs(torch.from_numpy(voice.prompt_mel[None]), array(case, "prompt_speech_feat")) <= FEATURE_TOL
     assert not maker.frontend.tokenizer.loaded and not maker.frontend.speaker_encoder.loaded
-    tokens = maker.source_tokens(clip.samples[0].numpy(), clip.sample_rate)
+    tokens = maker.source_tokens(decoded)
     assert tokens.tolist() == voice.prompt_speech.tolist() and not maker.frontend.tokenizer.loaded
 
 
 def test_voice_maker_keeps_the_networks_when_asked():
     clip = load_clip(wav_bytes(CASES[CLIP_CASES[0]]["prompt_wav"]))
     maker = VoiceMaker(GOLDEN_MODES / "model", keep_loaded=True)
-    maker.source_tokens(clip.samples[0].numpy(), clip.sample_rate)
+    maker.source_tokens(clip)
     assert maker.frontend.tokenizer.loaded
     maker.close()
     assert not maker.frontend.tokenizer.loaded

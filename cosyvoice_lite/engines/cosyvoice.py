@@ -19,7 +19,7 @@ from ..model import ModelLoadError, load_model
 from ..model.fingerprint import model_fingerprint
 from ..model.modes import mode_settings
 from ..frontend.onnx_models import SPEAKER_ENCODER_FILE, TOKENIZER_FILE
-from ..frontend.prompt_audio import PromptAudioError, clip_of
+from ..frontend.prompt_audio import Clip, PromptAudioError, clip_of
 from ..voices import Voice, builtin_voices
 from ..voices.clone import VoiceMaker, instruct_voice, with_end_marker
 from .base import OUTPUT_RATE, SEGMENT_END, Engine, Offers, Plan, Segment, SynthesisError
@@ -194,8 +194,8 @@ class CosyVoiceEngine(Engine):
     def make_voice(self, samples, rate, transcript, name, voice_id):
         self.prepare()
         tokens = self.frontend.tokenize(self.frontend.normalize(transcript)) if transcript else []
-        self._checked(samples, rate)
-        return self.scheduler.call(lambda: self._voice_maker.make_voice(samples, rate, tokens, name=name or voice_id,
+        clip = self._checked(samples, rate)
+        return self.scheduler.call(lambda: self._voice_maker.make_voice(clip, tokens, name=name or voice_id,
                                                                        voice_id=voice_id))
 
     def instructed(self, voice, instructions):
@@ -204,15 +204,15 @@ class CosyVoiceEngine(Engine):
 
     def convert(self, samples, rate, voice, cancel=None, seed=None):
         self.prepare()
-        self._checked(samples, rate)
-        tokens = self.scheduler.call(lambda: self._voice_maker.source_tokens(samples, rate))
+        clip = self._checked(samples, rate)
+        tokens = self.scheduler.call(lambda: self._voice_maker.source_tokens(clip))
         chunks = self.scheduler.submit_conversion(tokens, voice, cancel=cancel, seed=seed, segment_ends=True)
         yield from self._resampled(chunks)
 
     @staticmethod
-    def _checked(samples, rate) -> None:
+    def _checked(samples, rate) -> Clip:
         try:
-            clip_of(samples, rate)
+            return clip_of(samples, rate)
         except PromptAudioError as e:
             raise ValueError(str(e)) from None
 

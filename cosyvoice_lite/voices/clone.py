@@ -6,7 +6,7 @@
     voice = clone_voice(clip_of(samples, rate), frontend, ...)    # from samples already decoded
     voice = instruct_voice(builtin, instruction_tokens)       # CosyVoice-300M-Instruct
     tokens = speech_tokens(source_bytes, frontend)            # a VC source clip's speech tokens
-    maker = VoiceMaker(model_dir)                             # the same on decoded samples: what the engine runs
+    maker = VoiceMaker(model_dir)                             # the same on a checked Clip: what the engine runs
 
 A clone holds what the official frontend_zero_shot extracts from the clip: its 50 Hz speech tokens (tokenizer on
 the 16 kHz whisper log-mel), its speaker embedding (speaker encoder on the 16 kHz Kaldi fbank) for both the LLM and
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..frontend.prompt_audio import Clip, clip_of, load_clip, prompt_mel, speaker_fbank, whisper_log_mel
+from ..frontend.prompt_audio import Clip, load_clip, prompt_mel, speaker_fbank, whisper_log_mel
 from .voice import CLONED, Voice
 
 # CosyVoice-300M-Instruct was trained with instructions ending in this literal text (not a special token).
@@ -79,8 +79,8 @@ def instruct_voice(voice: Voice, instruction_tokens) -> Voice:
 
 
 class VoiceMaker:
-    """What an engine needs to make voices and convert clips, on samples already decoded (mono float32 at their
-    rate, as voices.clip.read_clip returns them). The two ONNX networks of ``model_dir`` are opened for each call
+    """What an engine needs to make voices and convert clips, on clips already decoded and checked (prompt_audio.
+    clip_of on the samples voices.clip.read_clip returns). The two ONNX networks of ``model_dir`` are opened for each call
     and released after it, unless ``keep_loaded`` (faster for the next voice, at the cost of holding them).
     Run the calls on the thread that runs torch (Scheduler.call): they use torch and onnxruntime threads."""
 
@@ -96,19 +96,20 @@ class VoiceMaker:
         """Whether the model directory has the speech tokenizer and the speaker encoder."""
         return self.frontend.available
 
-    def make_voice(self, samples, rate: int, transcript_tokens=(), name: str | None = None,
+    def make_voice(self, clip: Clip, transcript_tokens=(), name: str | None = None,
                    voice_id: str | None = None, language: str = "und") -> Voice:
-        """A cloned Voice (zero-shot with transcript tokens, cross-lingual without) from a decoded clip."""
+        """A cloned Voice (zero-shot with transcript tokens, cross-lingual without) from a decoded, checked clip
+        (prompt_audio.clip_of)."""
         try:
-            return clone_voice(clip_of(samples, rate), self.frontend, transcript_tokens, voice_id=voice_id,
-                               name=name, language=language, sample_rate=self.sample_rate)
+            return clone_voice(clip, self.frontend, transcript_tokens, voice_id=voice_id, name=name,
+                               language=language, sample_rate=self.sample_rate)
         finally:
             self._done()
 
-    def source_tokens(self, samples, rate: int) -> np.ndarray:
-        """(N,) int32 speech tokens of a decoded source clip, for Scheduler.submit_conversion."""
+    def source_tokens(self, clip: Clip) -> np.ndarray:
+        """(N,) int32 speech tokens of a decoded, checked source clip, for Scheduler.submit_conversion."""
         try:
-            return speech_tokens(clip_of(samples, rate), self.frontend)
+            return speech_tokens(clip, self.frontend)
         finally:
             self._done()
 
