@@ -46,15 +46,17 @@ class Sequence:
 
 
 class PositionTable:
-    """Per LM layer: linear_pos(encoding of relative position r) for r = R-1, ..., 1, 0 (descending), (H, d_k, R).
+    """Per LM layer: linear_pos(encoding of relative position r) for r = R-1, ..., 1, 0 (descending), (H, R, d_k).
 
     Descending order makes the rows for a query at position n-1 a plain slice: key j meets relative position
-    n-1-j, i.e. the last n rows. R grows in blocks as sequences get longer, for all layers at once (they are
-    always asked for the same lengths), so a step checks the size once instead of once per layer. The tables of all
-    layers are views of one block: large enough to be a mapping of its own (memory.map_large_blocks), so the block a
-    growth replaces goes back to the OS at once instead of staying in the heap as garbage. It shrinks again
-    when the sequences in progress need less than half of it (a long request would otherwise leave a table as
-    large as its keys and values for the worker's life); shrinking is a copy of the rows kept, not a projection.
+    n-1-j, i.e. the last n rows; with r before d_k, that slice is per head a block of whole rows, which a batched
+    matmul reads in place (transposed, like the keys). R grows in blocks as sequences get longer, for all layers at
+    once (they are always asked for the same lengths), so a step checks the size once instead of once per layer.
+    The tables of all layers are views of one block: large enough to be a mapping of its own
+    (memory.map_large_blocks), so the block a growth replaces goes back to the OS at once instead of staying in
+    the heap as garbage. It shrinks again when the sequences in progress need less than half of it (a long request
+    would otherwise leave a table as large as its keys and values for the worker's life); shrinking is a copy of
+    the rows kept, not a projection.
     """
 
     BLOCK = 128
@@ -69,14 +71,14 @@ class PositionTable:
         return self._held[0]
 
     def reserve(self, n: int) -> List[Tensor]:
-        """The tables of all layers, each (H, d_k, R) with R >= n."""
+        """The tables of all layers, each (H, R, d_k) with R >= n."""
         held, tables = self._held
         size = -(-n // self.BLOCK) * self.BLOCK
         if held < n:
             pe = self.encoder.pos_enc.rows(size - 1, 0, torch.empty(0))[0]  # (size, D), r descending
             layers = self.encoder.encoders
             attn = layers[0].self_attn
-            block = pe.new_empty(len(layers), attn.h, attn.d_k, size)
+            block = pe.new_empty(len(layers), attn.h, size, attn.d_k)
             for layer, table in zip(layers, block):
                 self._project(layer.self_attn, pe, out=table)
             tables = list(block.unbind(0))
@@ -91,13 +93,13 @@ class PositionTable:
         size = self.KEEP if size is None else size
         held, tables = self._held
         if held > size:
-            tables = list(torch.stack([t[:, :, t.size(2) - size:] for t in tables]).unbind(0))
+            tables = list(torch.stack([t[:, t.size(1) - size:] for t in tables]).unbind(0))
             self._held = (size, tables)
         return tables
 
     @staticmethod
     def _project(attn, pe: Tensor, out: Tensor) -> None:
-        out.copy_(attn.linear_pos(pe).view(pe.size(0), attn.h, attn.d_k).permute(1, 2, 0))
+        out.copy_(attn.linear_pos(pe).view(pe.size(0), attn.h, attn.d_k).transpose(0, 1))
 
 
 class LMDecoder:
@@ -305,12 +307,16 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
     int8 linears with ReLU, written for TorchScript; x (B, D) -> (B, D). Per layer i: norms[4i:4i+4] = norm1 w, b,
     norm2 w, b; packs[4i:4i+4] = qkv, out, w_1, w_2; biases[2i:2i+2] = pos_bias_u, pos_bias_v (H, 1, d_k);
     views[i] = per sequence its kv (see _KVSlots), where its new key and value go at index lengths[b]; tables[i]
-    = that layer's PositionTable (H, d_k, R).
+    = that layer's PositionTable (H, R, d_k).
 
     The maths of transformer.TransformerEncoderLayer with a cache, kept as a second copy for speed: stepping each
     sequence through the modules costs ~1.4x per token alone and ~4x for four sequences (full-size LM, int8).
     Scores are scaled inside baddbmm, so the rounding differs from the module's (exact mode runs the module)."""
     B, D = x.size(0), heads * d_k
+    # float16 keys, then values, are converted into one float32 buffer shared by all layers and sequences: it stays
+    # in cache between its write and its read, where a fresh copy per tensor costs an allocation and memory traffic.
+    scratch = x.new_empty(heads, max(lengths) + 1, d_k)
+    attended = x.new_empty(B, heads, 1, d_k)
     for i in range(len(tables)):
         h = torch.layer_norm(x, [D], norms[4 * i], norms[4 * i + 1], eps)
         qkv = torch.ops.quantized.linear_dynamic(h, packs[4 * i], True)  # (B, 3D)
@@ -318,17 +324,22 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
         q_u, q_v = q + biases[2 * i], q + biases[2 * i + 1]
         new = qkv.narrow(1, D, 2 * D).view(B, 2, heads, d_k)
         table = tables[i]
-        R = table.size(2)
-        outs: List[Tensor] = []
+        R = table.size(1)
         for b in range(B):
             n = lengths[b]
             kv = views[i][b]
             kv.select(2, n).copy_(new[b])
-            pos = table.narrow(2, R - n - 1, n + 1)
-            keys_t = kv[0].narrow(1, 0, n + 1).float().transpose(1, 2)
-            scores = torch.baddbmm(torch.bmm(q_v[b], pos), q_u[b], keys_t, beta=scale, alpha=scale)
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1), kv[1].narrow(1, 0, n + 1).float()))
-        attended = outs[0] if B == 1 else torch.stack(outs)
+            keys, values = kv[0].narrow(1, 0, n + 1), kv[1].narrow(1, 0, n + 1)
+            converted = keys.dtype != torch.float32
+            # (H, 1, d_k) @ (H, d_k, n+1): the transposed rows of the table and keys are read in place
+            scores = torch.bmm(q_v[b], table.narrow(1, R - n - 1, n + 1).transpose(1, 2))
+            if converted:
+                keys = scratch.narrow(1, 0, n + 1).copy_(keys)
+            scores = torch.baddbmm(scores, q_u[b], keys.transpose(1, 2), beta=scale, alpha=scale)
+            weights = torch.softmax(scores, dim=-1)
+            if converted:
+                values = scratch.narrow(1, 0, n + 1).copy_(values)
+            torch.bmm(weights, values, out=attended[b])
         x = x + torch.ops.quantized.linear_dynamic(attended.view(B, D), packs[4 * i + 1], True)
         h = torch.layer_norm(x, [D], norms[4 * i + 2], norms[4 * i + 3], eps)
         h = torch.ops.quantized.linear_relu_dynamic(h, packs[4 * i + 2], True)
