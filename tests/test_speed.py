@@ -3,6 +3,7 @@
 Speed itself is never asserted here (scripts/bench.py measures it); these tests pin down behaviour and quality.
 """
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -492,6 +493,9 @@ def test_requests_a_few_tokens_apart_share_their_flow_passes(default):
         if event == "llm" and len(events) == 3:  # the first request has 3 tokens: the second one arrives
             threads.append(threading.Thread(target=run, args=("late",)))
             threads[-1].start()
+            deadline = time.monotonic() + 30  # queued before the next step (on a busy machine a thread starts late)
+            while s.busy < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
 
     s.trace = trace
     try:
