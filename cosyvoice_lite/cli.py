@@ -42,8 +42,8 @@ def say(args: argparse.Namespace) -> int:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
     if voice is None:
-        known = f"known: {service.voices.names_listing()}" if service.voices.voices else service.without_speakers()
-        print(f"error: unknown speaker {args.speaker!r}; {known}", file=sys.stderr)
+        print(f"error: unknown speaker {args.speaker!r}; {service.voice_choices(saved=service.store is not None)}",
+              file=sys.stderr)
         return 2
     if args.format not in audio.FORMATS:
         print(f"error: unknown format {args.format!r}; choose one of {', '.join(audio.FORMATS)}", file=sys.stderr)

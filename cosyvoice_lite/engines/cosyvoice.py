@@ -120,7 +120,7 @@ class CosyVoiceEngine(Engine):
 
     def warmup_voice(self) -> Voice:
         if self._voices:
-            return self._voices[0]
+            return super().warmup_voice()
         # no speaker of its own (the base model): a neutral voice (zero embedding) runs the same networks as any
         zeros = np.zeros((1, self.model.flow.spk_embed_affine_layer.in_features), dtype=np.float32)
         return Voice("warm-up", "warm-up", llm_embedding=zeros, flow_embedding=zeros)

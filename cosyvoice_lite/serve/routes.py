@@ -191,9 +191,8 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
         except ServiceError as e:
             raise api_error(e) from None
         if voice is None:
-            choose = f"choose one of: {voices.names_listing()} or a saved voice's id" if voices.voices \
-                else service.without_speakers()
-            raise ApiError(400, f"unknown voice {name[:80]!r}; {choose}", code="unknown_speaker", param="voice")
+            raise ApiError(400, f"unknown voice {name[:80]!r}; {service.voice_choices(saved=True)}",
+                           code="unknown_speaker", param="voice")
         fmt = fields.get("format") or fields.get("response_format") or "wav"
         if fmt not in audio.FORMATS:
             raise ApiError(400, f"'format' must be one of {', '.join(audio.FORMATS)}", code="invalid_format",

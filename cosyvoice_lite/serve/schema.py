@@ -240,11 +240,8 @@ def _voice(name: str | None, key: str, service, mapped: bool):
 
 
 def _unknown_speaker(key: str, problem: str, service, mapped: bool) -> ApiError:
-    voices = service.voices
-    listing = ", ".join([voices.names_listing()] + (list(voices.mapped) if mapped else []))
-    choose = f"choose one of: {listing}" if voices.voices else service.without_speakers()
-    return ApiError(400, f"{problem}; {choose}", code="unknown_speaker", param=key,
-                    valid_speakers=[{"id": v.id, "alias": v.name} for v in voices.voices])
+    return ApiError(400, f"{problem}; {service.voice_choices(mapped=mapped)}", code="unknown_speaker", param=key,
+                    valid_speakers=[{"id": v.id, "alias": v.name} for v in service.voices.voices])
 
 
 def _readable(text: str, key: str, service) -> None:

@@ -65,6 +65,14 @@ class SynthesisService:
         return (f"this model ({self.engine.model_id}) has no built-in speakers: make a voice from a reference clip "
                 "with POST /v1/audio/voices and name its id")
 
+    def voice_choices(self, mapped: bool = False, saved: bool = False) -> str:
+        """The end of a refusal of an unknown voice: the names a request may use (with the OpenAI names when
+        ``mapped``, and a saved voice's id when ``saved``), or how to make a voice on a model without speakers."""
+        if not self.voices.voices:
+            return self.without_speakers()
+        listing = ", ".join([self.voices.names_listing()] + (list(self.voices.mapped) if mapped else []))
+        return f"choose one of: {listing}" + (" or a saved voice's id" if saved else "")
+
     def find_voice(self, name: str, mapped: bool = True) -> Voice | None:
         """A voice by id or name: the engine's own, an OpenAI name (``mapped``), or a saved voice."""
         voice = self.voices.find(name, mapped=mapped)

@@ -252,8 +252,8 @@ class Connection:
         if not names and isinstance(language, str):
             base = language.replace("_", "-").split("-")[0].lower()
             return next((v for v in voices.voices if v.language == base), None) or self.service.default_voice("voice")
-        choose = f"choose one of: {voices.names_listing()}" if voices.voices else self.service.without_speakers()
-        raise Refused("unknown_voice", f"unknown voice {str(names[0] if names else wanted)[:80]!r}; {choose}")
+        raise Refused("unknown_voice",
+                      f"unknown voice {str(names[0] if names else wanted)[:80]!r}; {self.service.voice_choices()}")
 
     def _text(self, text) -> str:
         """The checks HTTP makes of a text (serve/schema.py), in Wyoming's words."""
