@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 
 
@@ -41,6 +42,37 @@ def release_free_memory() -> None:
     costs a few milliseconds."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def _madvise(start: int, end: int, advice: int) -> None:
+    """madvise() the whole pages between two addresses (a no-op where the advice does not exist)."""
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice)
+
+
+def lazy_empty(shape, dtype):
+    """An uninitialised tensor whose memory becomes resident only where it is written. Why: room reserved for data
+    that grows (a sequence's keys and values) then costs what is filled, and growing needs no copy, which for a
+    moment held the data twice. Large blocks are mappings of their own (map_large_blocks), whose untouched pages
+    are not resident; transparent huge pages are refused for them, since one written row would make 2 MB
+    resident."""
+    import torch
+
+    tensor = torch.empty(shape, dtype=dtype)
+    size = tensor.numel() * tensor.element_size()
+    if hasattr(mmap, "MADV_NOHUGEPAGE") and size >= LARGE_BLOCK:  # smaller ones share the heap's pages
+        _madvise(tensor.data_ptr(), tensor.data_ptr() + size, mmap.MADV_NOHUGEPAGE)
+    return tensor
+
+
+def discard(tensor) -> None:
+    """Give back the whole pages inside a contiguous tensor's memory, whose values are no longer needed: they read
+    as zeros when next touched."""
+    if hasattr(mmap, "MADV_DONTNEED") and tensor.numel():
+        assert tensor.is_contiguous()
+        _madvise(tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size(), mmap.MADV_DONTNEED)
 
 
 _OMP_PAUSE = None  # omp_pause_resource_all of the OpenMP runtime torch loaded (looked up once), False: none

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from torch import Tensor, nn
 
+from ..memory import discard, lazy_empty
 from ..model.layers import Int8Linear
 from ..model.transformer import KVCache
 
@@ -46,17 +47,17 @@ class Sequence:
 
 
 class PositionTable:
-    """Per LM layer: linear_pos(encoding of relative position r) for r = R-1, ..., 1, 0 (descending), (H, R, d_k).
+    """Per LM layer: linear_pos(encoding of relative position r) for r = C-1, ..., 1, 0 (descending), (H, C, d_k).
 
     Descending order makes the rows for a query at position n-1 a plain slice: key j meets relative position
     n-1-j, i.e. the last n rows; with r before d_k, that slice is per head a block of whole rows, which a batched
-    matmul reads in place (transposed, like the keys). R grows in blocks as sequences get longer, for all layers at
-    once (they are always asked for the same lengths), so a step checks the size once instead of once per layer.
-    The tables of all layers are views of one block: large enough to be a mapping of its own
-    (memory.map_large_blocks), so the block a growth replaces goes back to the OS at once instead of staying in
-    the heap as garbage. It shrinks again when the sequences in progress need less than half of it (a long request
-    would otherwise leave a table as large as its keys and values for the worker's life); shrinking is a copy of
-    the rows kept, not a projection.
+    matmul reads in place (transposed, like the keys). The tables of all layers are views of one block with room
+    for the C rows the sequences in progress may reach, reserved unwritten (memory.lazy_empty): rows are projected
+    in blocks as the sequences get longer, for all layers at once (they are always asked for the same lengths),
+    filling each table from its end. So its resident memory follows the longest sequence, and growing copies
+    nothing (a new block, only when a sequence may reach past C). When the sequences in progress need less than
+    half of the rows filled, and when the decoder is idle, the rows past KEEP are given back (their pages
+    discarded): a long request would otherwise leave a table as large as its keys and values for the worker's life.
     """
 
     BLOCK = 128
@@ -64,26 +65,24 @@ class PositionTable:
 
     def __init__(self, encoder):
         self.encoder = encoder
-        self._held = (0, [])  # (R, tables): one attribute, so that a shrink from another thread is never seen half
+        self._held = (0, [])  # (rows filled, tables): one attribute, so that a shrink is never seen half
 
     @property
     def size(self) -> int:
+        """Rows filled: relative positions size-1 .. 0."""
         return self._held[0]
 
-    def reserve(self, n: int) -> List[Tensor]:
-        """The tables of all layers, each (H, R, d_k) with R >= n."""
-        held, tables = self._held
-        size = -(-n // self.BLOCK) * self.BLOCK
-        if held < n:
-            pe = self.encoder.pos_enc.rows(size - 1, 0, torch.empty(0))[0]  # (size, D), r descending
-            layers = self.encoder.encoders
-            attn = layers[0].self_attn
-            block = pe.new_empty(len(layers), attn.h, size, attn.d_k)
-            for layer, table in zip(layers, block):
-                self._project(layer.self_attn, pe, out=table)
-            tables = list(block.unbind(0))
+    def reserve(self, n: int, room: int = 0) -> List[Tensor]:
+        """The tables of all layers, each (H, C, d_k) with its last n or more rows filled; C >= ``room`` when a new
+        block is made (the rows the sequences in progress may reach)."""
+        filled, tables = self._held
+        size = self._blocks(n)
+        if filled < n:
+            if not tables or size > tables[0].size(1):
+                tables = self._allocate(max(size, self._blocks(room)), tables, filled)
+            self._fill(tables, filled, size)
             self._held = (size, tables)
-        elif held > max(2 * size, self.KEEP):
+        elif filled > max(2 * size, self.KEEP):
             tables = self.shrink(max(size, self.KEEP))
         return tables
 
@@ -91,11 +90,31 @@ class PositionTable:
         """Keep the rows of relative positions size-1 .. 0 only (default: KEEP), the last rows of each table;
         returns the tables held afterwards."""
         size = self.KEEP if size is None else size
-        held, tables = self._held
-        if held > size:
-            tables = list(torch.stack([t[:, t.size(1) - size:] for t in tables]).unbind(0))
+        filled, tables = self._held
+        if filled > size:
             self._held = (size, tables)
+            for table in tables:
+                for head in table:  # (C, d_k): the rows before the last `size` are no longer filled
+                    discard(head[:head.size(0) - size])
         return tables
+
+    def _blocks(self, n: int) -> int:
+        return -(-n // self.BLOCK) * self.BLOCK
+
+    def _allocate(self, capacity: int, old: List[Tensor], filled: int) -> List[Tensor]:
+        attn = self.encoder.encoders[0].self_attn
+        block = lazy_empty((len(self.encoder.encoders), attn.h, capacity, attn.d_k), torch.float32)
+        tables = list(block.unbind(0))
+        for table, previous in zip(tables, old):
+            table[:, capacity - filled:] = previous[:, previous.size(1) - filled:]
+        return tables
+
+    def _fill(self, tables: List[Tensor], filled: int, size: int) -> None:
+        """Project the rows of relative positions size-1 .. filled, stored before the rows already filled."""
+        pe = self.encoder.pos_enc.rows(size - 1, filled, torch.empty(0))[0]  # (size - filled, D), r descending
+        capacity = tables[0].size(1)
+        for layer, table in zip(self.encoder.encoders, tables):
+            self._project(layer.self_attn, pe, out=table[:, capacity - size:capacity - filled])
 
     @staticmethod
     def _project(attn, pe: Tensor, out: Tensor) -> None:
@@ -231,8 +250,9 @@ class LMDecoder:
         """
         enc = self.llm.llm
         slots = [_KVSlots.of(s, self.kv_dtype) for s in seqs]
-        lengths = [slot.reserve() for slot in slots]  # cached frames per sequence (the new one goes at index n)
-        tables = self.positions.reserve(max(lengths) + 1)
+        # cached frames per sequence (the new one goes at index n); a sequence adds at most max_len - steps + 1
+        lengths = [slot.reserve(s.max_len - s.steps + 1) for slot, s in zip(slots, seqs)]
+        tables = self.positions.reserve(max(lengths) + 1, room=max(slot.capacity for slot in slots))
         tokens = torch.tensor([s.decoded[-1] for s in seqs])
         x = enc.embed(self.llm.speech_embedding(tokens)) * enc.pos_enc.xscale  # (B, D)
         x = self._stack(x, [[slot.views[i] for slot in slots] for i in range(len(tables))], tables, lengths)
@@ -248,12 +268,14 @@ class _KVSlots:
     values are most of a worker's serving memory beyond the weights); attention reads them back as float32.
 
     One buffer per layer lets a step store a frame's key and value with a single copy, and the per-layer views are
-    made when the buffers are (re)allocated, not at every step. Capacity grows in blocks of 32 frames: a growth
-    copies the cache (~3 ms for a few hundred frames, a fraction of a step per token), and the room held unused
-    (up to a block per sequence and layer) is what several long sequences would otherwise add to a worker's peak.
+    made when the buffers are (re)allocated, not at every step. The buffers have room for every frame the
+    sequence may still add (at most AHEAD), reserved unwritten when its first batched step meets it
+    (memory.lazy_empty): its memory grows with the frames written, and the cache is never copied to grow, which
+    held it twice for a moment (four long sequences growing at once added their caches again to a worker's peak).
     """
 
     BLOCK = 32
+    AHEAD = 4096  # most frames reserved past the cached ones (a check may decode without a length limit)
 
     def __init__(self, cache: KVCache, dtype: torch.dtype):
         self.cache = cache
@@ -268,13 +290,13 @@ class _KVSlots:
             s.slots = _KVSlots(s.cache, dtype)
         return s.slots
 
-    def reserve(self) -> int:
-        """Number of cached frames n; makes room for one more. Reallocates when full, or when the cache's
-        buffers are no longer ours (written by another path since)."""
+    def reserve(self, ahead: int = 1) -> int:
+        """Number of cached frames n; makes room for one more. Reallocates, with room for n + ``ahead`` frames,
+        when full, or when the cache's buffers are no longer ours (written by another path since)."""
         layers = self.cache.layers
         n = layers[0].length
         if n >= self.capacity or layers[0].k is not self.first_k:
-            self.capacity = (n // self.BLOCK + 1) * self.BLOCK
+            self.capacity = ((n + max(1, min(ahead, self.AHEAD)) - 1) // self.BLOCK + 1) * self.BLOCK
             self.views = self._reallocate(layers, self.capacity, self.dtype)
             self.first_k = layers[0].k
         return n
@@ -290,7 +312,7 @@ class _KVSlots:
         (memory.map_large_blocks): the block it replaces is unmapped when freed, where per-layer buffers would stay
         in the heap as freed garbage (four sequences growing at once left ~100 MB of it until the next trim)."""
         n, (_, H, _, d_k) = layers[0].length, layers[0].k.shape
-        block = layers[0].k.new_empty(len(layers), 2, 1, H, capacity, d_k, dtype=dtype)
+        block = lazy_empty((len(layers), 2, 1, H, capacity, d_k), dtype)
         views = []
         for layer, kv in zip(layers, block):
             kv[0, :, :, :n] = layer.k[:, :, :n]
@@ -315,7 +337,8 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
     B, D = x.size(0), heads * d_k
     # float16 keys, then values, are converted into one float32 buffer shared by all layers and sequences: it stays
     # in cache between its write and its read, where a fresh copy per tensor costs an allocation and memory traffic.
-    scratch = x.new_empty(heads, max(lengths) + 1, d_k)
+    # (empty when the cache is float32: nothing to convert)
+    scratch = x.new_empty(heads, max(lengths) + 1 if views[0][0].dtype != torch.float32 else 0, d_k)
     attended = x.new_empty(B, heads, 1, d_k)
     for i in range(len(tables)):
         h = torch.layer_norm(x, [D], norms[4 * i], norms[4 * i + 1], eps)
