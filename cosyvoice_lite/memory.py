@@ -44,12 +44,18 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _madvise(start: int, end: int, advice: int) -> None:
-    """madvise() the whole pages between two addresses (a no-op where the advice does not exist)."""
+_LIBC = None
+
+
+def advise_pages(start: int, end: int, advice: int) -> None:
+    """madvise(advice) the whole pages between two addresses (the pages partly outside are left alone)."""
+    global _LIBC
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page
     if last > first:
-        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice)
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice)
 
 
 def lazy_empty(shape, dtype):
@@ -63,7 +69,7 @@ def lazy_empty(shape, dtype):
     tensor = torch.empty(shape, dtype=dtype)
     size = tensor.numel() * tensor.element_size()
     if hasattr(mmap, "MADV_NOHUGEPAGE") and size >= LARGE_BLOCK:  # smaller ones share the heap's pages
-        _madvise(tensor.data_ptr(), tensor.data_ptr() + size, mmap.MADV_NOHUGEPAGE)
+        advise_pages(tensor.data_ptr(), tensor.data_ptr() + size, mmap.MADV_NOHUGEPAGE)
     return tensor
 
 
@@ -72,7 +78,7 @@ def discard(tensor) -> None:
     as zeros when next touched."""
     if hasattr(mmap, "MADV_DONTNEED") and tensor.numel():
         assert tensor.is_contiguous()
-        _madvise(tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size(), mmap.MADV_DONTNEED)
+        advise_pages(tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size(), mmap.MADV_DONTNEED)
 
 
 _OMP_PAUSE = None  # omp_pause_resource_all of the OpenMP runtime torch loaded (looked up once), False: none

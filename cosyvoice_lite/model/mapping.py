@@ -5,10 +5,11 @@ the mapped pages of each weight once its converted copy exists.
 """
 from __future__ import annotations
 
-import ctypes
 import mmap as _mmap
 
 import torch
+
+from ..memory import advise_pages
 
 _MAPPED: list = []  # (start, end) address ranges of private read-only checkpoint mappings
 
@@ -71,13 +72,8 @@ def release_pages(tensor: torch.Tensor) -> None:
 def drop_pages(start: int, end: int) -> None:
     """madvise(MADV_DONTNEED) the whole pages between two addresses of a read-only file mapping: the process
     stops holding them; a later read faults them in from the file."""
-    if not hasattr(_mmap, "MADV_DONTNEED"):
-        return
-    page = _mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page
-    if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _mmap.MADV_DONTNEED)
+    if hasattr(_mmap, "MADV_DONTNEED"):
+        advise_pages(start, end, _mmap.MADV_DONTNEED)
 
 
 def file_mappings():
