@@ -338,7 +338,8 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
     # float16 keys, then values, are converted into one float32 buffer shared by all layers and sequences: it stays
     # in cache between its write and its read, where a fresh copy per tensor costs an allocation and memory traffic.
     # (empty when the cache is float32: nothing to convert)
-    scratch = x.new_empty(heads, max(lengths) + 1 if views[0][0].dtype != torch.float32 else 0, d_k)
+    converted = views[0][0].dtype != torch.float32
+    scratch = x.new_empty(heads, max(lengths) + 1 if converted else 0, d_k)
     attended = x.new_empty(B, heads, 1, d_k)
     for i in range(len(tables)):
         h = torch.layer_norm(x, [D], norms[4 * i], norms[4 * i + 1], eps)
@@ -353,7 +354,6 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
             kv = views[i][b]
             kv.select(2, n).copy_(new[b])
             keys, values = kv[0].narrow(1, 0, n + 1), kv[1].narrow(1, 0, n + 1)
-            converted = keys.dtype != torch.float32
             # (H, 1, d_k) @ (H, d_k, n+1): the transposed rows of the table and keys are read in place
             scores = torch.bmm(q_v[b], table.narrow(1, R - n - 1, n + 1).transpose(1, 2))
             if converted:
