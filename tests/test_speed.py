@@ -16,7 +16,7 @@ from cosyvoice_lite.model import load_model
 from cosyvoice_lite.cancel import Cancelled
 from cosyvoice_lite.decode.lm_decoder import LMDecoder
 from cosyvoice_lite.decode.reference import generate
-from cosyvoice_lite.decode.scheduler import Scheduler
+from cosyvoice_lite.decode.scheduler import GROWTH_BOUNDS, GROWTH_MARGIN, Scheduler
 from cosyvoice_lite.model.config import read_config
 from cosyvoice_lite.model.layers import FileEmbedding, Fp16Linear, Int8Linear
 from cosyvoice_lite.model.loader import build_networks, load_state
@@ -326,6 +326,37 @@ def test_stream_hops_and_chunk_lengths(exact):
     assert abs(sum(lengths) - whole) <= 4 * frame  # chunking rounds frame counts per chunk
 
 
+def test_grown_hops_rise_by_the_factor_from_the_first_up_to_the_longest(exact):
+    stream = TokenStream(exact, voice_of(exact, next(iter(exact.speakers))), first_hop=30, hop_growth=1.5,
+                         generator=torch.Generator().manual_seed(0))
+    hops = []
+    for token in torch.randint(0, 4096, (700,), generator=torch.Generator().manual_seed(1)).tolist():
+        stream.push(token)
+        if stream.ready():
+            hops.append(stream.hop)
+            stream.chunk()
+    assert hops == [30, 45, 68, 102, 153, 200]
+
+
+def test_grown_hops_leave_room_for_the_official_joins_after_a_short_first_one(exact):
+    stream = TokenStream(exact, voice_of(exact, next(iter(exact.speakers))), first_hop=1, first_overlap=10,
+                         first_cache=10, hop_growth=1.5, generator=torch.Generator().manual_seed(0))
+    vocoded = lambda hop: exact.flow.n_frames(hop + TOKEN_OVERLAP) - exact.flow.n_frames(TOKEN_OVERLAP)  # noqa: E731
+    first = stream.hop
+    for token in torch.randint(0, 4096, (first + 10,), generator=torch.Generator().manual_seed(1)).tolist():
+        stream.push(token)
+    stream.chunk()
+    # 1.5 times the first hop would leave HiFT fewer frames than the two caches of the official joins need:
+    # the next hop is the smallest that leaves enough
+    assert vocoded(round(1.5 * first)) < 2 * HIFT_CACHE_FRAMES
+    assert vocoded(stream.hop) >= 2 * HIFT_CACHE_FRAMES > vocoded(stream.hop - 1)
+
+
+def test_hop_growth_must_be_above_one(exact):
+    with pytest.raises(ValueError, match="above 1"):
+        TokenStream(exact, voice_of(exact, next(iter(exact.speakers))), hop_growth=1.0)
+
+
 def test_shorter_first_join_gives_a_smaller_first_chunk_then_official_joins(exact):
     speaker = next(iter(exact.speakers))
     stream = TokenStream(exact, voice_of(exact, speaker), first_hop=1, first_overlap=10, first_cache=10,
@@ -521,3 +552,57 @@ def test_default_mode_keeps_half_the_key_value_bytes_of_exact_mode(exact, defaul
         return sum(t.element_size() * t[0, :, 0].numel() for layer in layers for t in (layer.k, layer.v))
 
     assert bytes_per_frame(default) * 2 == bytes_per_frame(exact)
+
+
+
+def _second_chunk_frames(model, scheduler, **request):
+    """Mel frames of a streamed request's second chunk (first hop 20; 180 tokens)."""
+    chunks = list(scheduler.submit(_segments(model)[:1], voice_of(model, next(iter(model.speakers))),
+                                   min_token_text_ratio=15, max_token_text_ratio=15, **request))
+    return chunks[1].size // model.samples_per_frame
+
+
+def _frames_of_hop(model, hop):
+    """Mel frames a non-final chunk of `hop` tokens brings after the first (official joins at both ends)."""
+    return model.flow.n_frames(hop + TOKEN_OVERLAP) - model.flow.n_frames(TOKEN_OVERLAP)
+
+
+def test_an_unseeded_stream_grows_its_hops_while_the_scheduler_keeps_up(default):
+    voice = voice_of(default, next(iter(default.speakers)))
+    first = TokenStream(default, voice, first_hop=20).hop
+    s = Scheduler(default, first_hop=20)
+    try:
+        assert s.realtime_factor is None
+        list(s.submit(_segments(default)[:1], voice, seed=0))
+        # the tiny model makes audio many times faster than it plays: the hops grow by the largest factor
+        low, high = GROWTH_BOUNDS
+        assert s.keeps_up() and GROWTH_MARGIN / s.realtime_factor > high
+        assert _second_chunk_frames(default, s) == _frames_of_hop(default, round(high * first))
+        # a seed keeps the official schedule
+        assert _second_chunk_frames(default, s, seed=4) == _frames_of_hop(default, 100)
+    finally:
+        s.close()
+
+
+def test_an_unseeded_stream_keeps_the_official_hops_when_the_scheduler_falls_behind(default):
+    s = Scheduler(default, first_hop=20)
+    step, slow = s.decoder.step, [True]
+
+    def slow_step(seqs):
+        if slow[0]:
+            time.sleep(0.05)  # 2.5 s of work per second of audio (50 tokens a second)
+        return step(seqs)
+
+    s.decoder.step = slow_step
+    try:
+        list(s.submit(_segments(default)[:1], voice_of(default, next(iter(default.speakers))), seed=0,
+                      min_token_text_ratio=3, max_token_text_ratio=3))
+        assert not s.keeps_up() and s.realtime_factor > 1
+        slow[0] = False
+        assert _second_chunk_frames(default, s) == _frames_of_hop(default, 100)
+    finally:
+        s.close()
+
+
+def test_exact_mode_streams_with_the_official_hops(exact, scheduler):
+    assert _second_chunk_frames(exact, scheduler) == _frames_of_hop(exact, 100)

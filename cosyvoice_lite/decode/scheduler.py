@@ -15,6 +15,12 @@ tokens are streamed through the flow and HiFT in the same chunks).
 
 Each request has its own torch.Generator (seeded when a seed is given), so concurrent requests do not disturb each
 other's random draws.
+
+The chunk sizes follow the official schedule, except for an unseeded request in a mode with ``adaptive_hops`` while
+the scheduler keeps up with real time (its recent work, r seconds per second of audio, took less time than the audio
+it made): its hops then grow from the first one by about 1/r per chunk, so that each chunk is ready before the
+listener has played the previous one (decode/streaming.py). A seeded request keeps the official schedule, so that
+its audio does not depend on how fast the machine was.
 """
 from __future__ import annotations
 
@@ -44,6 +50,15 @@ log = logging.getLogger(__name__)
 # as one batch: requests that arrive a few tokens apart would otherwise never be due at the same step.
 JOIN_LAG = 6
 
+# Weight of the past in the measured speed, per chunk: the last dozen or so chunks count.
+SPEED_DECAY = 0.9
+# Hop growth at a measured speed of r < 1 seconds of work per second of audio: GROWTH_MARGIN / r, within the bounds.
+# A chunk that grows by 1/r takes as long to make as its predecessor lasts; the margin covers each chunk's fixed
+# costs and the speed's noise. Simulated against the official hops with the stages' measured speeds, this leaves the
+# least silence from r = 0.5 to 0.95 (docs/performance.md).
+GROWTH_MARGIN = 0.9
+GROWTH_BOUNDS = (1.2, 2.0)
+
 # Yielded after the last chunk of each segment when submit(..., segment_ends=True): lets a caller cut the audio
 # into segments (the audio cache stores them one by one).
 SEGMENT_END = object()
@@ -58,6 +73,7 @@ class Request:
     generator: torch.Generator
     sampling: Dict                           # LLM overrides (min/max_token_text_ratio, sampling)
     segment_ends: bool = False               # put SEGMENT_END after each segment's last chunk
+    seeded: bool = False                     # a seed was given: the official chunk sizes, whatever the speed
     conversion: bool = False                 # voice conversion: one stream of given tokens, no LLM
     out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
     submitted: float = field(default_factory=time.monotonic)
@@ -96,6 +112,10 @@ class Scheduler:
         self.trace = None  # callable(event: str, seconds: float, **info) for benchmarks, or None
         # LLM overrides for every request: benchmarks on random weights (which never end a sentence) force lengths
         self.sampling: Dict = {}
+        # seconds of work and of audio made lately (decayed sums): their ratio is the measured speed
+        self._work_s = 0.0
+        self._audio_s = 0.0
+        self._unbilled_s = 0.0  # LLM steps since the last chunk
 
     # ---- client side -------------------------------------------------------------------------------------
     def submit(self, segments: List, voice: Voice, speed: float = 1.0, cancel: Optional[threading.Event] = None,
@@ -107,7 +127,7 @@ class Scheduler:
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
         request = Request([torch.as_tensor(s, dtype=torch.int64).reshape(1, -1) for s in segments], voice,
-                          speed, cancel, generator, {**self.sampling, **sampling}, segment_ends)
+                          speed, cancel, generator, {**self.sampling, **sampling}, segment_ends, seed is not None)
         return self._results(request)
 
     def submit_conversion(self, source_tokens, voice: Voice, speed: float = 1.0,
@@ -121,10 +141,11 @@ class Scheduler:
             raise ValueError(f"voice conversion needs a voice with a reference clip; {voice.id!r} has none")
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
-        request = Request([], voice, speed, cancel, generator, {}, segment_ends, conversion=True)
+        request = Request([], voice, speed, cancel, generator, {}, segment_ends, seed is not None, conversion=True)
         mode = self.model.mode
         stream = TokenStream(self.model, voice, self.n_timesteps, speed, generator, first_hop=self.first_hop,
-                             stop=request.cancelled, first_overlap=mode.first_overlap, first_cache=mode.first_cache)
+                             stop=request.cancelled, first_overlap=mode.first_overlap, first_cache=mode.first_cache,
+                             hop_growth=self._hop_growth(request))
         for token in np.asarray(source_tokens).reshape(-1).tolist():
             stream.push(int(token))
         request.streams.append([stream, not stream.ready()])  # no more tokens will come: done once not ready
@@ -152,6 +173,16 @@ class Scheduler:
             self._wakeup.notify()
         values = list(results(out, cancel))
         return values[0] if values else None
+
+    @property
+    def realtime_factor(self) -> Optional[float]:
+        """Seconds of work per second of audio over the last chunks of every request (None before the first)."""
+        return self._work_s / self._audio_s if self._audio_s else None
+
+    def keeps_up(self) -> bool:
+        """Whether the recent work made audio faster than it plays."""
+        factor = self.realtime_factor
+        return factor is not None and factor < 1.0
 
     @property
     def busy(self) -> int:
@@ -273,6 +304,12 @@ class Scheduler:
             return
         self._step()
 
+    def _measure(self, vocode_s: float, samples: int) -> None:
+        """Add a chunk's work (its flow and HiFT, and the LLM steps since the previous chunk) to the measured speed."""
+        self._work_s = SPEED_DECAY * self._work_s + self._unbilled_s + vocode_s
+        self._audio_s = SPEED_DECAY * self._audio_s + samples / self.model.sample_rate
+        self._unbilled_s = 0.0
+
     def _catching_up(self, key: tuple, exclude: List[Request]) -> bool:
         """Whether another request decoding its first stream is at most JOIN_LAG tokens short of a chunk of the
         same (non-final) size."""
@@ -295,8 +332,10 @@ class Scheduler:
             return
         started = time.perf_counter()
         tokens = self.decoder.step([r.seq for r in decoding])
+        took = time.perf_counter() - started
+        self._unbilled_s += took
         if self.trace:
-            self.trace("llm", time.perf_counter() - started, batch=len(decoding))
+            self.trace("llm", took, batch=len(decoding))
         for request, token in zip(decoding, tokens):
             stream = request.streams[-1]
             if token is not None:
@@ -320,8 +359,16 @@ class Scheduler:
         mode = self.model.mode
         joins = {"first_overlap": mode.first_overlap, "first_cache": mode.first_cache} if first else {}
         stream = TokenStream(self.model, request.voice, self.n_timesteps, request.speed, request.generator,
-                             first_hop=self.first_hop if first else None, stop=request.cancelled, **joins)
+                             first_hop=self.first_hop if first else None, stop=request.cancelled,
+                             hop_growth=self._hop_growth(request), **joins)
         request.streams.append([stream, False])
+
+    def _hop_growth(self, request: Request) -> float:
+        """The hop growth of a request's next stream (0: the official hops)."""
+        if not self.model.mode.adaptive_hops or request.seeded or not self.keeps_up():
+            return 0.0
+        low, high = GROWTH_BOUNDS
+        return min(high, max(low, GROWTH_MARGIN / self.realtime_factor))
 
     @staticmethod
     def _vocodable(request: Request) -> bool:
@@ -339,8 +386,10 @@ class Scheduler:
 
     def _vocode(self, group: List[Request]) -> None:
         """The next chunk of each request in `group` (one request, or several with equal chunks)."""
+        started = time.perf_counter()
         final = group[0].streams[0][1]
         wavs = TokenStream.chunk_many([r.streams[0][0] for r in group], final=final)
+        self._measure(time.perf_counter() - started, sum(wav.numel() for wav in wavs))  # before a listener hears
         for request, wav in zip(group, wavs):
             if final:
                 request.streams.popleft()
@@ -353,4 +402,3 @@ class Scheduler:
                 request.out.put(SEGMENT_END)
             if not request.streams and request.seq is None and request.next_segment >= len(request.segments):
                 self._finish(request)
-

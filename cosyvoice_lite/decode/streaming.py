@@ -7,6 +7,12 @@ copied over for their 20 * 256 samples) and the speech of those frames is cross-
 clicks; those samples of each chunk are held back for that fade. The hop starts small (``first_hop``, for a short
 first wait), then is 100 tokens and doubles up to 200, as larger chunks waste less on overlaps.
 
+With ``hop_growth`` (a factor above 1) the hops grow from the first one by that factor instead, up to the same 200:
+each chunk then takes about as long to make as the previous one lasts, so a listener who is served faster than real
+time hears no gap after the first chunk (the official second hop of 100 tokens takes longer than the first chunk's
+half second of audio on most CPUs). The scheduler picks the factor from its measured speed, and only while it keeps
+up with real time: behind it, gaps cannot be avoided and the official hops, fewer overlaps, make them shorter in sum.
+
 A voice with a reference clip (cloned, or the target of a voice conversion) is the flow's prompt in every chunk, as
 in the official v1 streaming: its speech tokens are encoded before the chunk's, its mel conditions the first Fp
 frames, and the flow cache carries the prompt frames' noise from chunk to chunk along with the overlap's. Only the
@@ -55,7 +61,7 @@ class TokenStream:
     def __init__(self, model, voice, n_timesteps: Optional[int] = None, speed: float = 1.0,
                  generator: Optional[torch.Generator] = None, first_hop: Optional[int] = None,
                  hop: Optional[int] = None, max_hop: Optional[int] = None, stop: Optional[Callable[[], bool]] = None,
-                 first_overlap: int = TOKEN_OVERLAP, first_cache: int = HIFT_CACHE_FRAMES):
+                 first_overlap: int = TOKEN_OVERLAP, first_cache: int = HIFT_CACHE_FRAMES, hop_growth: float = 0.0):
         self.model = model
         self.stop = stop  # polled between Euler steps: True = the listener is gone
         conditioning = flow_conditioning(voice)
@@ -77,6 +83,9 @@ class TokenStream:
         self.overlap = first_overlap                       # tokens shared with the next chunk
         self.cache_frames = first_cache                    # mel frames HiFT sees again in the next chunk
         self.hop = max(first_hop or self.min_hop, self._smallest_hop(speed))
+        if hop_growth and hop_growth <= 1:
+            raise ValueError("hop_growth must be above 1 (or 0: the official hops)")
+        self.hop_growth = hop_growth
         self.tokens: List[int] = []
         self.flow_cache = torch.zeros(1, model.flow.output_size, 0, 2)
         self.mel_tail: Optional[torch.Tensor] = None       # mel frames of the previous chunk's overlap
@@ -95,6 +104,15 @@ class TokenStream:
         while int((self.model.flow.n_frames(hop + self.overlap) - self.mel_overlap) / speed) < 2 * self.cache_frames:
             hop += 1
         return hop
+
+    def _next_hop(self) -> int:
+        """The hop after a (non-final) chunk: official (min_hop after the first chunk, then doubling) or grown by
+        hop_growth; up to max_hop, and at least the smallest hop of the joins to come."""
+        if self.hop_growth:
+            hop = max(self.hop + 1, round(self.hop * self.hop_growth))
+        else:
+            hop = self.min_hop if self.chunks == 1 else 2 * self.hop
+        return max(min(self.max_hop, hop), self._smallest_hop(self.speed))
 
     def push(self, token: int) -> None:
         self.tokens.append(token)
@@ -133,8 +151,8 @@ class TokenStream:
                 s.tokens = []
             else:
                 s.tokens = s.tokens[s.hop:]
-                s.hop = s.min_hop if s.chunks == 1 else min(s.max_hop, 2 * s.hop)
                 s.overlap, s.cache_frames = TOKEN_OVERLAP, HIFT_CACHE_FRAMES  # official joins after the first
+                s.hop = s._next_hop()
         return wavs
 
     @staticmethod

@@ -17,7 +17,9 @@
   the first audio comes sooner, at the cost of a rougher cross-fade at that one join.
 
 Both lean modes run HiFT's body on chunks longer than ``HIFT_WINDOW`` frames in overlapping windows (the same
-output up to float rounding), so that its memory does not grow with the chunk.
+output up to float rounding), so that its memory does not grow with the chunk, and stream an unseeded request with
+hops that grow by what the measured speed allows while the service keeps up with real time (``adaptive_hops``:
+fewer gaps for its listener; exact mode and seeded requests keep the official hops).
 
 These are the PyTorch forms of the modes. bfloat16 depends on the CPU (emulated, and slow, without avx512_bf16 /
 amx_bf16), so it is chosen by the execution backend (``cosyvoice_lite/backends``), which looks at the running CPU
@@ -49,6 +51,8 @@ class ModeSettings:
     first_cache: int = 20    # streaming: mel frames HiFT sees twice at that join (official: 20)
     hift_window: int = 0     # mel frames per HiFT body call (0: a whole chunk; see HiFTGenerator.body_window)
     kv_cache: str = "fp32"   # the batched LM step's keys and values: "fp32" or "fp16" (attention in float32)
+    adaptive_hops: bool = False  # streaming while the service keeps up with real time: hops that grow from the first
+                                 # by what the measured speed allows (False: official; see decode/scheduler.py)
 
 
 # The lean modes vocode chunks longer than this in windows (each with HiFT's receptive field, 14 frames for the
@@ -59,9 +63,10 @@ HIFT_WINDOW = 160
 SETTINGS = {
     "exact": ModeSettings("exact", llm="fp32", flow="fp32", hift="fp32", n_timesteps=10, batched=False),
     "default": ModeSettings("default", llm="int8", flow="fp16", hift="fp32-tm", n_timesteps=10, batched=True,
-                            hift_window=HIFT_WINDOW, kv_cache="fp16"),
+                            hift_window=HIFT_WINDOW, kv_cache="fp16", adaptive_hops=True),
     "fast": ModeSettings("fast", llm="int8", flow="int8", hift="int8-tm", n_timesteps=5, batched=True,
-                         first_overlap=10, first_cache=10, hift_window=HIFT_WINDOW, kv_cache="fp16"),
+                         first_overlap=10, first_cache=10, hift_window=HIFT_WINDOW, kv_cache="fp16",
+                         adaptive_hops=True),
 }
 
 
