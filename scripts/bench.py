@@ -230,9 +230,9 @@ def bench_make_voice(engine, seconds: float = 10.0) -> dict:
 def bench_underrun(engine, seconds: float = 20.0, seed: int | None = None, speed: float = 1.0,
                    prefix: str = "underrun") -> dict:
     """A listener who starts playing the first chunk as it arrives: the seconds of silence they hear in a streamed
-    utterance of ``seconds`` at tempo 1 (sum of every wait for a chunk after the audio in hand ran out), and the
-    longest one. Unseeded, as a listener asks by default: the chunk sizes then follow the measured speed (a seed
-    pins the official ones)."""
+    utterance of ``seconds`` of speech tokens (sum of every wait for a chunk after the audio in hand ran out), and
+    the longest one. ``speed`` is the tempo (0.5: twice the audio per token). Unseeded, as a listener asks by
+    default, the chunk sizes follow the measured speed; a seed pins the official ones."""
     text = engine.frontend.tokenize(RTF_TEXT)
     n_tokens = int(seconds * engine.model.token_rate)
     rate = engine.model.sample_rate
