@@ -33,7 +33,8 @@ Format = Literal[tuple(audio.FORMATS)]
 Speed = Annotated[float, Field(ge=SPEED_RANGE[0], le=SPEED_RANGE[1], allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description=(
     "CosyVoice: the same text, speaker and seed give the same audio (its speech tokens are sampled); a seeded "
-    "request bypasses the audio cache. The offline voice ignores it")),
+    "request streams in the official chunk sizes, whatever the server's speed, and bypasses the audio cache. The "
+    "offline voice ignores it")),
     # JSON Schema's integer is any number without a fraction (7.0 too): read such a number as that integer
     BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
 CACHE = "false: neither read nor write the sentence-level audio cache for this request"
