@@ -4,7 +4,7 @@ The scheduler's thread alternates LLM steps and chunks (flow + HiFT): a chunk of
 steps, then runs the flow on h + 20 tokens (the overlap with the next chunk) and HiFT on the frames it keeps. The
 listener starts playing the first chunk when it arrives; whenever a chunk arrives after the audio in hand ran out,
 they hear silence. This is the arithmetic behind the lean modes' hop growth (decode/scheduler.py: GROWTH_MARGIN and
-GROWTH_BOUNDS); docs/performance.md has its table next to the measured streams.
+GROWTH_STEPS); docs/performance.md has its table next to the measured streams.
 
     .venv/bin/python scripts/chunk_schedule.py                       # Zen 4 fast-mode speeds, scaled from 0.45 to 1
     .venv/bin/python scripts/chunk_schedule.py --llm-ms 6 --flow 0.3 --hift 0.12 --scale 1

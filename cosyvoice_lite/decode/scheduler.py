@@ -18,8 +18,8 @@ other's random draws.
 
 The chunk sizes follow the official schedule, except for an unseeded request in a mode with ``adaptive_hops`` while
 the scheduler keeps up with real time (its recent work, r seconds per second of audio, took less time than the audio
-it made): its hops then grow from the first one by about 1/r per chunk, so that each chunk is ready before the
-listener has played the previous one (decode/streaming.py). A seeded request keeps the official schedule, so that
+it made): its hops then grow from the first one by up to 0.9/r per chunk (1.2, 1.5 or 2), so that each chunk is
+ready before the listener has played the previous one (decode/streaming.py). A seeded request keeps the official schedule, so that
 its audio does not depend on how fast the machine was.
 """
 from __future__ import annotations
@@ -52,12 +52,14 @@ JOIN_LAG = 6
 
 # Weight of the past in the measured speed, per chunk: the last dozen or so chunks count.
 SPEED_DECAY = 0.9
-# Hop growth at a measured speed of r < 1 seconds of work per second of audio: GROWTH_MARGIN / r, within the bounds.
-# A chunk that grows by 1/r takes as long to make as its predecessor lasts; the margin covers each chunk's fixed
-# costs and the speed's noise. Simulated against the official hops with the stages' measured speeds, this leaves the
-# least silence from r = 0.5 to 0.95 (docs/performance.md).
+# Hop growth at a measured speed of r < 1 seconds of work per second of audio: the largest of GROWTH_STEPS that is at
+# most GROWTH_MARGIN / r (at least the first). A chunk that grows by 1/r takes as long to make as its predecessor
+# lasts; the margin covers each chunk's fixed costs and the speed's noise. Simulated against the official hops with
+# the stages' measured speeds, this leaves the least silence from r = 0.5 to 0.95 (docs/performance.md). A few
+# steps rather than any factor: requests that start together at slightly different measured speeds keep chunks of
+# equal sizes, which share their flow passes.
 GROWTH_MARGIN = 0.9
-GROWTH_BOUNDS = (1.2, 2.0)
+GROWTH_STEPS = (1.2, 1.5, 2.0)
 
 # Yielded after the last chunk of each segment when submit(..., segment_ends=True): lets a caller cut the audio
 # into segments (the audio cache stores them one by one).
@@ -367,8 +369,8 @@ class Scheduler:
         """The hop growth of a request's next stream (0: the official hops)."""
         if not self.model.mode.adaptive_hops or request.seeded or not self.keeps_up():
             return 0.0
-        low, high = GROWTH_BOUNDS
-        return min(high, max(low, GROWTH_MARGIN / self.realtime_factor))
+        allowed = GROWTH_MARGIN / self.realtime_factor
+        return max([step for step in GROWTH_STEPS if step <= allowed], default=GROWTH_STEPS[0])
 
     @staticmethod
     def _vocodable(request: Request) -> bool:
