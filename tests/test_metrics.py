@@ -139,3 +139,15 @@ def test_a_killed_worker_leaves_the_queue_gauges_and_its_counts_stay(tmp_path):
             values = parse_metrics(server.request("GET", "/metrics")[2].decode())
             assert values["cosyvoice_workers"] == 2  # the killed one no longer counted, its replacement is
             assert values['cosyvoice_requests_total{code="200",endpoint="tts"}'] == 4
+
+
+def test_the_measured_speed_is_shown_once_cosyvoice_has_spoken(make_app, cosyvoice_engine):
+    client = make_app(cosyvoice_engine).test_client()
+    assert client.post("/tts", json={"text": "Measure me, please.", "cache": False}).status_code == 200
+    values = parse_metrics(client.get("/metrics").data.decode())
+    assert 0 < values["cosyvoice_realtime_factor"] < 1  # the tiny model speaks many times faster than real time
+
+
+def test_an_engine_that_does_not_measure_its_speed_shows_none(client):
+    client.post("/tts", json={"text": "Count me."})
+    assert "cosyvoice_realtime_factor" not in parse_metrics(client.get("/metrics").data.decode())

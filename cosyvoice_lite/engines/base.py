@@ -130,6 +130,11 @@ class Engine:
         """Syntheses still running or queued inside the engine (cancelled ones included until they stop)."""
         return 0
 
+    @property
+    def realtime_factor(self) -> float | None:
+        """Seconds of synthesis work per second of audio lately (None: not measured)."""
+        return None
+
     def voices(self) -> list[Voice]:
         """The engine's own voices (CosyVoice: the checkpoint's speakers); the first is the default."""
         raise NotImplementedError

@@ -148,6 +148,10 @@ class CosyVoiceEngine(Engine):
     def busy(self) -> int:
         return self.scheduler.busy
 
+    @property
+    def realtime_factor(self) -> float | None:
+        return self.scheduler.realtime_factor
+
     def plan(self, text: str, normalize: bool = True) -> Plan:
         """Text tokens per segment, and the audio the LLM's length limits allow for them (EOS cannot come before
         min_token_text_ratio x tokens, decoding stops at max_token_text_ratio x tokens)."""

@@ -248,7 +248,8 @@ def routes(service: SynthesisService, spec: dict) -> Blueprint:
     @api.get("/metrics")
     def metrics():
         text = service.metrics.render(engine.name, admission.ready.is_set() and not admission.failure,
-                                      admission.capacity, service.cache.stats() if service.cache else None)
+                                      admission.capacity, service.cache.stats() if service.cache else None,
+                                      engine.realtime_factor)
         return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.get("/openapi.json")

@@ -118,9 +118,11 @@ class Metrics:
         self._running.set(running)
         self._workers.set(1)  # this process counts among the workers from its first queue change (its start)
 
-    def render(self, engine: str, ready: bool, capacity: int, cache: dict | None = None) -> str:
+    def render(self, engine: str, ready: bool, capacity: int, cache: dict | None = None,
+               realtime_factor: float | None = None) -> str:
         """The text of /metrics. ``cache``: None when the audio cache is off, else the backend's figures
-        (AudioCache.stats()); the other arguments are this worker's own."""
+        (AudioCache.stats()); the other arguments are this worker's own (``realtime_factor``: None when its engine
+        does not measure it, or has not yet)."""
         from prometheus_client import generate_latest
         from prometheus_client.core import GaugeMetricFamily
 
@@ -140,6 +142,11 @@ class Metrics:
         if cache is not None and "bytes" in cache:
             families.append(GaugeMetricFamily("cosyvoice_cache_bytes", "Bytes the disk cache holds now.",
                                               value=cache["bytes"]))
+        if realtime_factor is not None:
+            families.append(GaugeMetricFamily(
+                "cosyvoice_realtime_factor", "Seconds of synthesis work per second of audio over this worker's last "
+                "chunks (below 1: faster than real time, and unseeded streams get chunk sizes from this speed).",
+                value=realtime_factor))
         info = GaugeMetricFamily("cosyvoice_engine_info", "The engine serving requests.", labels=("engine",))
         info.add_metric((engine,), 1)
         families.append(info)
