@@ -408,9 +408,16 @@ def base_server(base_engine, tmp_path_factory):
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="wyoming-test", daemon=True)
     thread.start()
-    serving = asyncio.run_coroutine_threadsafe(server.serve_forever(), loop)
+    asyncio.run_coroutine_threadsafe(server.serve_forever(), loop)
     yield server
-    serving.cancel()
+
+    async def shut_down():  # cancel the server and its connections, and let them finish, before the loop stops
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(shut_down(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
     service.close()
