@@ -236,9 +236,8 @@ def bench_underrun(engine, seconds: float = 20.0, seed: int | None = None, speed
     text = engine.frontend.tokenize(RTF_TEXT)
     n_tokens = int(seconds * engine.model.token_rate)
     rate = engine.model.sample_rate
-    if seed is None:  # the chunk sizes follow the speed of the recent work: let it be that of such streams
-        list(engine.scheduler.submit([text], engine.voices()[0], speed=speed,
-                                     **forced(int(5 * engine.model.token_rate), len(text))))
+    if seed is None:  # the chunk sizes follow the speed of the last dozen chunks: let it be that of such a stream
+        list(engine.scheduler.submit([text], engine.voices()[0], speed=speed, **forced(n_tokens, len(text))))
     started = time.perf_counter()
     played_until = None  # wall time at which the audio received so far ends playing
     gaps = []
