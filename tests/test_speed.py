@@ -554,7 +554,6 @@ def test_default_mode_keeps_half_the_key_value_bytes_of_exact_mode(exact, defaul
     assert bytes_per_frame(default) * 2 == bytes_per_frame(exact)
 
 
-
 def _second_chunk_frames(model, scheduler, **request):
     """Mel frames of a streamed request's second chunk (first hop 20; 180 tokens)."""
     chunks = list(scheduler.submit(_segments(model)[:1], voice_of(model, next(iter(model.speakers))),
@@ -590,7 +589,7 @@ def test_an_unseeded_stream_keeps_the_official_hops_when_the_scheduler_falls_beh
 
     def slow_step(seqs):
         if slow[0]:
-            time.sleep(0.05)  # 2.5 s of work per second of audio (50 tokens a second)
+            time.sleep(0.05)  # per token: well over a second of work per second of audio
         return step(seqs)
 
     s.decoder.step = slow_step
