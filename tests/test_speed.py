@@ -326,6 +326,11 @@ def test_stream_hops_and_chunk_lengths(exact):
     assert abs(sum(lengths) - whole) <= 4 * frame  # chunking rounds frame counts per chunk
 
 
+def _frames_of_hop(model, hop):
+    """Mel frames a non-final chunk of `hop` tokens brings after the first (official joins at both ends)."""
+    return model.flow.n_frames(hop + TOKEN_OVERLAP) - model.flow.n_frames(TOKEN_OVERLAP)
+
+
 def test_grown_hops_rise_by_the_factor_from_the_first_up_to_the_longest(exact):
     stream = TokenStream(exact, voice_of(exact, next(iter(exact.speakers))), first_hop=30, hop_growth=1.5,
                          generator=torch.Generator().manual_seed(0))
@@ -341,15 +346,14 @@ def test_grown_hops_rise_by_the_factor_from_the_first_up_to_the_longest(exact):
 def test_grown_hops_leave_room_for_the_official_joins_after_a_short_first_one(exact):
     stream = TokenStream(exact, voice_of(exact, next(iter(exact.speakers))), first_hop=1, first_overlap=10,
                          first_cache=10, hop_growth=1.5, generator=torch.Generator().manual_seed(0))
-    vocoded = lambda hop: exact.flow.n_frames(hop + TOKEN_OVERLAP) - exact.flow.n_frames(TOKEN_OVERLAP)  # noqa: E731
     first = stream.hop
     for token in torch.randint(0, 4096, (first + 10,), generator=torch.Generator().manual_seed(1)).tolist():
         stream.push(token)
     stream.chunk()
     # 1.5 times the first hop would leave HiFT fewer frames than the two caches of the official joins need:
     # the next hop is the smallest that leaves enough
-    assert vocoded(round(1.5 * first)) < 2 * HIFT_CACHE_FRAMES
-    assert vocoded(stream.hop) >= 2 * HIFT_CACHE_FRAMES > vocoded(stream.hop - 1)
+    assert _frames_of_hop(exact, round(1.5 * first)) < 2 * HIFT_CACHE_FRAMES
+    assert _frames_of_hop(exact, stream.hop) >= 2 * HIFT_CACHE_FRAMES > _frames_of_hop(exact, stream.hop - 1)
 
 
 def test_hop_growth_must_be_above_one(exact):
@@ -559,11 +563,6 @@ def _second_chunk_frames(model, scheduler, **request):
     chunks = list(scheduler.submit(_segments(model)[:1], voice_of(model, next(iter(model.speakers))),
                                    min_token_text_ratio=15, max_token_text_ratio=15, **request))
     return chunks[1].size // model.samples_per_frame
-
-
-def _frames_of_hop(model, hop):
-    """Mel frames a non-final chunk of `hop` tokens brings after the first (official joins at both ends)."""
-    return model.flow.n_frames(hop + TOKEN_OVERLAP) - model.flow.n_frames(TOKEN_OVERLAP)
 
 
 def test_an_unseeded_stream_grows_its_hops_while_the_scheduler_keeps_up(default):
