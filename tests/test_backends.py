@@ -113,9 +113,9 @@ def test_exact_mode_is_float32_pytorch_everywhere():
     assert {str(s) for s in stages.values()} == {"torch fp32"}
 
 
-def test_default_mode_on_a_bf16_cpu_runs_flow_and_hift_in_openvino_bf16():
+def test_default_mode_on_a_bf16_cpu_runs_flow_and_hift_in_openvino_bf16_the_flows_matmuls_in_int8():
     stages = plan(mode_settings("default"), ZEN4)
-    assert str(stages["flow_estimator"]) == "openvino bf16" and str(stages["hift"]) == "openvino bf16"
+    assert str(stages["flow_estimator"]) == "openvino bf16, int8 matmuls" and str(stages["hift"]) == "openvino bf16"
     assert str(stages["llm"]) == "torch int8"
 
 
@@ -189,7 +189,7 @@ def run_estimator(model, case):
 def test_openvino_bf16_flow_and_vocoder_stay_near_float32(exact, ov_bf16, case):
     if not cpu_info().native_bf16:
         pytest.skip("this CPU has no native bf16: OpenVINO would emulate it")
-    if ov_bf16.runtime["stages"]["flow_estimator"] != "openvino bf16":
+    if not ov_bf16.runtime["stages"]["flow_estimator"].startswith("openvino bf16"):
         pytest.skip("openvino not installed")
     token, embedding, z, golden_mel = case_inputs(case)
     assert rel(run_estimator(ov_bf16, case), run_estimator(exact, case)) < BOUNDS["bf16"]["estimator"]
@@ -199,6 +199,23 @@ def test_openvino_bf16_flow_and_vocoder_stay_near_float32(exact, ov_bf16, case):
         assert rel(ours, ref) < BOUNDS["bf16"]["mel"]
         source = exact.hift.make_source(exact.hift.predict_f0(ref), torch.Generator().manual_seed(0))
         assert rel(ov_bf16.hift.decode(ref, source), exact.hift.decode(ref, source)) < BOUNDS["bf16"]["wav"]
+
+
+def test_int8_matmul_weights_keep_each_output_channel_within_half_a_step_of_its_scale():
+    ov = pytest.importorskip("openvino")
+    from cosyvoice_lite.backends.ov_runtime import int8_matmul_weights
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((24, 16)) * np.geomspace(1e-3, 10, 24)[:, None]).astype(np.float32)  # (out, in)
+    x = ov.opset13.parameter([-1, 16], np.float32)
+    model = ov.Model([ov.opset13.matmul(x, ov.opset13.constant(weight), False, True)], [x])
+    assert int8_matmul_weights(model) == 1
+    assert {c.get_element_type().get_type_name() for c in model.get_ops() if c.get_type_name() == "Constant"} \
+        == {"i8", "f32"}
+    rows = np.eye(16, dtype=np.float32)  # each output row is then the weight's column, as the graph holds it
+    ours = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})([rows])[0]
+    step = np.abs(weight).max(axis=1) / 127  # per output channel
+    assert (np.abs(ours - weight.T) <= step / 2 * (1 + 1e-5)).all()
 
 
 def test_the_backends_sine_equals_float32_sine_over_a_wide_range():
