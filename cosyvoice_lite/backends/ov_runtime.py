@@ -38,9 +38,9 @@ log = logging.getLogger("cosyvoice_lite.backends")
 GRAPH_VERSION = 4  # bump when the saved graph changes in a way the source hash cannot see (e.g. trace inputs)
 RUNTIME_CACHE_SHAPES = 16
 ESTIMATOR_ROW_FRAMES = 1024  # see EstimatorRunner.row_frames
-# activations quantized per row in groups of this many inputs where a matmul's weights are int8: the flow's calls
-# took 15-20 % less time than with bf16 activations (int8 weights alone were 5 % slower than bf16 ones), with
-# groups of 32 no faster and the error larger (docs/performance.md)
+# inputs per group in which the CPU plugin quantizes the activations of a matmul with int8 weights: int8 weights
+# with bf16 activations were slower than bf16 weights, and smaller groups were no faster but less exact
+# (docs/performance.md, "Execution backends, measured")
 INT8_GROUP = 128
 PRIME_UNMAP_INTERVAL = 0.005  # s between drops of the model file's pages during the first run (see _Runner.prime)
 STAGE_SOURCES = {"estimator": ("estimator.py",), "hift": ("hift.py",)}
