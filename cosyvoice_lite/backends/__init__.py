@@ -53,8 +53,8 @@ def plan(mode, cpu: CpuInfo, backend: str = "auto", openvino: bool = True) -> di
     if backend == "torch" or not openvino or mode.name == "exact":
         return stages
     if cpu.native_bf16:
-        # the estimator's matmuls in int8: half its resident weights, 15-20 % faster calls, for a mel error that
-        # grows from 0.4 to 0.7 % (docs/performance.md)
+        # the estimator's matmuls in int8: half its resident weights and faster calls, for a larger mel error
+        # (docs/performance.md, "Errors per mode and backend")
         stages["flow_estimator"] = Stage("openvino", "bf16", matmuls="int8")
         stages["hift"] = Stage("openvino", "bf16")
     elif backend == "openvino":
