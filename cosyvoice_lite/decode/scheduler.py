@@ -19,8 +19,8 @@ other's random draws.
 The chunk sizes follow the official schedule, except for an unseeded request in a mode with ``adaptive_hops`` while
 the scheduler keeps up with real time (its recent work, r seconds per second of audio, took less time than the audio
 it made): its hops then grow from the first one by up to 0.9/r per chunk (1.2, 1.5 or 2), so that each chunk is
-ready before the listener has played the previous one (decode/streaming.py). A seeded request keeps the official schedule, so that
-its audio does not depend on how fast the machine was.
+ready before the listener has played the previous one (decode/streaming.py). A seeded request keeps the official
+schedule, so that its audio does not depend on how fast the machine was.
 """
 from __future__ import annotations
 
