@@ -558,6 +558,18 @@ def test_default_mode_keeps_half_the_key_value_bytes_of_exact_mode(exact, defaul
     assert bytes_per_frame(default) * 2 == bytes_per_frame(exact)
 
 
+def test_default_mode_keeps_its_relative_position_rows_at_half_the_bytes_of_float32(default):
+    """The position rows the batched step shares between sequences are stored like its keys and values."""
+    text, embedding = llm_inputs(LLM_CASES[0])
+
+    def bytes_per_position(decoder):
+        decoder.greedy(text, embedding, 5)
+        return sum(t.element_size() * t[:, 0].numel() for t in decoder.positions.reserve(1))
+
+    as_float32 = LMDecoder(default.llm, batched=True, kv_dtype=torch.float32)
+    assert bytes_per_position(mode_decoder(default)) * 2 == bytes_per_position(as_float32)
+
+
 def _second_chunk_frames(model, scheduler, **request):
     """Mel frames of a streamed request's second chunk (first hop 20; 180 tokens)."""
     chunks = list(scheduler.submit(_segments(model)[:1], voice_of(model, next(iter(model.speakers))),

@@ -58,13 +58,16 @@ class PositionTable:
     nothing (a new block, only when a sequence may reach past C). When the sequences in progress need less than
     half of the rows filled, and when the decoder is idle, the rows past KEEP are given back (their pages
     discarded): a long request would otherwise leave a table as large as its keys and values for the worker's life.
+    The rows are kept in the decoder's ``dtype``, as its keys and values are (float16 halves what they hold and what
+    a step reads; attention converts them to float32).
     """
 
     BLOCK = 128
     KEEP = 4 * BLOCK  # rows never given back: the positions of an ordinary sentence
 
-    def __init__(self, encoder):
+    def __init__(self, encoder, dtype: torch.dtype = torch.float32):
         self.encoder = encoder
+        self.dtype = dtype
         self._held = (0, [])  # (rows filled, tables): one attribute, so that a shrink is never seen half
 
     @property
@@ -103,7 +106,7 @@ class PositionTable:
 
     def _allocate(self, capacity: int, old: List[Tensor], filled: int) -> List[Tensor]:
         attn = self.encoder.encoders[0].self_attn
-        block = lazy_empty((len(self.encoder.encoders), attn.h, capacity, attn.d_k), torch.float32)
+        block = lazy_empty((len(self.encoder.encoders), attn.h, capacity, attn.d_k), self.dtype)
         tables = list(block.unbind(0))
         for table, previous in zip(tables, old):
             table[:, capacity - filled:] = previous[:, previous.size(1) - filled:]
@@ -131,7 +134,7 @@ class LMDecoder:
         self.batched = batched
         self.scripted = scripted
         self.kv_dtype = kv_dtype
-        self.positions = PositionTable(llm.llm) if batched else None
+        self.positions = PositionTable(llm.llm, kv_dtype) if batched else None
         self._stack: Optional[_Int8Stack] = None
 
     @classmethod
@@ -335,11 +338,12 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
     sequence through the modules costs ~1.4x per token alone and ~4x for four sequences (full-size LM, int8).
     Scores are scaled inside baddbmm, so the rounding differs from the module's (exact mode runs the module)."""
     B, D = x.size(0), heads * d_k
-    # float16 keys, then values, are converted into one float32 buffer shared by all layers and sequences: it stays
-    # in cache between its write and its read, where a fresh copy per tensor costs an allocation and memory traffic.
-    # (empty when the cache is float32: nothing to convert)
+    # float16 position rows, keys, then values, are converted into one float32 buffer shared by all layers and
+    # sequences: it stays in cache between its write and its read, where a fresh copy per tensor costs an allocation
+    # and memory traffic. (empty when the cache and the table are float32: nothing to convert)
     converted = views[0][0].dtype != torch.float32
-    scratch = x.new_empty(heads, max(lengths) + 1 if converted else 0, d_k)
+    rows_converted = tables[0].dtype != torch.float32
+    scratch = x.new_empty(heads, max(lengths) + 1 if converted or rows_converted else 0, d_k)
     attended = x.new_empty(B, heads, 1, d_k)
     for i in range(len(tables)):
         h = torch.layer_norm(x, [D], norms[4 * i], norms[4 * i + 1], eps)
@@ -355,7 +359,10 @@ def _int8_layers(x: Tensor, norms: List[Tensor], packs: List[torch.classes.quant
             kv.select(2, n).copy_(new[b])
             keys, values = kv[0].narrow(1, 0, n + 1), kv[1].narrow(1, 0, n + 1)
             # (H, 1, d_k) @ (H, d_k, n+1): the transposed rows of the table and keys are read in place
-            scores = torch.bmm(q_v[b], table.narrow(1, R - n - 1, n + 1).transpose(1, 2))
+            rows = table.narrow(1, R - n - 1, n + 1)
+            if rows_converted:
+                rows = scratch.narrow(1, 0, n + 1).copy_(rows)
+            scores = torch.bmm(q_v[b], rows.transpose(1, 2))
             if converted:
                 keys = scratch.narrow(1, 0, n + 1).copy_(keys)
             scores = torch.baddbmm(scores, q_u[b], keys.transpose(1, 2), beta=scale, alpha=scale)
