@@ -331,6 +331,19 @@ def test_backend_torch_runs_the_pytorch_modules_unchanged(tmp_path):
                            torch_model.flow.inference(token, embedding, noise=z))
 
 
+def test_a_lean_pytorch_vocoder_gives_the_same_audio_window_by_window_once_accelerated(tmp_path):
+    """Where HiFT stays in PyTorch (an AVX2 CPU) its windows give their memory back between them: same samples."""
+    plain = load_model(MODEL_DIR, mode="default")
+    model = load_model(MODEL_DIR, mode="default")
+    accelerate(model, mode_settings("default"), MODEL_DIR, cache_root=tmp_path, cpu=AVX2)
+    frames = 3 * plain.hift.body_window  # several windows
+    mel = torch.randn(1, plain.hift.conv_pre.in_channels, frames, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours, _ = model.hift(mel, generator=torch.Generator().manual_seed(1))
+        ref, _ = plain.hift(mel, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ours, ref)
+
+
 def test_an_unusable_cache_directory_falls_back_to_pytorch_and_says_so(tmp_path, caplog):
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("")

@@ -109,6 +109,8 @@ def accelerate(model, mode, model_dir, backend: str = "auto", cache_root: str | 
         root = Path(cache_root) if cache_root else Path(tempfile.mkdtemp(prefix="cosyvoice-lite-ov-"))
     try:
         _offload(model, mode, model_dir, stages, wanted, root, threads)
+        if stages["hift"].runtime == "torch" and getattr(model.hift, "body_window", None):
+            model.hift.body_runner = TrimmedBody(model.hift.body)
     finally:
         if wanted and not cache_root:  # the compiled models are in memory: the converted files are not needed
             shutil.rmtree(root, ignore_errors=True)
@@ -117,6 +119,25 @@ def accelerate(model, mode, model_dir, backend: str = "auto", cache_root: str | 
              ", ".join(f"{name} {stage}" for name, stage in stages.items()), cpu.model, " ".join(cpu.features),
              f" (kernels capped at {cpu.isa_limit})" if cpu.isa_limit else "")
     return info
+
+
+class TrimmedBody:
+    """HiFT's PyTorch body, the heap trimmed after each call (each window of a long chunk).
+
+    Why: its activations are blocks of a few MB, below the size glibc maps on their own (memory.map_large_blocks),
+    so a window's freed blocks stay resident in the heap, and the next window, fragmenting them, adds its own: a
+    400-frame chunk in three windows held ~140 MB more at its end than at its start. The compiled body trims after
+    each call for the same reason (ov_runtime.HiftBodyRunner)."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def __call__(self, mel, s_stft):
+        from ..memory import release_free_memory
+
+        out = self.body(mel, s_stft)
+        release_free_memory()
+        return out
 
 
 def describe(stages: dict[str, Stage], cpu: CpuInfo | None = None, version: str | None = None) -> dict:
