@@ -124,17 +124,19 @@ def test_stream_cut_by_the_timeout_ends_without_its_terminating_chunk(tiny_serve
 
 
 def test_stream_stops_at_max_audio_seconds_visibly_truncated(tmp_path, tiny_model_dir):
-    text = "word " * 60  # at least 2.4 s of speech (EOS is banned before 2 tokens per text token), at most 24 s
-    with gunicorn(tmp_path, {"MODEL_DIR": str(tiny_model_dir), "MAX_AUDIO_SECONDS": "3"}) as server:
-        conn, response = post(server.port, {"text": text, "stream": True, "format": "pcm"})
+    # at least 2.44 s of speech (EOS is banned before 2 tokens per text token), at most 24.4 s: the limit leaves EOS
+    # three sampled tokens in which to end the stream before it, and a seed makes the draw the same every run
+    text = "word " * 60
+    with gunicorn(tmp_path, {"MODEL_DIR": str(tiny_model_dir), "MAX_AUDIO_SECONDS": "2.5"}) as server:
+        conn, response = post(server.port, {"text": text, "stream": True, "format": "pcm", "seed": 1})
         try:
             received, complete = read_stream(response)
         finally:
             conn.close()
         assert response.status == 200 and not complete
-        assert received <= 3 * 24000 * 2
+        assert received <= 2.5 * 24000 * 2
         status, _, body = server.request("POST", "/tts", {"text": text})  # not streamed: refused before work
-        assert status == 413 and "MAX_AUDIO_SECONDS=3" in json.loads(body)["error"]["message"]
+        assert status == 413 and "MAX_AUDIO_SECONDS=2.5" in json.loads(body)["error"]["message"]
         status, _, body = server.request("POST", "/tts", {"text": "word " * 200, "stream": True})  # >= 8 s
         assert status == 413 and json.loads(body)["error"]["code"] == "too_much_speech"
         assert "outcome=truncated_audio_limit" in server.log()

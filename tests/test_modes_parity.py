@@ -31,7 +31,10 @@ from cosyvoice_lite.voices import clone
 from cosyvoice_lite.voices.clone import (END_OF_INSTRUCTION, VoiceMaker, clone_voice, instruct_voice,
                                          with_end_marker)
 
-FEATURE_TOL = 1e-4     # log-mel, fbank, prompt mel (log domain), resampled audio
+FEATURE_TOL = 1e-4     # log-mel, prompt mel (log domain), resampled audio
+# Kaldi's fbank floors its log only at float32 epsilon, so its weakest bands (e^-16 of the strongest) carry the
+# float32 FFT's rounding: 2e-4..6e-4 from a float64 fbank on the public clips, and two CPUs' FFTs differ by as much
+FBANK_TOL = 1e-3
 EMBEDDING_TOL = 1e-5
 LOGITS_TOL = 1e-4
 MEL_TOL = 1e-3
@@ -177,7 +180,7 @@ def test_kaldi_fbank_minus_its_time_mean_matches(case):
     speech_16k = load_clip(wav_bytes(CASES[case]["wav"])).at(16000)
     ours = speaker_fbank(speech_16k)
     assert ours.shape == (1 + (speech_16k.shape[1] - 400) // 160, 80)
-    assert max_abs(ours, array(case, "fbank")) <= FEATURE_TOL
+    assert max_abs(ours, array(case, "fbank")) <= FBANK_TOL
 
 
 @pytest.mark.parametrize("case", FRONTEND_CASES)
