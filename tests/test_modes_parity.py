@@ -32,7 +32,7 @@ from cosyvoice_lite.voices.clone import (END_OF_INSTRUCTION, VoiceMaker, clone_v
                                          with_end_marker)
 
 FEATURE_TOL = 1e-4     # log-mel, prompt mel (log domain), resampled audio
-# Kaldi's fbank floors its log only at float32 epsilon, so its weakest bands (e^-16 of the strongest) carry the
+# Kaldi's fbank floors its log only at float32 epsilon, so its weakest bands (e^-18 of the strongest) carry the
 # float32 FFT's rounding: 2e-4..6e-4 from a float64 fbank on the public clips, and two CPUs' FFTs differ by as much
 FBANK_TOL = 1e-3
 EMBEDDING_TOL = 1e-5

@@ -125,9 +125,9 @@ class TrimmedBody:
     """HiFT's PyTorch body, the heap trimmed after each call (each window of a long chunk).
 
     Why: its activations are blocks of a few MB, below the size glibc maps on their own (memory.map_large_blocks),
-    so a window's freed blocks stay resident in the heap, and the next window, fragmenting them, adds its own: a
-    400-frame chunk in three windows held ~140 MB more at its end than at its start. The compiled body trims after
-    each call for the same reason (ov_runtime.HiftBodyRunner)."""
+    so a window's freed blocks stay resident in the heap, and the next window, fragmenting them, adds its own
+    (docs/performance.md, Memory). The compiled body trims after each call for the same reason
+    (ov_runtime.HiftBodyRunner)."""
 
     def __init__(self, body):
         self.body = body
